@@ -1,0 +1,17 @@
+"""`soaes-distill` command line (thin: parses options, calls the library, prints results)."""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="soaes-distill")
+def main() -> None:
+    """Offline teacher logits, KD losses and trainer, and draft-model training methods."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""`soaes-eval` command line (thin: parses options, calls the library, prints results)."""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="soaes-eval")
+def main() -> None:
+    """CMMLU / C-Eval via lm-evaluation-harness, Chinese ROUGE/BLEU, paper-style reports."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""`soaes-train` command line (thin: parses options, calls the library, prints results)."""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="soaes-train")
+def main() -> None:
+    """Continual pre-training and domain-progressive SFT on transformers + DeepSpeed ZeRO-3."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""`soaes` command line: environment info, generation, and each package's CLI as a subgroup."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import click
+from soaes_core.errors import SoaesError
+
+from . import __version__
+
+# name of the subgroup → "module:attribute" of the package CLI it mounts
+SUBCOMMANDS = {
+    "data": "soaes_data.cli:main",
+    "train": "soaes_train.cli:main",
+    "distill": "soaes_distill.cli:main",
+    "specdec": "soaes_specdec.cli:main",
+    "eval": "soaes_eval.cli:main",
+}
+
+
+class SoaesGroup(click.Group):
+    """Mounts package CLIs lazily and turns `SoaesError` into one line on stderr (exit code 2)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(SUBCOMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in SUBCOMMANDS:
+            module, attr = SUBCOMMANDS[name].split(":")
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except ImportError as err:
+                raise click.ClickException(f"soaes {name}: package not installed ({err})") from None
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except SoaesError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="soaes")
+def main() -> None:
+    """soaes: domain-expert LLMs, trained and served fast."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(as_json: bool) -> None:
+    """Versions, torch device, embedded model and optional extras."""
+    from .info import collect_info, format_info
+
+    data = collect_info()
+    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--model", default="embedded:smollm2-135m", show_default=True, help="Model spec.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the chat template.")
+def generate(prompt: str | None, model: str, max_new_tokens: int, chat: bool) -> None:
+    """Greedy generation from MODEL for PROMPT (default: a question about state-owned asset supervision)."""
+    from .generate import generate_text
+
+    prompt = prompt or "What does a state-owned assets supervision commission do?"
+    result = generate_text(model, prompt, max_new_tokens=max_new_tokens, chat=chat)
+    click.echo(result.text)
+    click.echo(f"[{result.new_tokens} tokens in {result.seconds:.2f}s, {result.tokens_per_s:.1f} tok/s, "
+               f"model {model}]", err=True)
+
+
+if __name__ == "__main__":
+    main()
