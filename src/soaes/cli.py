@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 
 import click
-from soaes_core.errors import SoaesError
+
+from soaes_core.clitools import SoaesGroup
 
 from . import __version__
 
@@ -21,8 +21,8 @@ SUBCOMMANDS = {
 }
 
 
-class SoaesGroup(click.Group):
-    """Mounts package CLIs lazily and turns `SoaesError` into one line on stderr (exit code 2)."""
+class LazyGroup(SoaesGroup):
+    """Mounts package CLIs lazily; `SoaesError` becomes one line on stderr (exit code 2)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(SUBCOMMANDS))
@@ -36,15 +36,8 @@ class SoaesGroup(click.Group):
                 raise click.ClickException(f"soaes {name}: package not installed ({err})") from None
         return super().get_command(ctx, name)
 
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except SoaesError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
 
-
-@click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="soaes")
 def main() -> None:
     """soaes: domain-expert LLMs, trained and served fast."""

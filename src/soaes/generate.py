@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from soaes_core import load_model, load_tokenizer
 
 

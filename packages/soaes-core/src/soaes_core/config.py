@@ -95,7 +95,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(args) != len(value):
                 raise _Err(path, f"expected a list of {len(args)} items, got {len(value)}")
-            return tuple(_convert(v, a, _join(path, i)) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_convert(v, a, _join(path, i)) for i, (v, a) in enumerate(zip(value, args, strict=True)))
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, _join(path, i)) for i, v in enumerate(value)]
         if origin is tuple:

@@ -158,7 +158,7 @@ def _dequantise_gguf_to(gguf: Path, out: Path) -> None:
     try:
         qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as err:  # noqa: BLE001 - any loader failure becomes one clear line
+    except Exception as err:
         raise ModelLoadError(f"{gguf}: cannot read GGUF: {_first_line(err)}") from None
     cfg = copy.deepcopy(qmodel.config)
     if hasattr(cfg, "quantization_config"):
@@ -257,7 +257,7 @@ def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str | torch.
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs)
-    except Exception as err:  # noqa: BLE001 - one clear line instead of a deep traceback
+    except Exception as err:
         raise ModelLoadError(f"{spec}: cannot load model: {_first_line(err)}") from None
     model.to(resolve_device(device))
     model.eval()
@@ -273,5 +273,5 @@ def load_tokenizer(spec: str | os.PathLike[str] = DEFAULT_MODEL, *, trust_remote
     source = r.hub_id if r.kind == "hub" else str(resolve_model_dir(spec))
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise ModelLoadError(f"{spec}: cannot load tokenizer: {_first_line(err)}") from None

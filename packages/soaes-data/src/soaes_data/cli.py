@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
+from soaes_core.clitools import SoaesGroup
+
 from . import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="soaes-data")
 def main() -> None:
     """Domain corpus curation: parse, clean, dedup, filter, curriculum, split, chat masks, packing."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
+from soaes_core.clitools import SoaesGroup
+
 from . import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="soaes-distill")
 def main() -> None:
     """Offline teacher logits, KD losses and trainer, and draft-model training methods."""
