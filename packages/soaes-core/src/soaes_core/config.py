@@ -171,7 +171,7 @@ def _build(cls: type[T], data: Any, path: str) -> T:
     try:
         obj = cls(**kwargs)
     except (ValueError, TypeError) as err:  # __post_init__ validation
-        raise _Err(path or "<root>", str(err)) from None
+        raise _Err(path, str(err)) from None
     return obj
 
 

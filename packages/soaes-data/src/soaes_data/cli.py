@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import click
 
 from soaes_core.clitools import SoaesGroup
@@ -13,6 +18,186 @@ from . import __version__
 @click.version_option(__version__, prog_name="soaes-data")
 def main() -> None:
     """Domain corpus curation: parse, clean, dedup, filter, curriculum, split, chat masks, packing."""
+
+
+def _tokenizer(spec: str, template: str | None) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from soaes_core import load_tokenizer
+
+    from .templates import TEMPLATES, chat_template
+
+    tok = load_tokenizer(spec)
+    if template:
+        tok.chat_template = chat_template(template) if template in TEMPLATES else Path(template).read_text("utf-8")
+    return tok
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output-dir", default=None, help="Override the recipe's output_dir.")
+@click.option("--num-proc", type=int, default=None, help="Override num_proc (datasets worker processes).")
+@click.option("--force", is_flag=True, help="Re-run every stage even if unchanged.")
+def curate(recipe: str, output_dir: str | None, num_proc: int | None, force: bool) -> None:
+    """Run a curation RECIPE (YAML): read → clean → … → final/ with manifest.json and rejects."""
+    from .pipeline import load_recipe, run_recipe
+
+    overrides: dict[str, Any] = {}
+    if output_dir:
+        overrides["output_dir"] = output_dir
+    if num_proc:
+        overrides["num_proc"] = num_proc
+    cfg = load_recipe(recipe, overrides)
+    reports = run_recipe(cfg, force=force)
+    click.echo(f"{'stage':<14}{'in':>8}{'kept':>8}{'dropped':>9}  reasons")
+    for r in reports:
+        reasons = ", ".join(f"{k}={v}" for k, v in r.counts.get("dropped_by_reason", {}).items())
+        flag = " (unchanged, skipped)" if r.skipped else ""
+        click.echo(f"{r.name:<14}{r.counts['in']:>8}{r.counts['kept']:>8}{r.counts['dropped']:>9}  {reasons}{flag}")
+    click.echo(f"output: {Path(cfg.output_dir) / 'final'}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--output-dir", required=True, help="Packed dataset directory to write.")
+@click.option("--mode", type=click.Choice(["sft", "cpt"]), default="sft", show_default=True)
+@click.option("--tokenizer", "tokenizer_spec", default="embedded:smollm2-135m", show_default=True)
+@click.option("--chat-template", default=None, help="Shipped template name (qwen2.5) or a Jinja file.")
+@click.option("--max-length", type=int, default=8192, show_default=True)
+@click.option("--no-pack", is_flag=True, help="SFT: one example per row instead of FFD packing.")
+@click.option("--join-documents", is_flag=True, help="CPT: let documents in a window attend to each other.")
+@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True)
+@click.option("--field", default=None, help="messages field (sft) or text field (cpt).")
+def pack(inputs: tuple[str, ...], output_dir: str, mode: str, tokenizer_spec: str, chat_template: str | None,
+         max_length: int, no_pack: bool, join_documents: bool, on_error: str, field: str | None) -> None:
+    """Tokenize once and pack SFT chat JSONL or a CPT corpus into Parquet shards + manifest."""
+    from soaes_core import read_manifest
+
+    from .tokenize_pack import pack_cpt_corpus, pack_sft_file
+
+    tok = _tokenizer(tokenizer_spec, chat_template)
+    if mode == "sft":
+        if len(inputs) != 1:
+            raise click.UsageError("sft mode takes one JSONL file")
+        out = pack_sft_file(inputs[0], output_dir, tok, max_length, packed=not no_pack, tokenizer_spec=tokenizer_spec,
+                            messages_field=field or "messages", on_error=on_error)  # type: ignore[arg-type]
+    else:
+        out = pack_cpt_corpus(list(inputs), output_dir, tok, max_length, separate_documents=not join_documents,
+                              tokenizer_spec=tokenizer_spec, text_field=field or "text",
+                              on_error=on_error)  # type: ignore[arg-type]
+    info = read_manifest(out)["packed_dataset"]  # type: ignore[index]
+    click.echo(f"{out}: {info['rows']} rows, {info['sequences']} sequences, {info['tokens']} tokens, "
+               f"utilisation {info['utilisation']:.2%}")
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output-dir", required=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--train", type=float, default=0.8, show_default=True)
+@click.option("--dev", type=float, default=0.1, show_default=True)
+@click.option("--test", type=float, default=0.1, show_default=True)
+@click.option("--stratify-field", default="task", show_default=True)
+@click.option("--threshold", type=float, default=0.8, show_default=True, help="Near-duplicate Jaccard threshold.")
+def split(input_file: str, output_dir: str, seed: int, train: float, dev: float, test: float, stratify_field: str,
+          threshold: float) -> None:
+    """Seeded train/dev/test split stratified by task, no near-duplicate of a test item in train."""
+    from soaes_core import read_jsonl, write_jsonl, write_manifest
+    from soaes_core.errors import ConfigError
+
+    from .split import SplitConfig, split_records
+
+    try:
+        cfg = SplitConfig(train, dev, test, seed, stratify_field, threshold)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    records = read_jsonl(input_file)
+    splits, removed = split_records(records, cfg)
+    out = Path(output_dir)
+    for name, recs in splits.items():
+        write_jsonl(out / f"{name}.jsonl", recs)
+    write_jsonl(out / "rejects.jsonl", removed)
+    counts = {"in": len(records), **{k: len(v) for k, v in splits.items()}, "dropped": len(removed)}
+    write_manifest(out, "split", inputs={"records": input_file}, config=cfg, counts=counts)
+    click.echo(json.dumps(counts))
+
+
+@main.command()
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output-dir", required=True)
+@click.option("--stage2-min-relevance", type=float, default=0.3, show_default=True)
+@click.option("--stage1-min-relevance", type=float, default=0.0, show_default=True)
+def curriculum(input_file: str, output_dir: str, stage2_min_relevance: float, stage1_min_relevance: float) -> None:
+    """Stratify an SFT pool into stage1 (weakly related dialog) and stage2 (expert Q&A / reports)."""
+    from soaes_core import read_jsonl, write_jsonl, write_manifest
+
+    from .curriculum import CurriculumConfig, plot_histograms, stratify
+
+    cfg = CurriculumConfig(stage2_min_relevance=stage2_min_relevance, stage1_min_relevance=stage1_min_relevance)
+    result = stratify(read_jsonl(input_file), cfg)
+    out = Path(output_dir)
+    write_jsonl(out / "stage1.jsonl", result.stage1)
+    write_jsonl(out / "stage2.jsonl", result.stage2)
+    write_jsonl(out / "rejects.jsonl", result.rejects)
+    plot_histograms(result, out / "relevance_hist.png")
+    write_manifest(out, "curriculum", inputs={"pool": input_file}, config=cfg, counts=result.counts())
+    click.echo(json.dumps(result.counts(), ensure_ascii=False))
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--tokenizer", "tokenizer_spec", default="embedded:smollm2-135m", show_default=True)
+@click.option("--chat-template", default=None, help="Shipped template name (qwen2.5) or a Jinja file.")
+@click.option("-n", "--index", type=int, default=0, show_default=True, help="Which example/row.")
+@click.option("--field", default="messages", show_default=True)
+def inspect(path: str, tokenizer_spec: str, chat_template: str | None, index: int, field: str) -> None:
+    """Print a decoded example with the trained (unmasked) parts in [[...]]: a chat JSONL line or a packed row."""
+    from soaes_core import iter_jsonl
+    from soaes_core.errors import InvalidArgumentError
+
+    from .chat import encode_chat, render_masked
+
+    tok = _tokenizer(tokenizer_spec, chat_template)
+    if Path(path).is_dir():
+        from .packed_io import read_packed_dataset
+
+        ds = read_packed_dataset(path)
+        if not 0 <= index < ds.num_rows:
+            raise InvalidArgumentError(f"index {index} out of range (0..{ds.num_rows - 1})")
+        row = ds[index]
+        ids, labels = row["input_ids"], row["labels"]
+        click.echo(f"# row {index}: {len(ids)} tokens, sequences {row['seq_lengths']}")
+    else:
+        for k, rec in enumerate(iter_jsonl(path)):
+            if k == index:
+                enc = encode_chat(tok, rec.data.get(field))
+                ids, labels = enc["input_ids"], enc["labels"]
+                click.echo(f"# {path}:{rec.line}: {len(ids)} tokens")
+                break
+        else:
+            raise InvalidArgumentError(f"index {index} out of range for {path}")
+    trained = sum(1 for x in labels if x != -100)
+    click.echo(f"# trained tokens in [[...]]: {trained} of {len(ids)}")
+    click.echo(render_masked(tok, ids, labels))
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("-o", "--output-dir", default=None, help="Where to write stats.json and length_hist.png.")
+@click.option("--tokenizer", "tokenizer_spec", default=None, help="Also count tokens with this tokenizer.")
+@click.option("--field", default=None, help="Text field (default: text, or messages contents).")
+def stats(path: str, output_dir: str | None, tokenizer_spec: str | None, field: str | None) -> None:
+    """Length statistics (characters, tokens) of a JSONL/Parquet corpus or a packed dataset directory."""
+    from .stats import corpus_stats, plot_length_histogram
+
+    tok = _tokenizer(tokenizer_spec, None) if tokenizer_spec else None
+    result = corpus_stats(path, tokenizer=tok, field=field)
+    if output_dir:
+        from soaes_core import atomic_write_json
+
+        out = Path(output_dir)
+        atomic_write_json(out / "stats.json", result)
+        plot_length_histogram(result, out / "length_hist.png")
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "lengths"}, ensure_ascii=False, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""Offline acceptance estimator: how often would the target accept the draft's tokens, from teacher-forced
+logits alone (no decoding).
+
+For one position, speculative sampling accepts the draft's token with probability
+``α = Σ_x min(p_T(x), p_D(x))`` (Leviathan et al., 2023), where p_T, p_D are the *warped* distributions the
+decoder samples from (temperature, top-p; `soaes_specdec.sampling.warp_probs`). Greedy decoding accepts iff
+the two argmaxes agree. With a block of n draft tokens and acceptance α_t at successive positions, the
+expected number of tokens per target call is ``1 + Σ_{j=1..n} Π_{i<j} α_{t+i}``; with a constant α it is
+``(1 − α^{n+1}) / (1 − α)``. Teacher forcing follows the target's own path, which is exactly the path
+greedy speculative decoding takes, so the greedy estimate is the decoder's expectation on that text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from soaes_core.errors import InvalidArgumentError
+from soaes_specdec.sampling import SamplingParams, warp_probs
+
+from .losses import IGNORE_INDEX, TopKLogits
+
+_CHUNK_ROWS = 256
+
+
+def _warp_topk(teacher: TopKLogits, params: SamplingParams) -> torch.Tensor:
+    """Teacher probabilities on its top-k tokens after temperature and top-p (the tail is unknown).
+
+    Exact probabilities come from the stored full logsumexp when it is at the sampling temperature; with
+    top-p the nucleus is renormalised, which is exact whenever the nucleus lies inside the top-k.
+    """
+    z = teacher.values.float() / params.temperature
+    if math.isclose(teacher.temperature, params.temperature, rel_tol=1e-6):
+        probs = torch.exp(z - teacher.logsumexp.float().unsqueeze(-1))
+    else:  # logsumexp captured at another τ: renormalise over the top-k (an approximation)
+        probs = torch.softmax(z, -1)
+    if params.top_p >= 1.0:
+        return probs
+    order = torch.sort(probs, -1, descending=True).values
+    before = torch.cumsum(order, -1) - order
+    kept = (before < params.top_p).sum(-1, keepdim=True).clamp(min=1)
+    probs = probs * (probs >= order.gather(-1, kept - 1))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def acceptance_probabilities(target: torch.Tensor | TopKLogits, draft_logits: torch.Tensor, *,
+                             greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """Per-position acceptance probability (..., ) of the draft's next token.
+
+    `target` dense logits (..., V) or `TopKLogits` (then α is summed over the teacher's top-k only, a lower
+    bound that is exact when the warped teacher puts no mass outside its top-k, as top-p usually ensures).
+    """
+    if greedy:
+        t_arg = target.indices[..., 0] if isinstance(target, TopKLogits) else target.argmax(-1)
+        return (t_arg == draft_logits.argmax(-1)).float()
+    params = SamplingParams(do_sample=True, temperature=temperature, top_p=top_p)
+    lead = draft_logits.shape[:-1]
+    d_flat = draft_logits.reshape(-1, draft_logits.shape[-1])
+    out = torch.empty(d_flat.shape[0], dtype=torch.float32, device=draft_logits.device)
+    for s in range(0, d_flat.shape[0], _CHUNK_ROWS):
+        q = warp_probs(d_flat[s:s + _CHUNK_ROWS], params)
+        if isinstance(target, TopKLogits):
+            k = target.k
+            sub = TopKLogits(target.values.reshape(-1, k)[s:s + _CHUNK_ROWS],
+                             target.indices.reshape(-1, k)[s:s + _CHUNK_ROWS],
+                             target.logsumexp.reshape(-1)[s:s + _CHUNK_ROWS], target.temperature)
+            p = _warp_topk(sub, params)
+            out[s:s + _CHUNK_ROWS] = torch.minimum(p, q.gather(-1, sub.indices.long())).sum(-1)
+        else:
+            p = warp_probs(target.reshape(-1, target.shape[-1])[s:s + _CHUNK_ROWS], params)
+            out[s:s + _CHUNK_ROWS] = torch.minimum(p, q).sum(-1)
+    return out.view(lead)
+
+
+def mean_accepted_length(alpha: float, n: int) -> float:
+    """Expected tokens per target call with n draft tokens and i.i.d. acceptance α: (1−α^{n+1})/(1−α)."""
+    if n < 1:
+        raise InvalidArgumentError(f"block size n must be ≥ 1, got {n}")
+    if alpha >= 1.0:
+        return float(n + 1)
+    return (1.0 - alpha ** (n + 1)) / (1.0 - alpha)
+
+
+def positional_accepted_length(alphas: torch.Tensor, n: int) -> torch.Tensor:
+    """Per starting position t of a sequence (L,): 1 + Σ_{j=1..n} Π_{i<j} α_{t+i}, truncated at the end."""
+    L = alphas.shape[0]
+    out = torch.ones(L, dtype=torch.float64)
+    run = torch.ones(L, dtype=torch.float64)
+    a = alphas.double()
+    for j in range(n):
+        shifted = torch.zeros(L, dtype=torch.float64)
+        if j < L:
+            shifted[: L - j] = a[j:]
+        run = run * shifted
+        out = out + run
+    return out
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Aggregates over the counted positions (labels ≠ -100)."""
+
+    positions: int
+    alpha_greedy: float
+    alpha_sampled: float
+    top_p: float
+    temperature: float
+    accepted_length: dict[str, float] = field(default_factory=dict)  # "greedy_n3", "sampled_n9", ...
+    predicted_acceptance_rate: dict[str, float] = field(default_factory=dict)  # accepted / proposed
+
+    def as_metrics(self, prefix: str = "") -> dict[str, float]:
+        out = {f"{prefix}acceptance_greedy": self.alpha_greedy, f"{prefix}acceptance_top_p": self.alpha_sampled}
+        out.update({f"{prefix}accepted_length_{k}": v for k, v in self.accepted_length.items()})
+        out.update({f"{prefix}acceptance_rate_{k}": v for k, v in self.predicted_acceptance_rate.items()})
+        return out
+
+
+class AcceptanceAccumulator:
+    """Accumulate per-position α over batches (labels-shifted, HF convention) and summarise."""
+
+    def __init__(self, top_p: float = 0.7, temperature: float = 1.0, block_sizes: tuple[int, ...] = (3, 9)) -> None:
+        self.top_p, self.temperature, self.block_sizes = top_p, temperature, tuple(block_sizes)
+        self.greedy: list[torch.Tensor] = []
+        self.sampled: list[torch.Tensor] = []
+        self.lengths: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, target: torch.Tensor | TopKLogits, draft_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """`target`/`draft_logits` (B, L, ...) and `labels` (B, L): position t is scored iff labels[t+1] ≠ -100."""
+        if isinstance(target, TopKLogits):
+            target = target.index(lambda t: t[:, :-1])
+        else:
+            target = target[:, :-1]
+        draft_logits = draft_logits[:, :-1]
+        mask = labels[:, 1:] != IGNORE_INDEX
+        g = acceptance_probabilities(target, draft_logits, greedy=True)
+        s = acceptance_probabilities(target, draft_logits, temperature=self.temperature, top_p=self.top_p)
+        for b in range(mask.shape[0]):
+            m = mask[b].to(g.device)
+            if not m.any():
+                continue
+            self.greedy.append(g[b][m].cpu())
+            self.sampled.append(s[b][m].cpu())
+            for name, alphas in (("greedy", g[b][m].cpu()), ("sampled", s[b][m].cpu())):
+                for n in self.block_sizes:
+                    self.lengths.setdefault(f"{name}_n{n}", []).append(positional_accepted_length(alphas, n))
+
+    def result(self) -> AcceptanceEstimate:
+        if not self.greedy:
+            raise InvalidArgumentError("no counted positions to estimate acceptance from")
+        g = torch.cat(self.greedy).double()
+        s = torch.cat(self.sampled).double()
+        lengths = {k: float(torch.cat(v).mean()) for k, v in self.lengths.items()}
+        rates = {k: (v - 1.0) / int(k.rsplit("_n", 1)[1]) for k, v in lengths.items()}
+        return AcceptanceEstimate(int(g.numel()), float(g.mean()), float(s.mean()), self.top_p, self.temperature,
+                                  lengths, rates)
+
+
+@torch.no_grad()
+def estimate_acceptance(target_model: torch.nn.Module, draft_model: torch.nn.Module,
+                        batches: list[dict[str, torch.Tensor]], top_p: float = 0.7, temperature: float = 1.0,
+                        block_sizes: tuple[int, ...] = (3, 9)) -> AcceptanceEstimate:
+    """Teacher-force both models on `batches` (input_ids, attention_mask, labels) and estimate acceptance."""
+    acc = AcceptanceAccumulator(top_p, temperature, block_sizes)
+    for batch in batches:
+        kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        t = target_model(**kwargs, use_cache=False).logits
+        d = draft_model(**kwargs, use_cache=False).logits
+        acc.add(t, d, batch["labels"])
+    return acc.result()

@@ -1,0 +1,139 @@
+"""Draft initialisation: a layer-truncated copy of the target (`soaes_specdec.draft.make_layer_draft`) or a
+smaller model of the same family sharing the tokenizer, plus an optional *restricted output head*.
+
+A restricted head computes logits only for the S most frequent domain tokens (the rest get -inf) and maps
+them back to the full vocabulary exactly: the draft is still a distribution over all V ids, with zero
+probability outside S, so speculative decoding stays exact while the draft's head costs S/V of the full
+one. The restriction is stored as `head_token_ids.json` beside a normal HF directory (full head kept), and
+applied at load time by `load_draft`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soaes_core import atomic_write_json, load_model, load_tokenizer, write_manifest
+from soaes_core.errors import InvalidArgumentError, ModelLoadError
+from soaes_specdec.draft import make_layer_draft
+
+HEAD_IDS_FILE = "head_token_ids.json"
+
+
+class RestrictedLMHead(torch.nn.Module):
+    """Output head over a token subset `token_ids`, returning full-vocabulary logits (-inf elsewhere)."""
+
+    def __init__(self, full_weight: torch.Tensor, token_ids: Sequence[int]) -> None:
+        super().__init__()
+        ids = torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)
+        vocab, hidden = full_weight.shape
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise InvalidArgumentError(f"restricted head token ids must be non-empty and in [0, {vocab})")
+        self.sub_weight = torch.nn.Parameter(full_weight.detach()[ids].clone())
+        self.register_buffer("token_ids", ids.to(full_weight.device), persistent=False)
+        self.vocab_size = vocab
+        # shape stand-in (meta tensor, no memory) so code that reads `head.weight.shape` sees (V, hidden)
+        self._shape = torch.empty((vocab, hidden), device="meta")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._shape
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        sub = torch.nn.functional.linear(hidden, self.sub_weight)
+        out = sub.new_full((*sub.shape[:-1], self.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.token_ids, sub)
+
+
+def restrict_output_head(model: Any, token_ids: Sequence[int]) -> Any:
+    """Replace `model`'s output head (in place) by a `RestrictedLMHead` over `token_ids`; returns `model`."""
+    full = model.get_output_embeddings().weight
+    head = RestrictedLMHead(full, token_ids)
+    model.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
+    model.set_output_embeddings(head)
+    return model
+
+
+def frequent_tokens(sequences: Iterable[Sequence[int]], size: int, always: Iterable[int] = ()) -> list[int]:
+    """The `size` most frequent token ids in `sequences` (ties by id), plus every id in `always` (specials)."""
+    if size < 1:
+        raise InvalidArgumentError(f"head size must be ≥ 1, got {size}")
+    counts: Counter[int] = Counter()
+    for seq in sequences:
+        counts.update(int(t) for t in seq)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    chosen = {t for t, _ in ranked[:size]}
+    return sorted(chosen | {int(t) for t in always})
+
+
+def make_small_draft(target: Any, num_layers: int, hidden_size: int, intermediate_size: int,
+                     num_attention_heads: int, num_key_value_heads: int, seed: int = 0) -> Any:
+    """A randomly initialised model of the target's architecture and vocabulary, but smaller."""
+    params = {**target.config.to_dict(), "num_hidden_layers": num_layers, "hidden_size": hidden_size,
+              "intermediate_size": intermediate_size, "num_attention_heads": num_attention_heads,
+              "num_key_value_heads": num_key_value_heads}
+    for derived in ("head_dim", "layer_types", "max_window_layers"):
+        params.pop(derived, None)
+    cfg = target.config.__class__(**params)
+    torch.manual_seed(seed)
+    return type(target)(cfg).eval()
+
+
+def save_draft(draft: Any, tokenizer: Any, out_dir: str | os.PathLike[str], head_token_ids: Sequence[int] | None,
+               info: dict[str, Any]) -> Path:
+    """`save_pretrained` the draft + tokenizer (+ `head_token_ids.json`) and a manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    draft.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if head_token_ids is not None:
+        atomic_write_json(out / HEAD_IDS_FILE, {"token_ids": [int(t) for t in head_token_ids]})
+    write_manifest(out, "distill.make_draft", counts={"parameters": sum(p.numel() for p in draft.parameters()),
+                                                      "head_tokens": len(head_token_ids or [])}, extra=info)
+    return out
+
+
+def load_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = None,
+               restrict_head: bool = True) -> Any:
+    """Load a draft saved by `save_draft`; applies its restricted head when `head_token_ids.json` exists."""
+    model = load_model(str(spec), dtype=dtype, device=device)
+    ids_file = Path(str(spec)) / HEAD_IDS_FILE
+    if restrict_head and ids_file.is_file():
+        try:
+            ids = json.loads(ids_file.read_text(encoding="utf-8"))["token_ids"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ModelLoadError(f"{ids_file}: unreadable restricted-head token ids ({err})") from None
+        restrict_output_head(model, ids)
+    return model.eval()
+
+
+def make_draft(target_spec: str, out_dir: str | os.PathLike[str], num_layers: int = 4,
+               head_tokens: int = 0, domain_sequences: Iterable[Sequence[int]] | None = None,
+               small: dict[str, int] | None = None, dtype: Any = torch.float32) -> Path:
+    """`soaes-distill make-draft`: derive a draft from `target_spec` and save it to `out_dir`.
+
+    `small` (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads) builds a smaller random
+    model instead of truncating layers. `head_tokens` > 0 restricts the head to that many frequent tokens of
+    `domain_sequences` (plus the tokenizer's special tokens).
+    """
+    target = load_model(target_spec, dtype=dtype, device="cpu")
+    tokenizer = load_tokenizer(target_spec)
+    if small:
+        draft = make_small_draft(target, num_layers, **small)
+        kind = "small-config"
+    else:
+        draft = make_layer_draft(target, num_layers)
+        kind = "first-layers"
+    ids = None
+    if head_tokens:
+        if domain_sequences is None:
+            raise InvalidArgumentError("a restricted head needs domain data to count token frequencies")
+        ids = frequent_tokens(domain_sequences, head_tokens, always=tokenizer.all_special_ids)
+    info = {"target": target_spec, "kind": kind, "num_layers": num_layers, "head_tokens": head_tokens}
+    return save_draft(draft, tokenizer, out_dir, ids, info)

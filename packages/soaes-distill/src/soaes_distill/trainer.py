@@ -1,0 +1,207 @@
+"""`KDTrainer`: a `transformers.Trainer` that trains a draft (student) with the Eq. 2 loss against a teacher
+given either online (a model in eval mode, no grad) or offline (a `TeacherLogitStore`).
+
+Batches carry, per token, the teacher example id and position to look up, so offline logits stay aligned
+under shuffling and packing. Evaluation reports the KD/CE losses and the offline acceptance estimate
+(greedy and top-p, accepted length for n = 3 and 9), usable with `EarlyStoppingCallback`
+(``metric_for_best_model="acceptance_top_p"``). Works with DeepSpeed through the usual `TrainingArguments`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from soaes_core.errors import InvalidArgumentError
+
+from .acceptance import AcceptanceAccumulator
+from .losses import DIVERGENCES, IGNORE_INDEX, TopKLogits, distillation_loss_terms
+from .store import TeacherLogitStore
+from .token_data import TokenExample
+
+
+@dataclass
+class KDConfig:
+    """Distillation hyper-parameters (defaults: the SOAEs paper's α = 0.5, τ = 2, forward KL, plain Eq. 2)."""
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    scale_by_temperature_squared: bool = False
+    eval_top_p: float = 0.7
+    eval_block_sizes: list[int] = field(default_factory=lambda: [3, 9])
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        if not 0.0 < self.eval_top_p <= 1.0:
+            raise ValueError(f"eval_top_p must be in (0, 1], got {self.eval_top_p}")
+
+
+class KDDataset(torch.utils.data.Dataset):
+    """Tokenized examples as training items (labels default to input_ids)."""
+
+    def __init__(self, examples: Sequence[TokenExample]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ex = self.examples[i]
+        item: dict[str, Any] = {"input_ids": ex.input_ids, "labels": ex.labels if ex.labels is not None
+                                else list(ex.input_ids), "example_id": ex.example_id}
+        if ex.position_ids is not None:
+            item["position_ids"] = ex.position_ids
+        return item
+
+
+@dataclass
+class KDCollator:
+    """Right-pad a list of items into a batch with `teacher_example_ids`/`teacher_positions` per token.
+
+    Plain rows get an attention mask; packed rows (with `position_ids`) get none, so transformers builds the
+    block-diagonal mask from the restarting position ids (padding forms its own segment). An item may carry
+    `token_example_ids`/`token_positions` to point each token at a different stored example (logits dumped
+    unpacked, training packed).
+    """
+
+    pad_token_id: int = 0
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(it["input_ids"]) for it in items)
+        packed = any("position_ids" in it for it in items)
+        n = len(items)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        eids = torch.full((n, width), -1, dtype=torch.long)
+        tpos = torch.zeros((n, width), dtype=torch.long)
+        pos = torch.arange(width).repeat(n, 1)
+        for i, it in enumerate(items):
+            L = len(it["input_ids"])
+            ids[i, :L] = torch.tensor(it["input_ids"])
+            labels[i, :L] = torch.tensor(it["labels"])
+            mask[i, :L] = 1
+            eids[i, :L] = torch.tensor(it["token_example_ids"]) if "token_example_ids" in it else it["example_id"]
+            tpos[i, :L] = torch.tensor(it["token_positions"]) if "token_positions" in it else torch.arange(L)
+            if "position_ids" in it:
+                pos[i, :L] = torch.tensor(it["position_ids"])
+            pos[i, L:] = torch.arange(width - L)
+        batch = {"input_ids": ids, "labels": labels, "teacher_example_ids": eids, "teacher_positions": tpos}
+        if packed:
+            batch["position_ids"] = pos
+        else:
+            batch["attention_mask"] = mask
+        return batch
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+class KDTrainer(Trainer):
+    """Trainer whose loss is `distillation_loss` (Eq. 2) against an online teacher or stored logits."""
+
+    def __init__(self, *args: Any, kd: KDConfig | None = None, teacher_model: torch.nn.Module | None = None,
+                 teacher_store: TeacherLogitStore | None = None, expected_tokenizer_sha256: str | None = None,
+                 expected_dataset_sha256: str | None = None, **kwargs: Any) -> None:
+        if (teacher_model is None) == (teacher_store is None):
+            raise InvalidArgumentError("KDTrainer needs exactly one of teacher_model (online) or teacher_store "
+                                       "(offline logits)")
+        super().__init__(*args, **kwargs)
+        self.kd = kd or KDConfig()
+        self.teacher_model = teacher_model
+        self.teacher_store = teacher_store
+        if teacher_model is not None:
+            teacher_model.eval().requires_grad_(False)
+        if teacher_store is not None:
+            teacher_store.require(temperature=self.kd.temperature, tokenizer_sha256=expected_tokenizer_sha256,
+                                  dataset_sha256=expected_dataset_sha256)
+        # our loss is already a mean over positions: let Trainer divide by gradient-accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.kd_history: list[dict[str, float]] = []
+        self._window: list[tuple[float, float]] = []
+
+    # -- teacher --------------------------------------------------------------------------------------------
+    def teacher_logits(self, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | TopKLogits:
+        """The teacher's logits for a batch: a forward pass (online) or a store lookup (offline)."""
+        if self.teacher_store is not None:
+            t = self.teacher_store.lookup(inputs["teacher_example_ids"].cpu(), inputs["teacher_positions"].cpu(),
+                                          temperature=self.kd.temperature)
+            if isinstance(t, TopKLogits):
+                return TopKLogits(t.values.to(device), t.indices.to(device), t.logsumexp.to(device),
+                                  t.temperature, t.vocab_size)
+            return t.to(device)
+        teacher = self.teacher_model
+        if next(teacher.parameters()).device != device:
+            teacher.to(device)
+        with torch.no_grad():
+            return teacher(**{k: inputs[k] for k in MODEL_KEYS if k in inputs}, use_cache=False).logits
+
+    # -- loss -------------------------------------------------------------------------------------------------
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        outputs = model(**{k: inputs[k] for k in MODEL_KEYS if k in inputs}, use_cache=False)
+        logits = outputs.logits
+        teacher = self.teacher_logits(inputs, logits.device)
+        terms = distillation_loss_terms(
+            logits, teacher, inputs["labels"], alpha=self.kd.alpha, temperature=self.kd.temperature,
+            divergence=self.kd.divergence, beta=self.kd.jsd_beta,
+            scale_by_temperature_squared=self.kd.scale_by_temperature_squared)
+        if model.training:
+            self.kd_history.append({"step": self.state.global_step, "loss": terms.loss.item(),
+                                    "kd": terms.kd.item(), "ce": terms.ce.item()})
+            self._window.append((terms.kd.item(), terms.ce.item()))
+        return (terms.loss, outputs) if return_outputs else terms.loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._window and "loss" in logs:
+            logs["kd_loss"] = sum(k for k, _ in self._window) / len(self._window)
+            logs["ce_loss"] = sum(c for _, c in self._window) / len(self._window)
+            self._window = []
+        super().log(logs, *args, **kwargs)
+
+    # -- evaluation: losses + offline acceptance estimate ---------------------------------------------------
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        acc = AcceptanceAccumulator(top_p=self.kd.eval_top_p, block_sizes=tuple(self.kd.eval_block_sizes))
+        sums = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0}
+        count = 0
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for batch in dataloader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, use_cache=False).logits
+                teacher = self.teacher_logits(batch, device)
+                terms = distillation_loss_terms(
+                    logits, teacher, batch["labels"], alpha=self.kd.alpha, temperature=self.kd.temperature,
+                    divergence=self.kd.divergence, beta=self.kd.jsd_beta,
+                    scale_by_temperature_squared=self.kd.scale_by_temperature_squared)
+                n = terms.num_positions
+                for key, val in (("loss", terms.loss), ("kd_loss", terms.kd), ("ce_loss", terms.ce)):
+                    sums[key] += float(val) * n
+                count += n
+                # the decoder samples at τ = 1: exact for a dense teacher; top-k renormalises if captured at τ ≠ 1
+                acc.add(teacher, logits, batch["labels"])
+        if was_training:
+            model.train()
+        metrics = {f"{metric_key_prefix}_{k}": v / max(count, 1) for k, v in sums.items()}
+        if count:
+            metrics.update(acc.result().as_metrics(prefix=f"{metric_key_prefix}_"))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

@@ -1,0 +1,64 @@
+"""Offline acceptance estimator: α = Σ min(p_T, p_D) matches simulated speculative sampling, and the
+accepted-length formulas agree with each other."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from soaes_distill.acceptance import (
+    AcceptanceAccumulator,
+    acceptance_probabilities,
+    mean_accepted_length,
+    positional_accepted_length,
+)
+from soaes_distill.losses import topk_logits
+
+
+def test_alpha_matches_monte_carlo_speculative_sampling() -> None:
+    g = torch.Generator().manual_seed(0)
+    t, d = torch.randn(20, generator=g) * 2, torch.randn(20, generator=g) * 2
+    alpha = acceptance_probabilities(t, d).item()
+    p, q = torch.softmax(t, -1), torch.softmax(d, -1)
+    n = 200_000
+    x = torch.multinomial(q, n, replacement=True, generator=g)  # the draft proposes x ~ q
+    accept = torch.rand(n, generator=g) < torch.clamp(p[x] / q[x], max=1.0)  # the target accepts w.p. min(1, p/q)
+    sigma = math.sqrt(alpha * (1 - alpha) / n)
+    assert abs(accept.float().mean().item() - alpha) < 5 * sigma
+
+
+def test_top_p_and_greedy() -> None:
+    g = torch.Generator().manual_seed(1)
+    t, d = torch.randn(4, 6, 30, generator=g) * 3, torch.randn(4, 6, 30, generator=g) * 3
+    greedy = acceptance_probabilities(t, d, greedy=True)
+    assert torch.equal(greedy, (t.argmax(-1) == d.argmax(-1)).float())
+    dense = acceptance_probabilities(t, d, top_p=0.7)
+    same = acceptance_probabilities(t, t, top_p=0.7)
+    torch.testing.assert_close(same, torch.ones_like(same))
+    full = acceptance_probabilities(topk_logits(t, 30, 1.0), d, top_p=0.7)
+    torch.testing.assert_close(full, dense, rtol=1e-5, atol=1e-6)
+    low = acceptance_probabilities(topk_logits(t, 5, 1.0), d)  # top-k sum: a lower bound of the dense α
+    assert (low <= acceptance_probabilities(t, d) + 1e-6).all()
+
+
+def test_accepted_length_formulas() -> None:
+    assert mean_accepted_length(1.0, 3) == 4.0
+    assert mean_accepted_length(0.0, 3) == 1.0
+    assert mean_accepted_length(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    pos = positional_accepted_length(torch.full((100,), 0.5), 3)
+    assert pos[0].item() == pytest.approx(mean_accepted_length(0.5, 3))
+    assert pos[-1].item() == pytest.approx(1.5)  # truncated at the sequence end
+
+
+def test_accumulator_respects_labels() -> None:
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(2, 5, 11, generator=g)
+    labels = torch.tensor([[-100, 1, 2, -100, -100], [-100, -100, -100, -100, -100]])
+    acc = AcceptanceAccumulator(top_p=0.7)
+    acc.add(t, t.clone(), labels)
+    res = acc.result()
+    assert res.positions == 2 and res.alpha_greedy == 1.0 and res.alpha_sampled == pytest.approx(1.0)
+    assert res.accepted_length["greedy_n3"] == pytest.approx((3 + 2) / 2)  # 2 positions, truncated blocks
+    assert "acceptance_rate_sampled_n9" in res.as_metrics()

@@ -1,0 +1,145 @@
+"""Dump → store round trip on a tiny random Qwen2: exact contents, resume after a kill, corruption, settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from soaes_core.errors import IntegrityError, InvalidArgumentError
+from soaes_data.packing import build_packed_example
+from soaes_distill.dump import DumpConfig, run_dump
+from soaes_distill.losses import TopKLogits
+from soaes_distill.store import TeacherLogitStore
+from soaes_distill.token_data import TokenExample, load_token_examples, write_token_jsonl
+
+
+def _teacher_logp(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+
+def _dump(tmp: Path, dataset: Path, model, tok, **kw) -> Path:
+    cfg = DumpConfig(dataset=str(dataset), output_dir=str(tmp), examples_per_shard=kw.pop("per", 5), **kw)
+    run_dump(cfg, model=model, tokenizer=tok)
+    return tmp
+
+
+def test_topk_store_round_trip(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    out = _dump(tmp_path / "s", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=8, temperatures=[1.0, 2.0])
+    store = TeacherLogitStore(out)
+    ex = load_token_examples(token_dataset)[3]
+    ref = _teacher_logp(tiny_qwen2, ex.input_ids)
+    L = len(ex.input_ids)
+    got = store.lookup(torch.full((1, L), ex.example_id), torch.arange(L)[None], temperature=2.0)
+    assert isinstance(got, TopKLogits) and got.k == 8 and got.vocab_size == ref.shape[-1]
+    top = torch.topk(ref, 8, -1)
+    torch.testing.assert_close(got.values[0], top.values, rtol=1e-3, atol=1e-4)  # fp16 log-probs
+    assert torch.equal(got.indices[0], top.indices)
+    torch.testing.assert_close(got.logsumexp[0], torch.logsumexp(ref / 2.0, -1), rtol=0, atol=1e-5)
+    stats = store.stats()
+    assert stats["positions"] == sum(len(e.input_ids) for e in load_token_examples(token_dataset))
+    assert store.settings.bytes_per_position() == 8 * 2 + 8 * 2 + 2 * 4
+    assert 40 <= stats["bytes_per_token"] < 50  # + a safetensors header per (tiny) shard
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["capture"]["top_k"] == 8 and manifest["counts"]["bytes_per_token"] > 0
+
+
+def test_dense_fp32_store_is_exact_and_zstd(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    out = _dump(tmp_path / "d", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=0, dtype="float32",
+                compression="zstd", temperatures=[1.0], per=20)
+    store = TeacherLogitStore(out)
+    ex = load_token_examples(token_dataset)[0]
+    L = len(ex.input_ids)
+    got = store.lookup(torch.full((1, L), ex.example_id), torch.arange(L)[None])
+    torch.testing.assert_close(got[0], _teacher_logp(tiny_qwen2, ex.input_ids), rtol=0, atol=1e-5)
+
+
+def test_lookup_aligns_packed_and_shuffled_batches(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    out = _dump(tmp_path / "s", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=4, temperatures=[2.0])
+    store = TeacherLogitStore(out)
+    examples = load_token_examples(token_dataset)
+    order = [7, 2, 9, 0]
+    packed = build_packed_example([{"input_ids": e.input_ids} for e in examples], order)
+    eids = torch.tensor([examples[i].example_id for i, n in zip(order, packed["seq_lengths"]) for _ in range(n)])
+    got = store.lookup(eids[None], torch.tensor(packed["position_ids"])[None], temperature=2.0)
+    start = 0
+    for i, n in zip(order, packed["seq_lengths"]):
+        alone = store.lookup(torch.full((1, n), i), torch.arange(n)[None], temperature=2.0)
+        assert torch.equal(got.values[0, start:start + n], alone.values[0])
+        assert torch.equal(got.indices[0, start:start + n], alone.indices[0])
+        start += n
+    padded = store.lookup(torch.tensor([[1, 1, -1]]), torch.tensor([[0, 1, 0]]), temperature=2.0)
+    assert torch.isfinite(padded.logsumexp).all()
+
+
+def test_packed_rows_dump_equals_unpacked(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    examples = load_token_examples(token_dataset)
+    packed = build_packed_example([{"input_ids": e.input_ids} for e in examples], [1, 4])
+    rows = [TokenExample(0, packed["input_ids"], packed["labels"], packed["position_ids"])]
+    data = write_token_jsonl(tmp_path / "packed.jsonl", rows)
+    store = TeacherLogitStore(_dump(tmp_path / "p", data, tiny_qwen2, embedded_tokenizer, top_k=4, dtype="float32"))
+    n1 = len(examples[1].input_ids)
+    row = store.example(0)["values"]
+    torch.testing.assert_close(row[n1:], torch.topk(_teacher_logp(tiny_qwen2, examples[4].input_ids), 4).values,
+                               rtol=0, atol=1e-4)
+
+
+def test_killed_dump_resumes_without_duplicates(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    cfg = DumpConfig(dataset=str(token_dataset), output_dir=str(tmp_path / "k"), top_k=4, examples_per_shard=3,
+                     batch_size=2)
+
+    def crash(shard: int, batch: int) -> None:
+        if shard == 2 and batch == 1:
+            raise KeyboardInterrupt  # killed in the middle of shard 2
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dump(cfg, model=tiny_qwen2, tokenizer=embedded_tokenizer, on_batch=crash)
+    with pytest.raises(IntegrityError, match="incomplete"):
+        TeacherLogitStore(cfg.output_dir)
+    calls: list[int] = []
+    res = run_dump(cfg, model=tiny_qwen2, tokenizer=embedded_tokenizer, on_batch=lambda s, b: calls.append(s))
+    assert res.shards_skipped == 2 and res.shards_written == 2 and set(calls) == {2, 3}
+    ref = run_dump(DumpConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "ref")}), model=tiny_qwen2,
+                   tokenizer=embedded_tokenizer)
+    a, b = TeacherLogitStore(cfg.output_dir), TeacherLogitStore(ref.output_dir)
+    assert a.example_ids() == b.example_ids() == list(range(12))
+    assert a.stats() == b.stats()
+    for eid in range(12):
+        assert torch.equal(a.example(eid)["values"], b.example(eid)["values"])
+    # no leftover temp files and exactly one file per shard
+    assert sorted(p.name for p in Path(cfg.output_dir).glob("shard-*")) == [f"shard-{i:05d}.safetensors"
+                                                                            for i in range(4)]
+
+
+def test_corrupted_shard_is_named(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    out = _dump(tmp_path / "c", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=4)
+    shard = out / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = TeacherLogitStore(out)
+    with pytest.raises(IntegrityError, match="shard-00001.safetensors: shard corrupted"):
+        store.verify()
+    # rerunning the dump repairs it
+    res = run_dump(DumpConfig(dataset=str(token_dataset), output_dir=str(out), top_k=4, examples_per_shard=5),
+                   model=tiny_qwen2, tokenizer=embedded_tokenizer)
+    assert res.shards_written == 1
+    TeacherLogitStore(out).verify()
+
+
+def test_settings_mismatch_is_refused(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    out = _dump(tmp_path / "m", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=4, temperatures=[2.0])
+    store = TeacherLogitStore(out)
+    with pytest.raises(IntegrityError, match="tokenizer_sha256"):
+        store.require(tokenizer_sha256="0" * 64)
+    with pytest.raises(IntegrityError, match="dataset_sha256"):
+        store.require(dataset_sha256="0" * 64)
+    with pytest.raises(IntegrityError, match="temperature 1.0 was not captured"):
+        store.lookup(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], temperature=1.0)
+    with pytest.raises(IntegrityError, match="top_k"):
+        _dump(out, token_dataset, tiny_qwen2, embedded_tokenizer, top_k=8, temperatures=[2.0])
+    with pytest.raises(InvalidArgumentError, match="exceeds"):
+        _dump(tmp_path / "big", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=10 ** 6)

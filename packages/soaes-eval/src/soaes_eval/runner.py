@@ -1,0 +1,167 @@
+"""Run lm-eval on the soaes tasks offline and write a self-describing result file (+ predictions, manifest)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soaes_core import DEFAULT_MODEL, atomic_write_json, resolve_model_dir, write_jsonl, write_manifest
+from soaes_core.errors import ConfigError, SoaesError
+
+from .metrics import text_metrics
+
+_log = logging.getLogger(__name__)
+GENERATION_TASKS = ("soaes_domain_qa", "soaes_domain_report")
+RESULTS_FILE = "results.json"
+
+
+def set_offline() -> None:
+    """Nothing may be downloaded at evaluation time: force the Hugging Face hubs offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@dataclass
+class EvalRunConfig:
+    """One evaluation run: a model (optionally with a draft for speculative decoding) on a list of tasks."""
+
+    tasks: list[str] = field(default_factory=lambda: ["soaes_cmmlu", "soaes_ceval"])
+    model: str = DEFAULT_MODEL
+    output_dir: str = "eval_out"
+    data_dir: str | None = None
+    cmmlu_dir: str | None = None
+    ceval_dir: str | None = None
+    domain_dir: str | None = None
+    backend: str = "auto"  # hf | specdec | auto (specdec when a draft is given)
+    draft: str | None = None
+    num_speculative_tokens: int = 3
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+    limit: int | None = None
+    num_fewshot: int | None = None
+    max_gen_toks: int | None = None
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    apply_chat_template: bool = False
+    name: str | None = None
+    stage: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: give at least one task")
+        if self.backend not in ("auto", "hf", "specdec"):
+            raise ValueError(f"backend must be auto, hf or specdec, got {self.backend!r}")
+        if self.backend == "hf" and self.draft:
+            raise ValueError("backend 'hf' cannot use a draft model; use backend specdec (or auto)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1")
+        if self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be >= 1")
+
+    @property
+    def resolved_backend(self) -> str:
+        if self.backend == "auto":
+            return "specdec" if self.draft else "hf"
+        return self.backend
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.model.split(":", 1)[-1]).name
+
+
+def build_lm(cfg: EvalRunConfig) -> Any:
+    """The lm-eval model object: lm-eval's own ``hf`` model, or ``soaes-specdec``."""
+    from lm_eval.api.registry import get_model
+
+    if cfg.resolved_backend == "hf":
+        return get_model("hf")(pretrained=str(resolve_model_dir(cfg.model)), dtype=cfg.dtype, device=cfg.device,
+                               batch_size=cfg.batch_size)
+    from .specdec_lm import SpecDecLM
+
+    return SpecDecLM(pretrained=cfg.model, draft=cfg.draft or "none", num_speculative_tokens=cfg.num_speculative_tokens,
+                     do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                     seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
+
+
+def _num_items(results: dict[str, Any]) -> dict[str, int]:
+    """Evaluated items per task; a group counts the items of its subtasks."""
+    counts = {task: int(n["effective"]) for task, n in results.get("n-samples", {}).items()}
+    for group, subtasks in results.get("group_subtasks", {}).items():
+        if subtasks:
+            counts[group] = sum(counts.get(t, 0) for t in subtasks)
+    return counts
+
+
+def _predictions(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        resp = s["filtered_resps"][0] if s.get("filtered_resps") else s["resps"][0][0]
+        out.append({"id": s["doc"].get("id", s["doc_id"]), "prediction": str(resp).strip(),
+                    "reference": s["doc"]["reference"]})
+    return out
+
+
+def run_eval(cfg: EvalRunConfig, lm: Any = None) -> dict[str, Any]:
+    """Evaluate, write ``results.json`` (lm-eval results + a ``soaes`` block) and per-task predictions."""
+    set_offline()
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    from .tasks import task_manager
+
+    tm = task_manager(cfg.data_dir, cmmlu_dir=cfg.cmmlu_dir, ceval_dir=cfg.ceval_dir, domain_dir=cfg.domain_dir)
+    unknown = [t for t in cfg.tasks if t not in tm.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown task(s) {unknown}; soaes tasks: soaes_cmmlu, soaes_ceval, soaes_domain_qa, "
+                          f"soaes_domain_report (or any lm-eval task)")
+    lm = lm if lm is not None else build_lm(cfg)
+    gen_kwargs = {"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
+                                          limit=cfg.limit, task_manager=tm, log_samples=True,
+                                          gen_kwargs=gen_kwargs, apply_chat_template=cfg.apply_chat_template,
+                                          random_seed=cfg.seed, bootstrap_iters=0)
+    except SoaesError:
+        raise
+    except Exception as exc:  # lm-eval wraps errors raised in our loaders; surface ours as one line
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, SoaesError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+    if results is None:
+        raise SoaesError("lm-eval returned no results")
+    samples = results.pop("samples", {})
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    soaes: dict[str, Any] = {
+        "label": cfg.label, "stage": cfg.stage, "model": cfg.model, "draft": cfg.draft,
+        "backend": cfg.resolved_backend, "limit": cfg.limit, "num_items": _num_items(results), "text_metrics": {},
+    }
+    for task in GENERATION_TASKS:
+        if task in samples:
+            preds = _predictions(samples[task])
+            write_jsonl(out / f"predictions_{task}.jsonl", preds)
+            p, r = [x["prediction"] for x in preds], [x["reference"] for x in preds]
+            soaes["text_metrics"][task] = {
+                "llamafactory": text_metrics(p, r, convention="llamafactory").to_dict(),
+                "char": text_metrics(p, r, convention="char").to_dict(),
+            }
+    if hasattr(lm, "spec_stats"):
+        soaes["specdec"] = lm.spec_stats()
+    results["soaes"] = soaes
+    import json
+
+    payload = json.loads(json.dumps(results, default=handle_non_serializable, ensure_ascii=False))
+    atomic_write_json(out / RESULTS_FILE, payload)
+    write_manifest(out, "eval", config=cfg, counts=soaes["num_items"], extra={"label": cfg.label})
+    _log.info("wrote %s (%s)", out / RESULTS_FILE, soaes["num_items"])
+    return payload

@@ -1,0 +1,155 @@
+"""lm-eval model ``soaes-specdec``: loglikelihood through the target (lm-eval's HFLM), generation through
+``soaes_specdec.SpeculativeDecoder``, so any lm-eval generation task runs with speculative decoding.
+
+model_args: ``pretrained`` (target: HF dir or soaes spec such as ``embedded:smollm2-135m``), ``draft`` (a model
+spec, ``layers:N`` for the target's first N layers via ``make_layer_draft``, or ``none`` for plain autoregressive
+decoding with the same stats), ``num_speculative_tokens`` (n, default 3), and ``do_sample`` / ``temperature`` /
+``top_p`` / ``top_k`` / ``seed`` which, when given, override the task's generation kwargs.
+Acceptance rate and tokens/s accumulated over all requests are in ``.spec_stats()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (registers the built-in models first, so `hf` stays in the registry)
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+from soaes_core import load_model, resolve_model_dir
+from soaes_core.errors import InvalidArgumentError, ModelLoadError
+from soaes_core.progress import progress
+
+_log = logging.getLogger(__name__)
+MODEL_NAME = "soaes-specdec"
+
+
+@dataclass
+class SpecTotals:
+    """Speculative-decoding counters summed over every generate request of a run."""
+
+    requests: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    target_calls: int = 0
+    new_tokens: int = 0
+    wall_time_s: float = 0.0
+
+    def add(self, stats: Any) -> None:
+        self.requests += 1
+        self.proposed += int(stats.proposed)
+        self.accepted += int(stats.accepted)
+        self.target_calls += int(stats.target_calls)
+        self.new_tokens += int(stats.new_tokens)
+        self.wall_time_s += float(stats.wall_time_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = asdict(self)
+        d["acceptance_rate"] = self.accepted / self.proposed if self.proposed else None
+        d["mean_accepted_length"] = self.new_tokens / self.target_calls if self.target_calls else None
+        d["tokens_per_s"] = self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else None
+        return d
+
+
+def _opt_bool(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise InvalidArgumentError(f"expected a boolean, got {value!r}")
+
+
+@register_model(MODEL_NAME)
+class SpecDecLM(HFLM):
+    """HFLM whose ``generate_until`` decodes one request at a time with a ``SpeculativeDecoder``."""
+
+    def __init__(self, pretrained: Any, draft: str | None = None, num_speculative_tokens: int = 3,
+                 do_sample: Any = None, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, seed: int = 0, **kwargs: Any) -> None:
+        if isinstance(pretrained, str):
+            pretrained = str(resolve_model_dir(pretrained))
+        super().__init__(pretrained=pretrained, **kwargs)
+        from soaes_specdec import SpeculativeDecoder, autoregressive_generate
+
+        self.draft_spec = None if draft in (None, "", "none", "None") else str(draft)
+        self.num_speculative_tokens = int(num_speculative_tokens)
+        self.draft_model = self._load_draft(self.draft_spec)
+        self._autoregressive = autoregressive_generate
+        self.decoder = (SpeculativeDecoder(self.model, self.draft_model, num_speculative_tokens=self.num_speculative_tokens)
+                        if self.draft_model is not None else None)
+        self.sampling_overrides = {k: v for k, v in {
+            "do_sample": _opt_bool(do_sample), "temperature": None if temperature is None else float(temperature),
+            "top_p": None if top_p is None else float(top_p), "top_k": None if top_k is None else int(top_k),
+        }.items() if v is not None}
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self.totals = SpecTotals()
+
+    def _load_draft(self, spec: str | None) -> Any:
+        if spec is None:
+            return None
+        if spec.startswith("layers:"):
+            from soaes_specdec.draft import make_layer_draft
+
+            try:
+                n = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise InvalidArgumentError(f"draft {spec!r}: expected layers:N with an integer N") from None
+            return make_layer_draft(self.model, n)
+        try:
+            draft = load_model(spec, dtype=self.model.dtype, device=str(self.device))
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # a spec that soaes_core could not turn into a model
+            raise ModelLoadError(f"cannot load draft model {spec!r}: {exc}") from exc
+        draft.eval()
+        return draft
+
+    def spec_stats(self) -> dict[str, Any]:
+        """Totals plus the configuration that produced them (draft, n, sampling overrides)."""
+        out = self.totals.to_dict()
+        out.update(draft=self.draft_spec, num_speculative_tokens=self.num_speculative_tokens if self.decoder else None,
+                   sampling_overrides=dict(self.sampling_overrides))
+        return out
+
+    def _decode_one(self, context: str, gen_kwargs: dict[str, Any]) -> str:
+        kwargs = normalize_gen_kwargs({**gen_kwargs, **self.sampling_overrides}, self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None),
+                                      eos=self.tok_decode(self.eot_token_id, skip_special_tokens=False))
+        max_gen_toks = int(kwargs.pop("max_gen_toks"))
+        do_sample = bool(kwargs.get("do_sample", False))
+        ids = self.tok_encode(context, left_truncate_len=self.max_length - max_gen_toks)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        sampling = {"do_sample": do_sample, "eos_token_id": self.eot_token_id, "generator": self.generator}
+        if do_sample:
+            sampling.update(temperature=float(kwargs.get("temperature", 1.0)) or 1.0,
+                            top_p=float(kwargs.get("top_p", 1.0) or 1.0), top_k=int(kwargs.get("top_k", 0) or 0))
+        start = time.perf_counter()
+        with torch.no_grad():
+            if self.decoder is not None:
+                out = self.decoder.generate(input_ids, max_gen_toks, **sampling)
+            else:
+                out = self._autoregressive(self.model, input_ids, max_gen_toks, **sampling)
+        _log.debug("request decoded in %.3fs", time.perf_counter() - start)
+        self.totals.add(out.stats)
+        text = self.tok_decode(out.sequences[0, len(ids):].tolist())
+        return postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        results = []
+        for req in progress(requests, desc="soaes-specdec generate_until", total=len(requests)):
+            context, gen_kwargs = req.args
+            text = self._decode_one(context, dict(gen_kwargs))
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            results.append(text)
+        stats = self.totals.to_dict()
+        _log.info("soaes-specdec: %d requests, acceptance %s, %s tokens/s", stats["requests"],
+                  stats["acceptance_rate"], stats["tokens_per_s"])
+        return results

@@ -1,0 +1,422 @@
+"""Decoders sharing one sampling path: plain autoregressive, prompt lookup, and draft-model speculative decoding.
+
+All three draw every token through `sampling.sample_next` / `verify.verify_block`, so for greedy decoding
+their outputs are identical token for token and for sampling they draw from the same distribution. Rows of a
+batch advance independently (per-row cache lengths), and every row stops exactly at EOS or
+`max_new_tokens`, even in the middle of a speculative block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from soaes_core.errors import InvalidArgumentError
+
+from . import sampling, verify
+from .lookup import propose_ngram_continuations
+from .runner import CachedCausalLM
+from .sampling import SamplingParams
+
+# The draft's sampler (module level so statistical tests can swap in known-bad samplers to show they fail).
+draft_sample: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = sampling.sample_next
+
+
+@dataclass
+class SpecStats:
+    """Counters of one generate call. acceptance_rate = accepted / proposed (draft tokens); mean_accepted_length =
+    new tokens per row per decode-phase target call (bonus token included; the prefill call is not counted)."""
+
+    proposed: int = 0
+    accepted: int = 0
+    target_calls: int = 0
+    draft_calls: int = 0
+    new_tokens: int = 0
+    decode_row_calls: int = 0
+    decode_tokens: int = 0
+    wall_time_s: float = 0.0
+    position_proposed: list[int] = field(default_factory=list)
+    position_accepted: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.decode_tokens / self.decode_row_calls if self.decode_row_calls else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """P(draft token i accepted) per block position i (counts every block that proposed position i)."""
+        return [a / p if p else 0.0 for a, p in zip(self.position_accepted, self.position_proposed)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proposed": self.proposed, "accepted": self.accepted, "target_calls": self.target_calls,
+            "draft_calls": self.draft_calls, "new_tokens": self.new_tokens,
+            "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length,
+            "wall_time_s": self.wall_time_s, "tokens_per_s": self.tokens_per_s,
+            "acceptance_by_position": self.acceptance_by_position,
+        }
+
+    def record_block(self, num_draft: torch.Tensor, num_accepted: torch.Tensor, active: torch.Tensor,
+                     width: int) -> None:
+        """Add one verification's per-row outcomes (active rows only) to the counters."""
+        if len(self.position_proposed) < width:
+            grow = width - len(self.position_proposed)
+            self.position_proposed += [0] * grow
+            self.position_accepted += [0] * grow
+        nd, na = num_draft[active], num_accepted[active]
+        self.proposed += int(nd.sum())
+        self.accepted += int(na.sum())
+        for i in range(width):
+            self.position_proposed[i] += int((nd > i).sum())
+            self.position_accepted[i] += int((na > i).sum())
+
+
+@dataclass
+class SpecDecodeOutput:
+    """`sequences` [B, L] = prompt + new tokens, right-padded with `pad_token_id`; `sequence_lengths` per row."""
+
+    sequences: torch.Tensor
+    stats: SpecStats
+    sequence_lengths: list[int]
+    prompt_lengths: list[int]
+
+    def new_tokens(self, row: int = 0) -> list[int]:
+        """The generated tokens of one row (no prompt, no padding)."""
+        return self.sequences[row, self.prompt_lengths[row]:self.sequence_lengths[row]].tolist()
+
+
+# ----------------------------------------------------------------------------------------- argument checks
+
+
+def normalise_prompts(input_ids: Any, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Ragged list of 1-D LongTensor prompts from a [B, P] tensor (+ optional 0/1 padding mask) or a list."""
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+        if ids.dim() != 2:
+            raise InvalidArgumentError(f"input_ids must be 1-D or 2-D, got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            rows = list(ids)
+        else:
+            mask = attention_mask.reshape(ids.shape).bool()
+            rows = [row[m] for row, m in zip(ids, mask)]
+    elif isinstance(input_ids, Sequence):
+        rows = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in input_ids]
+    else:
+        raise InvalidArgumentError(f"input_ids must be a tensor or a list of token lists, got {type(input_ids).__name__}")
+    if not rows:
+        raise InvalidArgumentError("input_ids is empty: give at least one prompt")
+    for i, r in enumerate(rows):
+        if r.numel() == 0:
+            raise InvalidArgumentError(f"prompt {i} is empty: every prompt needs at least one token")
+    return [r.long() for r in rows]
+
+
+def eos_set(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """EOS ids as a list (empty = never stop early)."""
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+def check_lengths(runner: CachedCausalLM, prompts: list[torch.Tensor], max_new_tokens: int) -> None:
+    """max_new_tokens >= 1, token ids inside the vocabulary, prompt + max_new_tokens within the context."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InvalidArgumentError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    longest = max(r.numel() for r in prompts)
+    if runner.max_positions and longest + max_new_tokens > runner.max_positions:
+        raise InvalidArgumentError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+            f"{runner.max_positions} tokens")
+    for i, r in enumerate(prompts):
+        if int(r.min()) < 0 or int(r.max()) >= runner.vocab_size:
+            raise InvalidArgumentError(f"prompt {i} has token ids outside the vocabulary [0, {runner.vocab_size})")
+
+
+def check_num_speculative_tokens(n: int) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidArgumentError(f"num_speculative_tokens must be an int >= 1, got {n!r}")
+    return n
+
+
+# ----------------------------------------------------------------------------------------- shared state
+
+
+class _Rows:
+    """Per-row token buffer, lengths and stop flags of one batched generation."""
+
+    def __init__(self, prompts: list[torch.Tensor], max_new_tokens: int, slack: int, pad_id: int,
+                 eos: list[int], device: torch.device) -> None:
+        self.batch = len(prompts)
+        self.prompt_lengths = torch.tensor([p.numel() for p in prompts], device=device)
+        self.max_prompt = int(self.prompt_lengths.max())
+        self.tokens = torch.full((self.batch, self.max_prompt + max_new_tokens + slack), pad_id,
+                                 dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            self.tokens[i, :p.numel()] = p.to(device)
+        self.lengths = self.prompt_lengths.clone()
+        self.budget = torch.full((self.batch,), max_new_tokens, device=device)
+        self.active = torch.ones(self.batch, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.pad_id = pad_id
+
+    def last_tokens(self) -> torch.Tensor:
+        """[B] the newest token of each row (the pending input of the next target call)."""
+        return self.tokens.gather(1, (self.lengths - 1).unsqueeze(1)).squeeze(1)
+
+    def append(self, block: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Append block[b, :counts[b]] to active rows, cut at EOS and the token budget; returns counts kept."""
+        width = block.shape[1]
+        counts = torch.minimum(counts, self.budget) * self.active
+        offsets = torch.arange(width, device=block.device)
+        if self.eos is not None:
+            is_eos = torch.isin(block, self.eos) & (offsets[None, :] < counts[:, None])
+            has_eos = is_eos.any(dim=1)
+            first_eos = torch.argmax(is_eos.to(torch.int8), dim=1)
+            counts = torch.where(has_eos, first_eos + 1, counts)
+        else:
+            has_eos = torch.zeros_like(self.active)
+        positions = self.lengths[:, None] + offsets[None, :]
+        keep = offsets[None, :] < counts[:, None]
+        current = self.tokens.gather(1, positions)
+        self.tokens.scatter_(1, positions, torch.where(keep, block, current))
+        self.lengths += counts
+        self.budget -= counts
+        self.active &= ~has_eos & (self.budget > 0)
+        return counts
+
+    def output(self, stats: SpecStats) -> SpecDecodeOutput:
+        total = int(self.lengths.max())
+        seqs = self.tokens[:, :total].clone()
+        col = torch.arange(total, device=seqs.device)
+        seqs[col[None, :] >= self.lengths[:, None]] = self.pad_id
+        stats.new_tokens = int((self.lengths - self.prompt_lengths).sum())
+        return SpecDecodeOutput(sequences=seqs, stats=stats, sequence_lengths=self.lengths.tolist(),
+                                prompt_lengths=self.prompt_lengths.tolist())
+
+
+def _prompt_block(rows: _Rows) -> torch.Tensor:
+    return rows.tokens[:, :rows.max_prompt]
+
+
+def _as_runner(model: Any) -> CachedCausalLM:
+    return model if isinstance(model, CachedCausalLM) else CachedCausalLM(model)
+
+
+def _pad_id(runner: CachedCausalLM, eos: list[int]) -> int:
+    pad = getattr(runner.config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return int(pad)
+
+
+def _prefill(runner: CachedCausalLM, rows: _Rows, need_logits: bool = True) -> torch.Tensor | None:
+    """Run every prompt through `runner`, set its cache lengths; logits [B, V] at each prompt's last token."""
+    starts = torch.zeros(rows.batch, dtype=torch.long, device=rows.tokens.device)
+    logits = runner.forward(_prompt_block(rows), starts, logits_at=rows.prompt_lengths - 1, need_logits=need_logits)
+    runner.cache.lengths = rows.prompt_lengths.clone()
+    return logits
+
+
+# ----------------------------------------------------------------------------------------- autoregressive
+
+
+@torch.inference_mode()
+def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_sample: bool = False,
+                            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                            eos_token_id: int | Sequence[int] | None = None,
+                            generator: torch.Generator | None = None,
+                            attention_mask: torch.Tensor | None = None) -> SpecDecodeOutput:
+    """Plain KV-cached decoding (one target call per token) with the same sampling code as the other decoders."""
+    t0 = time.perf_counter()
+    runner = _as_runner(model)
+    params = SamplingParams(do_sample, temperature, top_p, top_k)
+    prompts = normalise_prompts(input_ids, attention_mask)
+    check_lengths(runner, prompts, max_new_tokens)
+    eos = eos_set(eos_token_id)
+    rows = _Rows(prompts, max_new_tokens, 1, _pad_id(runner, eos), eos, runner.device)
+    runner.start(rows.batch, rows.max_prompt + max_new_tokens + 1)
+    stats = SpecStats()
+    logits = _prefill(runner, rows)
+    stats.target_calls += 1
+    from_prefill = True
+    while True:
+        token, _ = sampling.sample_next(logits, params, generator)
+        kept = rows.append(token.unsqueeze(1), torch.ones_like(token))
+        if not from_prefill:
+            stats.decode_tokens += int(kept.sum())
+        from_prefill = False
+        if not bool(rows.active.any()):
+            break
+        starts = rows.lengths - 1
+        active_rows = int(rows.active.sum())
+        logits = runner.forward(rows.last_tokens().unsqueeze(1), starts, logits_at=torch.zeros_like(starts))
+        runner.cache.lengths = rows.lengths.clone()
+        stats.target_calls += 1
+        stats.decode_row_calls += active_rows
+    stats.wall_time_s = time.perf_counter() - t0
+    return rows.output(stats)
+
+
+# ----------------------------------------------------------------------------------------- speculative step
+
+
+def _verify_and_append(target: CachedCausalLM, rows: _Rows, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
+                       num_draft: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                       stats: SpecStats, use_kernel: bool | None) -> None:
+    """One target call over [pending token, drafts...]; accept, append, roll the target cache back."""
+    width = drafts.shape[1]
+    old_lengths = rows.lengths.clone()
+    active = rows.active.clone()
+    block = torch.cat([rows.last_tokens().unsqueeze(1), drafts], dim=1)
+    logits = target.forward(block, old_lengths - 1)
+    stats.target_calls += 1
+    num_accepted, next_token = verify.verify_block(logits, drafts, draft_probs, num_draft, params, generator,
+                                                   use_kernel=use_kernel)
+    stats.record_block(num_draft, num_accepted, active, width)
+    emitted = torch.cat([drafts, next_token.unsqueeze(1)], dim=1)
+    emitted.scatter_(1, num_accepted.unsqueeze(1), next_token.unsqueeze(1))
+    kept = rows.append(emitted, num_accepted + 1)
+    stats.decode_row_calls += int(active.sum())
+    stats.decode_tokens += int(kept.sum())
+    target.cache.lengths = rows.lengths - 1  # pending token not yet in the cache; rejected entries are stale
+
+
+class SpeculativeDecoder:
+    """Draft-model speculative decoding (Leviathan et al. 2023), exact for greedy and sampling.
+
+    The draft proposes n tokens with its own cache; the target verifies them plus a bonus position in one
+    call; both caches roll back by moving length pointers. `draft_confidence` > 0 enables dynamic draft
+    length: drafting stops early once every active row's top draft probability falls below it.
+    """
+
+    def __init__(self, target: Any, draft: Any, num_speculative_tokens: int = 3, draft_confidence: float = 0.0,
+                 use_kernel: bool | None = None) -> None:
+        self.target, self.draft = _as_runner(target), _as_runner(draft)
+        self.num_speculative_tokens = check_num_speculative_tokens(num_speculative_tokens)
+        if self.target.vocab_size != self.draft.vocab_size:
+            raise InvalidArgumentError(
+                f"target and draft vocabularies differ ({self.target.vocab_size} vs {self.draft.vocab_size} "
+                "output rows): speculative decoding needs a shared tokenizer and vocabulary")
+        if not 0.0 <= draft_confidence < 1.0:
+            raise InvalidArgumentError(f"draft_confidence must be in [0, 1), got {draft_confidence!r}")
+        self.draft_confidence = draft_confidence
+        self.use_kernel = use_kernel
+
+    def _propose(self, rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
+                 stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft n tokens per row (catching the draft cache up on tokens it has not seen first)."""
+        draft = self.draft
+        behind = rows.lengths - draft.cache.lengths  # >= 1: pending token, plus the bonus after full acceptance
+        width = int(behind.max())
+        cols = draft.cache.lengths[:, None] + torch.arange(width, device=behind.device)[None, :]
+        block = rows.tokens.gather(1, cols.clamp(max=rows.tokens.shape[1] - 1))
+        logits = draft.forward(block, draft.cache.lengths, logits_at=behind - 1)
+        stats.draft_calls += 1
+        draft.cache.lengths = rows.lengths.clone()
+        tokens, probs = [], []
+        for i in range(self.num_speculative_tokens):
+            if i > 0:
+                logits = draft.forward(tokens[-1].unsqueeze(1), rows.lengths + i - 1,
+                                       logits_at=torch.zeros_like(rows.lengths))
+                stats.draft_calls += 1
+            tok, q = draft_sample(logits, params, generator)
+            tokens.append(tok)
+            if q is not None:
+                probs.append(q)
+            if self.draft_confidence > 0 and i + 1 < self.num_speculative_tokens:
+                top = (q if q is not None else torch.softmax(logits, dim=-1)).max(dim=-1).values
+                if not bool((top[rows.active] >= self.draft_confidence).any()):
+                    break
+        draft.cache.lengths = rows.lengths + len(tokens) - 1
+        return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Any, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, eos_token_id: int | Sequence[int] | None = None,
+                 generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None) -> SpecDecodeOutput:
+        """Generate up to `max_new_tokens` per row; same arguments and output as `autoregressive_generate`."""
+        t0 = time.perf_counter()
+        params = SamplingParams(do_sample, temperature, top_p, top_k)
+        prompts = normalise_prompts(input_ids, attention_mask)
+        check_lengths(self.target, prompts, max_new_tokens)
+        n = self.num_speculative_tokens
+        eos = eos_set(eos_token_id)
+        rows = _Rows(prompts, max_new_tokens, n + 1, _pad_id(self.target, eos), eos, self.target.device)
+        capacity = rows.max_prompt + max_new_tokens + n + 1
+        self.target.start(rows.batch, capacity)
+        self.draft.start(rows.batch, capacity)
+        stats = SpecStats()
+        logits = _prefill(self.target, rows)
+        _prefill(self.draft, rows, need_logits=False)
+        stats.target_calls += 1
+        stats.draft_calls += 1
+        first, _ = sampling.sample_next(logits, params, generator)
+        rows.append(first.unsqueeze(1), torch.ones_like(first))
+        while bool(rows.active.any()):
+            drafts, probs = self._propose(rows, params, generator, stats)
+            num_draft = torch.full_like(rows.lengths, drafts.shape[1])
+            _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
+                               self.use_kernel)
+            # The draft holds old_len + k - 1 tokens (it never saw its last proposal); keep only the valid prefix.
+            self.draft.cache.lengths = torch.minimum(self.draft.cache.lengths, rows.lengths - 1)
+        stats.wall_time_s = time.perf_counter() - t0
+        return rows.output(stats)
+
+
+class PromptLookupDecoder:
+    """Prompt-lookup decoding: drafts are n-gram continuations found in the prompt + generated text.
+
+    The draft is deterministic, so its q is one-hot and rejection sampling stays exact: a proposal x is
+    accepted with probability p(x), and a rejection resamples from p with x removed.
+    """
+
+    def __init__(self, target: Any, num_speculative_tokens: int = 3, max_ngram: int = 3) -> None:
+        self.target = _as_runner(target)
+        self.num_speculative_tokens = check_num_speculative_tokens(num_speculative_tokens)
+        if not isinstance(max_ngram, int) or max_ngram < 1:
+            raise InvalidArgumentError(f"max_ngram must be an int >= 1, got {max_ngram!r}")
+        self.max_ngram = max_ngram
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Any, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, eos_token_id: int | Sequence[int] | None = None,
+                 generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None) -> SpecDecodeOutput:
+        """Generate up to `max_new_tokens` per row; same arguments and output as `autoregressive_generate`."""
+        t0 = time.perf_counter()
+        params = SamplingParams(do_sample, temperature, top_p, top_k)
+        prompts = normalise_prompts(input_ids, attention_mask)
+        check_lengths(self.target, prompts, max_new_tokens)
+        n = self.num_speculative_tokens
+        eos = eos_set(eos_token_id)
+        rows = _Rows(prompts, max_new_tokens, n + 1, _pad_id(self.target, eos), eos, self.target.device)
+        self.target.start(rows.batch, rows.max_prompt + max_new_tokens + n + 1)
+        stats = SpecStats()
+        logits = _prefill(self.target, rows)
+        stats.target_calls += 1
+        first, _ = sampling.sample_next(logits, params, generator)
+        rows.append(first.unsqueeze(1), torch.ones_like(first))
+        vocab = self.target.vocab_size
+        while bool(rows.active.any()):
+            drafts, num_draft = propose_ngram_continuations(rows.tokens, rows.lengths, rows.active, n,
+                                                            self.max_ngram)
+            probs = None
+            if params.do_sample and drafts.shape[1] > 0:
+                probs = torch.zeros(*drafts.shape, vocab, device=drafts.device)
+                probs.scatter_(2, drafts.unsqueeze(2), 1.0)
+            _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats, False)
+        stats.wall_time_s = time.perf_counter() - t0
+        return rows.output(stats)

@@ -1,0 +1,130 @@
+"""A lean cached forward pass over an HF Llama/Qwen2-style model, with a `StaticKVCache`.
+
+It reuses the model's own modules (embeddings, norms, projections, MLPs, rotary table, head) and only
+replaces the attention/cache plumbing, so each row of a batch can sit at its own position: this is what
+lets speculative decoding advance rows by different amounts and roll back by moving a pointer. It also
+skips HF `generate`'s per-step machinery and computes the output head only where logits are needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from soaes_core.errors import InvalidArgumentError
+
+from .kv_cache import StaticKVCache, write_block
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotary helper: (x1, x2) -> (-x2, x1) on the last dim."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by per-position angles cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def block_attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, 1, T, kv_len] bool: query at absolute position p sees keys 0..p of its own row."""
+    keys = torch.arange(kv_len, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+
+
+class CachedCausalLM:
+    """Wraps a decoder-only HF causal LM (`model.model.layers`, rotary, tied or untied head) for cached decoding."""
+
+    def __init__(self, model: Any) -> None:
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+            raise InvalidArgumentError(
+                f"{type(model).__name__} is not a supported decoder (need Llama/Qwen2-style `model.layers` "
+                "and rotary embeddings)")
+        cfg = model.config
+        if getattr(cfg, "use_sliding_window", False):
+            raise InvalidArgumentError("sliding-window attention is not supported by the speculative decoder")
+        self.model = model.eval()
+        self.config = cfg
+        self.layers = list(inner.layers)
+        self.embed = inner.embed_tokens
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.head = model.get_output_embeddings()
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.vocab_size = self.head.weight.shape[0]
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.cache: StaticKVCache | None = None
+
+    def num_parameter_bytes(self) -> int:
+        """Bytes of weights read per decoding step (each distinct parameter once)."""
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total
+
+    def start(self, batch: int, capacity: int) -> StaticKVCache:
+        """(Re)use a cache for `batch` rows of up to `capacity` tokens, emptied."""
+        if self.cache is None or not self.cache.fits(batch, capacity, self.dtype, self.device):
+            self.cache = StaticKVCache.allocate(len(self.layers), batch, self.num_kv_heads, capacity,
+                                                self.head_dim, self.dtype, self.device)
+        self.cache.reset()
+        return self.cache
+
+    def _attention(self, layer: Any, idx: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   common_start: int | None, positions: torch.Tensor, mask: torch.Tensor | None,
+                   kv_len: int) -> torch.Tensor:
+        attn = layer.self_attn
+        b, t, _ = h.shape
+        q = attn.q_proj(h).view(b, t, -1, self.head_dim)
+        k = attn.k_proj(h).view(b, t, -1, self.head_dim)
+        v = attn.v_proj(h).view(b, t, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cache = self.cache
+        write_block(cache.keys[idx], k, common_start, positions)
+        write_block(cache.values[idx], v, common_start, positions)
+        keys, values = cache.keys[idx][:, :, :kv_len], cache.values[idx][:, :, :kv_len]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(self, tokens: torch.Tensor, starts: torch.Tensor, logits_at: torch.Tensor | None = None,
+                need_logits: bool = True) -> torch.Tensor | None:
+        """Run `tokens` [B, T], row b occupying positions starts[b]..starts[b]+T-1, writing K/V into the cache.
+
+        Returns fp32 logits [B, T, V], or [B, V] at per-row block index `logits_at` [B], or None when
+        `need_logits` is False (prefilling a draft). The caller moves `cache.lengths` afterwards (tokens
+        past a row's real length are padding: stale entries a later write overwrites).
+        """
+        b, t = tokens.shape
+        lo, hi = int(starts.min()), int(starts.max())
+        common_start = lo if lo == hi else None
+        positions = starts[:, None] + torch.arange(t, device=tokens.device)[None, :]
+        kv_len = hi + t
+        mask = None if (t == 1 and common_start is not None) else block_attention_mask(positions, kv_len)
+        h = self.embed(tokens)
+        cos, sin = self.rotary(h, positions)
+        for idx, layer in enumerate(self.layers):
+            h = h + self._attention(layer, idx, layer.input_layernorm(h), cos, sin, common_start, positions,
+                                    mask, kv_len)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if not need_logits:
+            return None
+        if logits_at is not None:
+            h = h[torch.arange(b, device=h.device), logits_at]
+        return self.head(self.norm(h)).float()

@@ -1,0 +1,88 @@
+"""Sampling math as small pure functions: logits warpers, inverse-CDF sampling, and sampling settings.
+
+Every decoder (autoregressive, prompt lookup, speculative) draws tokens through `sample_next`, so the
+distributions they sample from are identical by construction. Warpers follow transformers' order
+(temperature, then top-k, then top-p) but keep ties at the cut-off (a tie-invariant definition that a
+fused kernel can reproduce exactly): top-k keeps token i iff fewer than k tokens are strictly more probable;
+top-p keeps token i iff the mass of strictly more probable tokens is < top_p.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from soaes_core.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens: greedy (argmax of raw logits) or sampling with temperature / top-k / top-p."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.do_sample and not (isinstance(self.temperature, (int, float)) and self.temperature > 0
+                                   and math.isfinite(self.temperature)):
+            raise InvalidArgumentError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Mask (to -inf) every logit below the k-th largest along the last dim; ties with it are kept."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask tokens whose strictly-more-probable mass is >= top_p (nucleus filtering, ties kept)."""
+    if top_p >= 1.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs = torch.sort(probs, dim=-1, descending=True).values
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    num_kept = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+    threshold = torch.gather(sorted_probs, -1, num_kept - 1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """fp32 probabilities after temperature, top-k and top-p (the distribution tokens are drawn from)."""
+    x = logits.float()
+    if params.temperature != 1.0:
+        x = x / params.temperature
+    x = apply_top_k(x, params.top_k)
+    x = apply_top_p(x, params.top_p)
+    return torch.softmax(x, dim=-1)
+
+
+def sample_inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index j with cumsum(w)[j-1] <= u*sum(w) < cumsum(w)[j], per row; weights >= 0, uniforms float64 in [0,1).
+
+    Accumulates in float64 so the result does not depend on how the sum is blocked (kernel == reference).
+    """
+    cdf = torch.cumsum(weights.double(), dim=-1)
+    target = uniforms.double().unsqueeze(-1) * cdf[..., -1:]
+    idx = torch.searchsorted(cdf, target, right=True)
+    return idx.squeeze(-1).clamp_(max=weights.shape[-1] - 1)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick one token per row from `logits` [..., V]; returns (tokens, probs it was drawn from or None if greedy)."""
+    if not params.do_sample:
+        return torch.argmax(logits, dim=-1), None
+    probs = warp_probs(logits, params)
+    gen_device = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[:-1], dtype=torch.float64, device=gen_device, generator=generator)
+    return sample_inverse_cdf(probs, u.to(probs.device)), probs
