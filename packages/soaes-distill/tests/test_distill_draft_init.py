@@ -26,7 +26,7 @@ def test_restricted_head_is_exact_on_its_tokens(tiny_qwen2) -> None:
     others = torch.ones(full.shape[-1], dtype=torch.bool)
     others[keep] = False
     assert torch.isinf(got[..., others]).all()
-    assert model.get_output_embeddings().weight.shape == full.shape[-1:] + (64,)
+    assert model.get_output_embeddings().weight.shape == (*full.shape[-1:], 64)
 
 
 def test_layer_draft_round_trip_and_exact_spec_decoding(tmp_path, tiny_qwen2, embedded_tokenizer) -> None:

@@ -63,10 +63,11 @@ def test_lookup_aligns_packed_and_shuffled_batches(tmp_path, token_dataset, tiny
     examples = load_token_examples(token_dataset)
     order = [7, 2, 9, 0]
     packed = build_packed_example([{"input_ids": e.input_ids} for e in examples], order)
-    eids = torch.tensor([examples[i].example_id for i, n in zip(order, packed["seq_lengths"]) for _ in range(n)])
+    lengths = packed["seq_lengths"]
+    eids = torch.tensor([examples[i].example_id for i, n in zip(order, lengths, strict=True) for _ in range(n)])
     got = store.lookup(eids[None], torch.tensor(packed["position_ids"])[None], temperature=2.0)
     start = 0
-    for i, n in zip(order, packed["seq_lengths"]):
+    for i, n in zip(order, packed["seq_lengths"], strict=False):
         alone = store.lookup(torch.full((1, n), i), torch.arange(n)[None], temperature=2.0)
         assert torch.equal(got.values[0, start:start + n], alone.values[0])
         assert torch.equal(got.indices[0, start:start + n], alone.indices[0])
@@ -121,7 +122,7 @@ def test_corrupted_shard_is_named(tmp_path, token_dataset, tiny_qwen2, embedded_
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
     store = TeacherLogitStore(out)
-    with pytest.raises(IntegrityError, match="shard-00001.safetensors: shard corrupted"):
+    with pytest.raises(IntegrityError, match=r"shard-00001\.safetensors: shard corrupted"):
         store.verify()
     # rerunning the dump repairs it
     res = run_dump(DumpConfig(dataset=str(token_dataset), output_dir=str(out), top_k=4, examples_per_shard=5),
@@ -137,7 +138,7 @@ def test_settings_mismatch_is_refused(tmp_path, token_dataset, tiny_qwen2, embed
         store.require(tokenizer_sha256="0" * 64)
     with pytest.raises(IntegrityError, match="dataset_sha256"):
         store.require(dataset_sha256="0" * 64)
-    with pytest.raises(IntegrityError, match="temperature 1.0 was not captured"):
+    with pytest.raises(IntegrityError, match=r"temperature 1\.0 was not captured"):
         store.lookup(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], temperature=1.0)
     with pytest.raises(IntegrityError, match="top_k"):
         _dump(out, token_dataset, tiny_qwen2, embedded_tokenizer, top_k=8, temperatures=[2.0])

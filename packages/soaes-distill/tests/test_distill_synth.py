@@ -38,8 +38,8 @@ def test_blackbox_records_are_target_greedy_outputs(tiny_qwen2, embedded_tokeniz
 
 
 def test_query_filters_account_for_every_query() -> None:
-    queries = ["hi", "什么是国有资本投资公司？请详细说明。", "什么是国有资本投资公司？请详细说明！", "How are dividends paid to the state?",
-               "x" * 500]
+    queries = ["hi", "什么是国有资本投资公司？请详细说明。", "什么是国有资本投资公司？请详细说明！",
+               "How are dividends paid to the state?", "x" * 500]
     kept, rejects = filter_queries(queries, QueryFilter(min_chars=5, max_chars=100, language="zh"))
     assert kept == ["什么是国有资本投资公司？请详细说明。"]
     reasons = sorted(r["reason"].split(" ")[0] for r in rejects)

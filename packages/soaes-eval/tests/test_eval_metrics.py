@@ -24,7 +24,8 @@ PAIRS = [
     ("", ""),
     ("完全相同的句子，一字不差。", "完全相同的句子，一字不差。"),
     ("abc def", "甲乙丙丁"),
-    ("《企业国有资产法》第十二条规定：履行出资人职责的机构……", "根据《企业国有资产法》，履行出资人职责的机构代表本级政府。"),
+    ("《企业国有资产法》第十二条规定：履行出资人职责的机构……",
+     "根据《企业国有资产法》，履行出资人职责的机构代表本级政府。"),
     ("资产负债率=负债总额/资产总额×100%", "资产负债率等于负债总额除以资产总额"),
     ("国企改革三年行动方案" * 20, "国企改革三年行动" * 25),
 ]
@@ -35,7 +36,7 @@ REFS = [r for _, r in PAIRS]
 def _llamafactory_reference(preds: list[str], refs: list[str]) -> dict[str, float]:
     """LLaMA-Factory's compute_metrics (scripts/eval_bleu_rouge.py), written straight on the libraries."""
     scores: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rougeL": [], "bleu4": []}
-    for pred, label in zip(preds, refs):
+    for pred, label in zip(preds, refs, strict=True):
         hypothesis, reference = list(jieba.cut(pred)), list(jieba.cut(label))
         bleu = sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3)
         if len(" ".join(hypothesis).split()) == 0 or len(" ".join(reference).split()) == 0:
@@ -50,14 +51,14 @@ def _llamafactory_reference(preds: list[str], refs: list[str]) -> dict[str, floa
 
 
 class _Tok:
-    def __init__(self, fn):  # noqa: ANN001
+    def __init__(self, fn):
         self.tokenize = fn
 
 
-def _rouge_score_reference(preds: list[str], refs: list[str], tokenize) -> dict[str, float]:  # noqa: ANN001
+def _rouge_score_reference(preds: list[str], refs: list[str], tokenize) -> dict[str, float]:
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Tok(tokenize))
     out = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for p, r in zip(preds, refs):
+    for p, r in zip(preds, refs, strict=True):
         s = scorer.score(r, p)
         for k in out:
             out[k] += s[k].fmeasure * 100 / len(preds)

@@ -40,22 +40,31 @@ def _items(bench: str) -> list[tuple[str, str, str, str, str, str, str]]:
 
 
 @torch.no_grad()
-def _independent_accuracy(model: Any, tok: Any, bench: str) -> float:
+def _independent_correct(model: Any, tok: Any, bench: str) -> dict[str, list[int]]:
+    """Subject -> 1/0 per item: is the gold letter the argmax of log p(" X" | prompt)?"""
     desc = _lm_eval_descriptions(bench)
-    correct = 0
+    correct: dict[str, list[int]] = {}
     items = _items(bench)
     for subject, question, a, b, c, d, answer in items:
         context = f"{desc[subject]}{question.strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\n答案："
         ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
-        scores = []
-        for letter in "ABCD":
+        conts = []
+        for letter in "ABCD":  # log p(continuation | context), splitting the jointly tokenised string
             whole = tok(context + " " + letter, add_special_tokens=False)["input_ids"]
-            cont = whole[len(ctx_ids):]
-            logits = model(torch.tensor([whole])).logits[0].float()
-            logp = torch.log_softmax(logits[len(whole) - len(cont) - 1: len(whole) - 1], dim=-1)
-            scores.append(sum(logp[i, t].item() for i, t in enumerate(cont)))
-        correct += int(max(range(4), key=lambda i: scores[i]) == "ABCD".index(answer))
-    return correct / len(items)
+            assert whole[: len(ctx_ids)] == ctx_ids
+            conts.append(whole[len(ctx_ids):])
+        if all(len(c) == 1 for c in conts):  # one forward of the context scores every one-token choice
+            logp = torch.log_softmax(model(torch.tensor([ctx_ids]), logits_to_keep=1).logits[0, -1].float(), -1)
+            scores = [logp[c[0]].item() for c in conts]
+        else:
+            scores = []
+            for cont in conts:
+                whole = ctx_ids + cont
+                logits = model(torch.tensor([whole])).logits[0].float()
+                logp = torch.log_softmax(logits[len(ctx_ids) - 1: len(whole) - 1], dim=-1)
+                scores.append(sum(logp[i, t].item() for i, t in enumerate(cont)))
+        correct.setdefault(subject, []).append(int(max(range(4), key=lambda i: scores[i]) == "ABCD".index(answer)))
+    return correct
 
 
 def test_tasks_registered_via_include_path() -> None:
@@ -76,7 +85,10 @@ def test_accuracy_equals_independent_loglikelihood(tiny_mc_run: tuple[Path, dict
     _, results = tiny_mc_run
     tok = load_tokenizer(str(tiny_qwen2_dir))
     for bench, task in (("cmmlu", "soaes_cmmlu"), ("ceval", "soaes_ceval")):
-        expected = _independent_accuracy(tiny_qwen2, tok, bench)
+        per_subject = _independent_correct(tiny_qwen2, tok, bench)
+        for subject, hits in per_subject.items():  # every subject task, item by item (one item each)
+            assert results["results"][f"{task}_{subject}"]["acc,none"] == pytest.approx(sum(hits) / len(hits))
+        expected = sum(sum(h) for h in per_subject.values()) / sum(len(h) for h in per_subject.values())
         got = results["results"][task]
         assert got["acc,none"] == pytest.approx(expected, abs=1e-12)
         assert got["acc_norm,none"] == pytest.approx(expected, abs=1e-12)  # one-letter choices: same lengths

@@ -112,8 +112,9 @@ class OpenAICompatGenerator:
 # ---- parsing and checks -----------------------------------------------------------------------------------
 _FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _TRAILING_COMMA_RE = re.compile(r",\s*([\]}])")
-_QA_LINES_RE = re.compile(r"(?:问题?|Q(?:uestion)?)\s*\d*\s*[:：]\s*(.+?)\s*\n+\s*(?:答案?|A(?:nswer)?)\s*\d*\s*[:：]\s*"
-                          r"(.+?)(?=\n\s*(?:问题?|Q(?:uestion)?)\s*\d*\s*[:：]|\Z)", re.DOTALL)
+_QA_LINES_RE = re.compile(r"(?:问题?|Q(?:uestion)?)\s*\d*\s*[:：]\s*(.+?)\s*\n+\s*"
+                          r"(?:答案?|A(?:nswer)?)\s*\d*\s*[:：]\s*(.+?)"
+                          r"(?=\n\s*(?:问题?|Q(?:uestion)?)\s*\d*\s*[:：]|\Z)", re.DOTALL)
 
 
 def _balanced_spans(text: str) -> list[str]:

@@ -2,17 +2,188 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
-from soaes_core.clitools import SoaesGroup
+from soaes_core import DEFAULT_MODEL, load_config, write_jsonl
+from soaes_core.clitools import SoaesGroup, setup_logging
 
 from . import __version__
 
 
+def _overrides(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+        out[key] = value
+    return out
+
+
 @click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="soaes-distill")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug logging")
+def main(verbose: int) -> None:
     """Offline teacher logits, KD losses and trainer, and draft-model training methods."""
+    setup_logging(verbose)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML DumpConfig (flags below override it)")
+@click.option("--model", default=None, help=f"teacher spec (default {DEFAULT_MODEL})")
+@click.option("--dataset", default=None, help="tokenized JSONL/Parquet (input_ids [, labels, position_ids, id])")
+@click.option("--out", "output_dir", default=None, help="store directory (resumed if it exists)")
+@click.option("--top-k", type=int, default=None, help="top-k per position (0 = dense)")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None)
+@click.option("--temperature", "temperatures", type=float, multiple=True, help="capture τ (repeatable)")
+@click.option("--zstd/--no-zstd", default=None, help="compress shards with zstd")
+@click.option("--examples-per-shard", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+def dump(config_path: str | None, model: str | None, dataset: str | None, output_dir: str | None,
+         top_k: int | None, dtype: str | None, temperatures: tuple[float, ...], zstd: bool | None,
+         examples_per_shard: int | None, batch_size: int | None) -> None:
+    """Run the teacher over a tokenized dataset and store its top-k (or dense) logits."""
+    from .dump import DumpConfig, run_dump
+
+    over: dict[str, object] = {k: v for k, v in {
+        "model": model, "dataset": dataset, "output_dir": output_dir, "top_k": top_k, "dtype": dtype,
+        "examples_per_shard": examples_per_shard, "batch_size": batch_size}.items() if v is not None}
+    if temperatures:
+        over["temperatures"] = list(temperatures)
+    if zstd is not None:
+        over["compression"] = "zstd" if zstd else "none"
+    cfg = load_config(config_path, DumpConfig, over) if config_path else DumpConfig(**over)
+    res = run_dump(cfg)
+    click.echo(f"stored {res.positions} positions of {res.examples} examples in {res.output_dir} "
+               f"({res.shards_written} shards written, {res.shards_skipped} resumed); "
+               f"{res.bytes_per_token:.1f} bytes/token")
+
+
+@main.command("make-draft")
+@click.option("--target", default=DEFAULT_MODEL, show_default=True, help="target model spec")
+@click.option("--out", "out_dir", required=True, help="output HF directory")
+@click.option("--layers", type=int, default=4, show_default=True, help="decoder layers to keep")
+@click.option("--head-tokens", type=int, default=0, show_default=True,
+              help="restrict the output head to this many frequent domain tokens (0 = full head)")
+@click.option("--domain-data", type=click.Path(exists=True), default=None,
+              help="tokenized JSONL/Parquet whose token frequencies choose the head tokens")
+@click.option("--small", default=None, metavar="H,I,HEADS,KV",
+              help="instead of truncating, a random model with hidden H, intermediate I, HEADS, KV heads")
+def make_draft_cmd(target: str, out_dir: str, layers: int, head_tokens: int, domain_data: str | None,
+                   small: str | None) -> None:
+    """Derive a draft from the target (first k layers + norm + tied head, or a smaller config)."""
+    from .draft_init import make_draft
+    from .token_data import load_token_examples
+
+    seqs = [ex.input_ids for ex in load_token_examples(domain_data)] if domain_data else None
+    small_cfg = None
+    if small:
+        try:
+            h, i, nh, kv = (int(x) for x in small.split(","))
+        except ValueError:
+            raise click.BadParameter("expected four integers H,I,HEADS,KV", param_hint="--small") from None
+        small_cfg = {"hidden_size": h, "intermediate_size": i, "num_attention_heads": nh, "num_key_value_heads": kv}
+    out = make_draft(target, out_dir, num_layers=layers, head_tokens=head_tokens, domain_sequences=seqs,
+                     small=small_cfg)
+    click.echo(f"draft written to {out}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "sets", multiple=True, help="override a recipe field, e.g. --set kd.alpha=0.8")
+def train(recipe: str, sets: tuple[str, ...]) -> None:
+    """Distil a draft as RECIPE.yaml says (offline logits or online teacher)."""
+    from .recipe import DistillRecipe, run_distill
+
+    cfg = load_config(recipe, DistillRecipe, _overrides(sets))
+    res = run_distill(cfg)
+    click.echo(f"draft saved to {res.model_dir} after {len(res.kd_history)} steps ({res.train_seconds:.0f}s)")
+    if res.metrics:
+        click.echo(json.dumps(res.metrics, indent=2))
+
+
+@main.command()
+@click.option("--target", default=DEFAULT_MODEL, show_default=True)
+@click.option("--prompts", "prompts_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="JSONL with `prompt` (or chat `messages`, first user turn used) and optional `id`")
+@click.option("--out", "out_path", required=True, help="output chat JSONL (SFT format)")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--system", default=None, help="system prompt")
+def blackbox(target: str, prompts_path: str, out_path: str, max_new_tokens: int, system: str | None) -> None:
+    """Black-box distillation data: the target's greedy answers to a prompt set."""
+    from soaes_core import load_model, load_tokenizer
+
+    from .experiment import read_prompts
+    from .synth import blackbox_sft_records
+
+    prompts = read_prompts(Path(prompts_path))
+    records = blackbox_sft_records(load_model(target), load_tokenizer(target), prompts, max_new_tokens,
+                                   system=system)
+    write_jsonl(out_path, records)
+    click.echo(f"wrote {len(records)} records to {out_path}")
+
+
+@main.command()
+@click.option("--target", default=DEFAULT_MODEL, show_default=True)
+@click.option("--num", "num_queries", type=int, default=64, show_default=True)
+@click.option("--system", default=None, help="system prompt steering the domain of the queries")
+@click.option("--language", type=click.Choice(["any", "zh", "en"]), default="any", show_default=True)
+@click.option("--out", "out_path", required=True, help="output chat JSONL")
+@click.option("--rejects", "rejects_path", default=None, help="where rejected queries go (default OUT.rejects.jsonl)")
+@click.option("--seed", type=int, default=0)
+def magpie(target: str, num_queries: int, system: str | None, language: str, out_path: str,
+           rejects_path: str | None, seed: int) -> None:
+    """Magpie-style synthetic queries (pre-query template only) and the target's answers."""
+    from soaes_core import load_model, load_tokenizer
+
+    from .synth import QueryFilter, magpie_generate
+
+    res = magpie_generate(load_model(target), load_tokenizer(target), num_queries, system=system,
+                          flt=QueryFilter(language=language), seed=seed)
+    write_jsonl(out_path, res.records)
+    write_jsonl(rejects_path or f"{out_path}.rejects.jsonl", res.rejects)
+    click.echo(f"generated {res.generated}; kept {len(res.records)}, rejected {len(res.rejects)}")
+
+
+@main.command()
+@click.option("--target", default=DEFAULT_MODEL, show_default=True)
+@click.option("--draft", "draft_spec", required=True)
+@click.option("--data", "data_path", type=click.Path(exists=True), required=True, help="tokenized JSONL/Parquet")
+@click.option("--top-p", type=float, default=0.7, show_default=True)
+def estimate(target: str, draft_spec: str, data_path: str, top_p: float) -> None:
+    """Offline acceptance estimate (greedy, top-p; accepted length n=3, 9) from teacher-forced logits."""
+    from soaes_core import load_model
+
+    from .acceptance import estimate_acceptance
+    from .draft_init import load_draft
+    from .token_data import load_token_examples
+    from .trainer import KDCollator, KDDataset
+
+    ds = KDDataset(load_token_examples(data_path))
+    coll = KDCollator()
+    batches = [coll([ds[j] for j in range(i, min(i + 8, len(ds)))]) for i in range(0, len(ds), 8)]
+    est = estimate_acceptance(load_model(target), load_draft(draft_spec), batches, top_p=top_p)
+    click.echo(json.dumps(est.as_metrics(), indent=2))
+
+
+@main.command()
+@click.option("--out", "out_dir", default="runs/distill-experiment", show_default=True)
+@click.option("--steps", type=int, default=40, show_default=True, help="optimizer steps per trained draft")
+@click.option("--grid/--no-grid", default=True, show_default=True, help="also run the α/τ grid of Tables 3-4")
+@click.option("--quick", is_flag=True, help="tiny smoke run (few prompts, few steps)")
+def experiment(out_dir: str, steps: int, grid: bool, quick: bool) -> None:
+    """The draft-training experiment (benchmark): acceptance and speedup of each method."""
+    from .experiment import ExperimentConfig, run_experiment
+
+    cfg = ExperimentConfig(output_dir=out_dir, steps=steps, grid=grid)
+    if quick:
+        cfg = cfg.quick()
+    report = run_experiment(cfg)
+    click.echo(report.markdown)
 
 
 if __name__ == "__main__":

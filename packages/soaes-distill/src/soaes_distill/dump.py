@@ -174,7 +174,8 @@ def run_dump(config: DumpConfig, model: Any = None, tokenizer: Any = None,
             by_index: dict[int, dict[str, torch.Tensor]] = {}
             for b, lo in enumerate(range(0, len(order), config.batch_size)):
                 batch = [chunk[i] for i in order[lo:lo + config.batch_size]]
-                for i, lp in zip(order[lo:lo + config.batch_size], teacher_log_probs(model, batch, device)):
+                logps = teacher_log_probs(model, batch, device)
+                for i, lp in zip(order[lo:lo + config.batch_size], logps, strict=True):
                     by_index[i] = capture_example(lp, settings)
                 bar.update(sum(len(ex.input_ids) for ex in batch))
                 if on_batch is not None:

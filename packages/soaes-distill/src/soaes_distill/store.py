@@ -108,7 +108,8 @@ def settings_mismatch(stored: CaptureSettings, **expected: Any) -> list[str]:
 
 # ---- encoding of one shard ----------------------------------------------------------------------------------
 
-def encode_shard(settings: CaptureSettings, example_ids: list[int], per_example: list[dict[str, torch.Tensor]]) -> bytes:
+def encode_shard(settings: CaptureSettings, example_ids: list[int],
+                 per_example: list[dict[str, torch.Tensor]]) -> bytes:
     """Serialise examples to shard bytes. Each `per_example` item has `values` (L, k or V) log-probs at τ=1,
     `indices` (L, k) for top-k mode, and `logsumexp` (L, T) fp32 for `settings.temperatures`."""
     dtype = VALUE_DTYPES[settings.dtype]

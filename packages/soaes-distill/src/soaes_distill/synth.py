@@ -74,7 +74,7 @@ def blackbox_sft_records(model: Any, tokenizer: Any, prompts: Sequence[dict[str,
     answers = generate_texts(model, tokenizer, ids, max_new_tokens, batch_size)
     return [{"id": p["id"], "messages": [{"role": "user", "content": p["prompt"]},
                                          {"role": "assistant", "content": a}], "source": "target-greedy"}
-            for p, a in zip(prompts, answers)]
+            for p, a in zip(prompts, answers, strict=False)]
 
 
 def chat_records_to_examples(tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int,

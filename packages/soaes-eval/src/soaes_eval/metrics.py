@@ -20,9 +20,10 @@ computed under a named *convention* (all n-gram counting is done by the referenc
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
-from typing import Any, Sequence
+from typing import Any
 
 from soaes_core.errors import DataError, InvalidArgumentError
 
@@ -65,7 +66,7 @@ def _check(predictions: Sequence[str], references: Sequence[str], lang: str, con
         raise DataError(f"{len(predictions)} predictions but {len(references)} references; counts must match")
     if len(predictions) == 0:
         raise DataError("no predictions to score (empty list)")
-    for i, (p, r) in enumerate(zip(predictions, references)):
+    for i, (p, r) in enumerate(zip(predictions, references, strict=True)):
         if not isinstance(p, str) or not isinstance(r, str):
             raise DataError(f"item {i}: prediction and reference must be strings, got "
                             f"{type(p).__name__} and {type(r).__name__}")
@@ -107,7 +108,7 @@ def _rouge_llamafactory(predictions: Sequence[str], references: Sequence[str]) -
 
     scorer = Rouge()
     totals = dict.fromkeys(ROUGE_KEYS, 0.0)
-    for pred, ref in zip(predictions, references):
+    for pred, ref in zip(predictions, references, strict=True):
         hyp, tgt = " ".join(jieba.cut(pred)), " ".join(jieba.cut(ref))
         if not hyp.split() or not tgt.split():  # LLaMA-Factory: an empty side scores 0
             continue
@@ -123,7 +124,7 @@ def _rouge_score_mean(predictions: Sequence[str], references: Sequence[str], tok
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), tokenizer=tokenizer)
     totals = dict.fromkeys(ROUGE_KEYS, 0.0)
-    for pred, ref in zip(predictions, references):
+    for pred, ref in zip(predictions, references, strict=True):
         s = scorer.score(ref, pred)  # rouge_score takes (target, prediction)
         for k in ROUGE_KEYS:
             totals[k] += s[k].fmeasure
@@ -135,7 +136,7 @@ def _bleu_llamafactory(predictions: Sequence[str], references: Sequence[str]) ->
 
     smooth = SmoothingFunction().method3
     total = sum(sentence_bleu([list(ref)], list(pred), smoothing_function=smooth)
-                for pred, ref in zip(predictions, references))
+                for pred, ref in zip(predictions, references, strict=True))
     return 100.0 * total / len(predictions)
 
 

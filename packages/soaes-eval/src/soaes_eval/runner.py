@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,22 @@ def _predictions(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+@contextmanager
+def _soaes_errors() -> Iterator[None]:
+    """lm-eval wraps errors raised in our loaders; re-raise the underlying SoaesError so the CLI prints one line."""
+    try:
+        yield
+    except SoaesError:
+        raise
+    except Exception as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, SoaesError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def run_eval(cfg: EvalRunConfig, lm: Any = None) -> dict[str, Any]:
     """Evaluate, write ``results.json`` (lm-eval results + a ``soaes`` block) and per-task predictions."""
     set_offline()
@@ -116,27 +134,23 @@ def run_eval(cfg: EvalRunConfig, lm: Any = None) -> dict[str, Any]:
 
     from .tasks import task_manager
 
-    tm = task_manager(cfg.data_dir, cmmlu_dir=cfg.cmmlu_dir, ceval_dir=cfg.ceval_dir, domain_dir=cfg.domain_dir)
+    builtin = any(not t.startswith("soaes_") for t in cfg.tasks)  # index lm-eval's own tasks only when asked for
+    tm = task_manager(cfg.data_dir, include_defaults=builtin, cmmlu_dir=cfg.cmmlu_dir, ceval_dir=cfg.ceval_dir,
+                      domain_dir=cfg.domain_dir)
     unknown = [t for t in cfg.tasks if t not in tm.all_tasks]
     if unknown:
         raise ConfigError(f"unknown task(s) {unknown}; soaes tasks: soaes_cmmlu, soaes_ceval, soaes_domain_qa, "
                           f"soaes_domain_report (or any lm-eval task)")
-    lm = lm if lm is not None else build_lm(cfg)
     gen_kwargs = {"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None
-    try:
+    with _soaes_errors():
+        from lm_eval.tasks import get_task_dict
+
+        get_task_dict(list(cfg.tasks), tm)  # read and validate every data file before loading a model
+        lm = lm if lm is not None else build_lm(cfg)
         results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
                                           limit=cfg.limit, task_manager=tm, log_samples=True,
                                           gen_kwargs=gen_kwargs, apply_chat_template=cfg.apply_chat_template,
                                           random_seed=cfg.seed, bootstrap_iters=0)
-    except SoaesError:
-        raise
-    except Exception as exc:  # lm-eval wraps errors raised in our loaders; surface ours as one line
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, SoaesError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
-        raise
     if results is None:
         raise SoaesError("lm-eval returned no results")
     samples = results.pop("samples", {})

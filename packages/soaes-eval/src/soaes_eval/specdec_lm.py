@@ -38,6 +38,8 @@ class SpecTotals:
     accepted: int = 0
     target_calls: int = 0
     new_tokens: int = 0
+    decode_tokens: int = 0
+    decode_row_calls: int = 0
     wall_time_s: float = 0.0
 
     def add(self, stats: Any) -> None:
@@ -46,12 +48,15 @@ class SpecTotals:
         self.accepted += int(stats.accepted)
         self.target_calls += int(stats.target_calls)
         self.new_tokens += int(stats.new_tokens)
+        # mean accepted length as soaes-specdec defines it (decode-phase tokens per target call), when available
+        self.decode_tokens += int(getattr(stats, "decode_tokens", stats.new_tokens))
+        self.decode_row_calls += int(getattr(stats, "decode_row_calls", stats.target_calls))
         self.wall_time_s += float(stats.wall_time_s)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = asdict(self)
         d["acceptance_rate"] = self.accepted / self.proposed if self.proposed else None
-        d["mean_accepted_length"] = self.new_tokens / self.target_calls if self.target_calls else None
+        d["mean_accepted_length"] = self.decode_tokens / self.decode_row_calls if self.decode_row_calls else None
         d["tokens_per_s"] = self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else None
         return d
 
@@ -77,14 +82,23 @@ class SpecDecLM(HFLM):
         if isinstance(pretrained, str):
             pretrained = str(resolve_model_dir(pretrained))
         super().__init__(pretrained=pretrained, **kwargs)
-        from soaes_specdec import SpeculativeDecoder, autoregressive_generate
+        try:
+            from soaes_specdec import SpeculativeDecoder, autoregressive_generate
+        except ImportError:
+            try:  # a soaes-specdec that does not re-export its decoders at top level
+                from soaes_specdec.decoding import SpeculativeDecoder, autoregressive_generate
+            except ImportError:
+                raise ModelLoadError("the soaes-specdec lm-eval model needs soaes-specdec: "
+                                     "pip install 'soaes-eval[specdec]'") from None
 
         self.draft_spec = None if draft in (None, "", "none", "None") else str(draft)
         self.num_speculative_tokens = int(num_speculative_tokens)
         self.draft_model = self._load_draft(self.draft_spec)
         self._autoregressive = autoregressive_generate
-        self.decoder = (SpeculativeDecoder(self.model, self.draft_model, num_speculative_tokens=self.num_speculative_tokens)
-                        if self.draft_model is not None else None)
+        self.decoder = None
+        if self.draft_model is not None:
+            self.decoder = SpeculativeDecoder(self.model, self.draft_model,
+                                              num_speculative_tokens=self.num_speculative_tokens)
         self.sampling_overrides = {k: v for k, v in {
             "do_sample": _opt_bool(do_sample), "temperature": None if temperature is None else float(temperature),
             "top_p": None if top_p is None else float(top_p), "top_k": None if top_k is None else int(top_k),
@@ -139,7 +153,8 @@ class SpecDecLM(HFLM):
                 out = self._autoregressive(self.model, input_ids, max_gen_toks, **sampling)
         _log.debug("request decoded in %.3fs", time.perf_counter() - start)
         self.totals.add(out.stats)
-        text = self.tok_decode(out.sequences[0, len(ids):].tolist())
+        new = out.new_tokens(0) if hasattr(out, "new_tokens") else out.sequences[0, len(ids):].tolist()
+        text = self.tok_decode(new)
         return postprocess_generated_text(generation=text, stop=until, think_end_token=None)
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:

@@ -57,7 +57,7 @@ class SpecStats:
     @property
     def acceptance_by_position(self) -> list[float]:
         """P(draft token i accepted) per block position i (counts every block that proposed position i)."""
-        return [a / p if p else 0.0 for a, p in zip(self.position_accepted, self.position_proposed)]
+        return [a / p if p else 0.0 for a, p in zip(self.position_accepted, self.position_proposed, strict=False)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,11 +110,12 @@ def normalise_prompts(input_ids: Any, attention_mask: torch.Tensor | None = None
             rows = list(ids)
         else:
             mask = attention_mask.reshape(ids.shape).bool()
-            rows = [row[m] for row, m in zip(ids, mask)]
+            rows = [row[m] for row, m in zip(ids, mask, strict=False)]
     elif isinstance(input_ids, Sequence):
         rows = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in input_ids]
     else:
-        raise InvalidArgumentError(f"input_ids must be a tensor or a list of token lists, got {type(input_ids).__name__}")
+        raise InvalidArgumentError(
+            f"input_ids must be a tensor or a list of token lists, got {type(input_ids).__name__}")
     if not rows:
         raise InvalidArgumentError("input_ids is empty: give at least one prompt")
     for i, r in enumerate(rows):

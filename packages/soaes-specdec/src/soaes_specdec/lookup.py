@@ -26,7 +26,7 @@ def propose_ngram_continuations(tokens: torch.Tensor, lengths: torch.Tensor, act
                                 num_tokens: int, max_ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row proposals from `tokens[b, :lengths[b]]`: (drafts [B, w] right-padded with 0, counts [B])."""
     rows = []
-    for row, n_tok, live in zip(tokens.tolist(), lengths.tolist(), active.tolist()):
+    for row, n_tok, live in zip(tokens.tolist(), lengths.tolist(), active.tolist(), strict=False):
         rows.append(find_ngram_continuation(row[:n_tok], num_tokens, max_ngram) if live else [])
     width = max(len(r) for r in rows)
     drafts = torch.zeros((len(rows), width), dtype=torch.long, device=tokens.device)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from soaes_core.clitools import SoaesGroup
 
 from . import __version__
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"expected KEY=VALUE, got {v!r}", param_hint="--set")
+        k, val = v.split("=", 1)
+        out[k.strip()] = val
+    return out
 
 
 @click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,5 +27,69 @@ def main() -> None:
     """Continual pre-training and domain-progressive SFT on transformers + DeepSpeed ZeRO-3."""
 
 
-if __name__ == "__main__":
-    main()
+@main.command("run")
+@click.argument("recipe")
+@click.option("--stage", "stages", multiple=True, help="Run only this stage (repeatable); others are not touched.")
+@click.option("--output-dir", default=None, help="Override the recipe's output_dir.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a field: train.max_steps=5 (every stage) or stages.cpt.train.max_steps=5.")
+@click.option("--force", is_flag=True, help="Retrain stages even if finished (discards their checkpoints).")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def run_cmd(recipe: str, stages: tuple[str, ...], output_dir: str | None, sets: tuple[str, ...], force: bool,
+            verbose: bool) -> None:
+    """Run RECIPE (a YAML path or a shipped recipe name): one stage or a whole curriculum.
+
+    Finished stages are skipped and interrupted ones resume from their last checkpoint. Multi-GPU:
+    `deepspeed --num_gpus 8 -m soaes_train.cli run RECIPE` or `torchrun --nproc_per_node 8 -m soaes_train.cli run RECIPE`.
+    """
+    from soaes_core.clitools import setup_logging
+
+    from .curriculum import load_recipe, run_recipe
+
+    setup_logging(verbose)
+    overrides = _parse_sets(sets)
+    if output_dir:
+        overrides["output_dir"] = output_dir
+    rec = load_recipe(recipe, overrides=overrides)
+
+    def on_stage(name: str, event: str) -> None:
+        msg = {"skip": "already finished, skipped", "start": "training", "done": "done"}[event]
+        click.echo(f"[{rec.name}] {name}: {msg}", err=True)
+
+    results = run_recipe(rec, only=list(stages) or None, force=force, on_stage=on_stage)
+    for r in results:
+        loss = r.metrics.get("train_loss")
+        extra = "" if r.skipped else f"  attention={r.attn_implementation}  train_loss={loss:.4f}" if loss else ""
+        click.echo(f"{r.name}: {r.model_dir}{' (skipped)' if r.skipped else ''}{extra}")
+
+
+@main.command("recipes")
+def recipes_cmd() -> None:
+    """List the shipped recipes."""
+    from .recipes import list_recipes, recipe_dir
+
+    for name, desc in list_recipes().items():
+        click.echo(f"{name:32s} {desc}")
+    click.echo(f"\n(files in {recipe_dir()})")
+
+
+@main.command("estimate")
+@click.argument("model")
+@click.option("--zero-stage", type=click.IntRange(2, 3), default=3, show_default=True)
+@click.option("--gpus", "gpus", type=int, default=8, show_default=True, help="GPUs per node.")
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--offload-optimizer/--no-offload-optimizer", default=True, show_default=True)
+@click.option("--offload-param/--no-offload-param", default=False, show_default=True)
+def estimate_cmd(model: str, zero_stage: int, gpus: int, nodes: int, offload_optimizer: bool,
+                 offload_param: bool) -> None:
+    """Estimate ZeRO model-state memory for MODEL (DeepSpeed's estimator, on a meta-device copy)."""
+    from .config import DeepSpeedConfig
+    from .deepspeed_setup import estimate_zero_memory
+    from .recipes import resolve_training_model
+    from .trainer import meta_param_counts
+
+    ds = DeepSpeedConfig(enabled=True, stage=zero_stage, offload_optimizer=offload_optimizer,
+                         offload_param=offload_param and zero_stage == 3, num_gpus_per_node=gpus, num_nodes=nodes)
+    total, largest = meta_param_counts(resolve_training_model(model))
+    est = estimate_zero_memory(total, largest, ds)
+    click.echo(json.dumps(est.as_dict(), indent=2))

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from soaes_core import Timer, load_tokenizer, resolve_model_dir, seed_everything, write_manifest
+from soaes_core import Timer, load_tokenizer, seed_everything, write_manifest
 from soaes_core.errors import ModelLoadError, SoaesError
 from soaes_core.progress import progress_bar
 
@@ -38,6 +38,7 @@ from .deepspeed_setup import (
     estimate_zero_memory,
 )
 from .outputs import loss_curve, write_loss_curve
+from .recipes import resolve_training_model
 from .schedules import hf_scheduler_args
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,12 @@ class SoaesTrainer(Trainer):
             shutil.rmtree(staging_root / name, ignore_errors=True)
             staging_root.mkdir(parents=True, exist_ok=True)
         _barrier()
-        real_get_output_dir, real_rotate = self._get_output_dir, self._rotate_checkpoints
+        # the parent writes (and rotates) inside the staging root, which only ever holds this checkpoint
         self._get_output_dir = lambda trial=None: str(staging_root)  # type: ignore[method-assign]
-        self._rotate_checkpoints = lambda *a, **k: None  # type: ignore[method-assign]
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self._get_output_dir, self._rotate_checkpoints = real_get_output_dir, real_rotate  # type: ignore
+            del self._get_output_dir
         _barrier()
         if self.args.should_save:
             staged = staging_root / name
@@ -105,7 +105,8 @@ class SoaesTrainer(Trainer):
             _fsync_dir(run_dir)
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staging_root:
                 self.state.best_model_checkpoint = str(final)
-            self._rotate_checkpoints(use_mtime=False, output_dir=str(run_dir))
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         _barrier()
 
 
@@ -206,9 +207,8 @@ def load_stage_model(spec: str | os.PathLike[str], attn_implementation: str, dty
     """
     from transformers import AutoModelForCausalLM
 
-    model_dir = resolve_model_dir(str(spec))
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation,
+        model = AutoModelForCausalLM.from_pretrained(resolve_training_model(str(spec)), dtype=dtype, attn_implementation=attn_implementation,
                                                      trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"{spec}: cannot load model: {err}".splitlines()[0]) from None
@@ -216,7 +216,7 @@ def load_stage_model(spec: str | os.PathLike[str], attn_implementation: str, dty
     return model
 
 
-def _meta_param_counts(model_dir: Path) -> tuple[int, int]:
+def meta_param_counts(model_dir: str | os.PathLike[str]) -> tuple[int, int]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -294,6 +294,29 @@ def train_stage(stage: StageConfig, model_spec: str, stage_dir: str | os.PathLik
     Checkpoints go to `stage_dir/checkpoints`; with `resume` the last complete one is continued.
     `parent` (recorded in the manifest) describes where `model_spec` came from.
     """
+    try:
+        return _train_stage(stage, model_spec, stage_dir, parent=parent, resume=resume, callbacks=callbacks)
+    finally:
+        if stage.deepspeed.enabled:
+            reset_deepspeed_globals()
+
+
+def reset_deepspeed_globals() -> None:
+    """Forget the process-wide DeepSpeed state a Trainer leaves behind, so that later `from_pretrained` calls
+    are not partitioned by `zero.Init` and a later non-DeepSpeed stage gets a plain accelerate state."""
+    import gc
+
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # left set by accelerate's DeepSpeed plugin
+    AcceleratorState._reset_state(reset_partial_state=True)
+    gc.collect()
+
+
+def _train_stage(stage: StageConfig, model_spec: str, stage_dir: str | os.PathLike[str], *,
+                 parent: dict[str, Any] | None, resume: bool, callbacks: list[TrainerCallback] | None) -> StageResult:
     timer = Timer()
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -309,10 +332,10 @@ def train_stage(stage: StageConfig, model_spec: str, stage_dir: str | os.PathLik
         ensure_distributed()
     impl = choose_attn_implementation(train.attn_implementation)
     with timer("load"):
-        model_dir = resolve_model_dir(str(model_spec))
-        tokenizer = load_tokenizer(str(model_dir))
+        model_dir = resolve_training_model(str(model_spec))
+        tokenizer = load_tokenizer(model_dir if Path(model_dir).is_dir() else f"hf:{model_dir}")
         if stage.deepspeed.enabled and stage.deepspeed.memory_check:
-            total, largest = _meta_param_counts(model_dir)
+            total, largest = meta_param_counts(model_dir)
             mem_estimate = estimate_zero_memory(total, largest, stage.deepspeed)
             for w in mem_estimate.warnings:
                 log.warning("%s: %s", stage.name, w)
@@ -345,6 +368,7 @@ def train_stage(stage: StageConfig, model_spec: str, stage_dir: str | os.PathLik
     trainer = SoaesTrainer(model=model, args=args, train_dataset=RowDataset(data.rows), data_collator=collator,
                            processing_class=tokenizer,
                            callbacks=[ProgressCallback(stage.name), *(callbacks or [])])
+    trainer.remove_callback(PrinterCallback)  # library code does not print; the loss goes to the curve/bar
     tb_dir = str(stage_dir / "tensorboard") if "tensorboard" in train.report_to else None
     with timer("train"), _env(TENSORBOARD_LOGGING_DIR=tb_dir):
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

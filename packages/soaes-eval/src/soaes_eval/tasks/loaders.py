@@ -66,7 +66,7 @@ def read_choice_csv(path: Path, required: tuple[str, ...], answer_field: str) ->
                 continue  # a blank line is not an item
             if len(cells) != len(header):
                 raise DataError(f"{len(cells)} cells but the header has {len(header)}", path=str(path), line=line_no)
-            row = {(name or "index"): value for name, value in zip(header, cells)}
+            row = {(name or "index"): value for name, value in zip(header, cells, strict=True)}
             answer = row[answer_field].strip()
             if answer not in CHOICES:
                 raise DataError(f"answer {answer!r} is not one of A, B, C, D", path=str(path), line=line_no,

@@ -31,7 +31,7 @@ def agg_rouge2(items: list[tuple[str, str]]) -> float:
     return rouge(*_split(items))["rouge2"]
 
 
-def agg_rougeL(items: list[tuple[str, str]]) -> float:  # noqa: N802 (metric name)
+def agg_rougeL(items: list[tuple[str, str]]) -> float:
     return rouge(*_split(items))["rougeL"]
 
 

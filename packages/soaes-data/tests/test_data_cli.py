@@ -1,0 +1,45 @@
+"""CLI: curate, pack, split, curriculum, inspect, stats run on the shipped sample; errors are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from soaes_data.cli import main
+from soaes_data.samples import sample_path
+
+
+def test_cli_end_to_end(tmp_path: Path) -> None:
+    run = CliRunner()
+    r = run.invoke(main, ["curate", str(sample_path("recipe.yaml")), "-o", str(tmp_path / "cur")])
+    assert r.exit_code == 0, r.output
+    assert "dedup_near" in r.output and "near_duplicate_of=2" in r.output
+    r = run.invoke(main, ["curate", str(sample_path("recipe.yaml")), "-o", str(tmp_path / "cur")])
+    assert "(unchanged, skipped)" in r.output
+    pool = str(sample_path("sft/expert_pool.jsonl"))
+    r = run.invoke(main, ["split", pool, "-o", str(tmp_path / "sp")])
+    assert r.exit_code == 0 and json.loads(r.output)["test"] == 2
+    r = run.invoke(main, ["curriculum", pool, "-o", str(tmp_path / "cv")])
+    assert r.exit_code == 0 and (tmp_path / "cv" / "relevance_hist.png").is_file()
+    r = run.invoke(main, ["pack", pool, "-o", str(tmp_path / "pk"), "--max-length", "1024"])
+    assert r.exit_code == 0 and "utilisation" in r.output, r.output
+    r = run.invoke(main, ["pack", str(tmp_path / "cur" / "final" / "docs.jsonl"), "--mode", "cpt", "-o",
+                          str(tmp_path / "cpt"), "--max-length", "256"])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(main, ["inspect", pool, "-n", "18", "--chat-template", "qwen2.5"])
+    assert r.exit_code == 0 and "You are Qwen" in r.output and "[[关于国有企业财务监督工作的报告" in r.output
+    r = run.invoke(main, ["inspect", str(tmp_path / "pk")])
+    assert r.exit_code == 0 and "<|im_end|>]]" in r.output
+    r = run.invoke(main, ["stats", str(tmp_path / "cpt"), "-o", str(tmp_path / "st")])
+    assert r.exit_code == 0 and (tmp_path / "st" / "length_hist.png").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n', encoding="utf-8")
+    r = CliRunner().invoke(main, ["pack", str(bad), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "bad.jsonl:1" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["split", str(bad), "-o", str(tmp_path / "s"), "--train", "0.5"])
+    assert r.exit_code == 2 and "sum to 1" in r.output

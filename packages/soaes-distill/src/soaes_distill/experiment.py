@@ -1,0 +1,339 @@
+"""`soaes-distill experiment`: which draft-training method gives the best speculative-decoding draft?
+
+Target: the embedded SmolLM2-135M. Draft: its first 4 layers (+ norm + tied head). Data: prompts of the
+soaes-data sample pools (every 4th held out), article-summary prompts and Magpie queries; the target's
+greedy answers are the training text (so black-box SFT and white-box KD see the same tokens). Methods:
+undistilled, black-box SFT (α = 0: CE on the target's outputs), offline forward-KL KD (α = 0.5, τ = 2) and
+reverse KL from stored top-k logits, online distillation while serving a prompt stream, and the α/τ grid of
+the SOAEs paper's Tables 3–4. Each draft gets the offline acceptance estimate on held-out target answers;
+the main ones are also run through `soaes_specdec` (n = 3, greedy and top-p 0.7) for measured acceptance
+and speedup over plain autoregressive decoding of the target. This is a benchmark, not a test: it is
+small enough for a 2-core CPU and records exactly what it ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soaes_core import (
+    DEFAULT_MODEL,
+    atomic_write_json,
+    atomic_write_text,
+    load_model,
+    load_tokenizer,
+    read_jsonl,
+    seed_everything,
+)
+from soaes_core.errors import DataError
+from soaes_data.samples import sample_path
+from soaes_specdec.decoding import SpeculativeDecoder, autoregressive_generate
+from soaes_specdec.draft import make_layer_draft
+from soaes_train.config import TrainConfig
+from soaes_train.trainer import build_training_arguments
+
+from .acceptance import AcceptanceAccumulator
+from .draft_init import frequent_tokens, restrict_output_head
+from .dump import DumpConfig, run_dump
+from .online import OnlineConfig, online_distill
+from .recipe import freeze_embeddings
+from .store import TeacherLogitStore
+from .synth import (
+    QueryFilter,
+    blackbox_sft_records,
+    chat_prompt_ids,
+    chat_records_to_examples,
+    end_of_turn_ids,
+    magpie_generate,
+)
+from .token_data import TokenExample, write_token_jsonl
+from .trainer import KDCollator, KDConfig, KDDataset, KDTrainer
+
+log = logging.getLogger(__name__)
+
+DOMAIN_SYSTEM = "You are an expert on the supervision of state-owned assets and enterprises (国有资产监管)."
+
+
+@dataclass
+class ExperimentConfig:
+    """Sizes of the experiment (defaults fit a shared 2-core CPU in well under an hour)."""
+
+    output_dir: str = "runs/distill-experiment"
+    target: str = DEFAULT_MODEL
+    draft_layers: int = 4
+    steps: int = 40
+    batch_size: int = 4
+    learning_rate: float = 3e-4
+    train_embeddings: bool = False
+    answer_tokens: int = 48
+    max_length: int = 192
+    article_prompts: int = 32
+    magpie_queries: int = 24
+    eval_answer_tokens: int = 48
+    speed_prompts: int = 6
+    speed_new_tokens: int = 40
+    top_k: int = 64
+    head_tokens: int = 4096
+    online_prompts: int = 24
+    online_new_tokens: int = 32
+    grid: bool = True
+    seed: int = 0
+
+    def quick(self) -> ExperimentConfig:
+        """A smoke-sized variant (minutes): few prompts, few steps, no grid."""
+        return dataclasses.replace(self, steps=4, article_prompts=4, magpie_queries=2, speed_prompts=2,
+                                   speed_new_tokens=12, online_prompts=3, online_new_tokens=8, grid=False,
+                                   answer_tokens=16, eval_answer_tokens=16)
+
+
+@dataclass
+class ExperimentReport:
+    rows: list[dict[str, Any]]
+    baseline: dict[str, Any]
+    markdown: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def read_prompts(path: Path) -> list[dict[str, Any]]:
+    """`{"id", "prompt"}` from JSONL rows with `prompt` or chat `messages` (first user turn)."""
+    out = []
+    for i, rec in enumerate(read_jsonl(path)):
+        if isinstance(rec.get("prompt"), str):
+            prompt = rec["prompt"]
+        else:
+            users = [m.get("content") for m in rec.get("messages") or [] if m.get("role") == "user"]
+            if not users or not isinstance(users[0], str):
+                raise DataError("row has neither `prompt` nor a user message", path=str(path), line=i + 1)
+            prompt = users[0]
+        out.append({"id": rec.get("id", i), "prompt": prompt})
+    return out
+
+
+def sample_prompts(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train prompts, held-out prompts): pool prompts with every 4th held out, plus article prompts."""
+    pool = read_prompts(sample_path("sft/expert_pool.jsonl")) + read_prompts(sample_path("sft/dialog_pool.jsonl"))
+    held = [p for i, p in enumerate(pool) if i % 4 == 3]
+    train = [p for i, p in enumerate(pool) if i % 4 != 3]
+    articles = [r for r in read_jsonl(sample_path("corpus/articles.jsonl")) if r.get("kind") == "domain"]
+    for r in articles[: cfg.article_prompts]:
+        train.append({"id": f"article-{len(train)}", "prompt": "请用两三句话概括下面的内容：\n" + r["text"][:200]})
+    return train, held
+
+
+def _train(draft: Any, examples: list[TokenExample], kd: KDConfig, cfg: ExperimentConfig, out: Path,
+           store: TeacherLogitStore) -> tuple[Any, list[dict[str, float]], float]:
+    train_cfg = TrainConfig(learning_rate=cfg.learning_rate, lr_scheduler="constant_with_warmup", warmup_ratio=0.1,
+                            max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size, seed=cfg.seed,
+                            save_steps=10**9, logging_steps=max(1, cfg.steps // 10), bf16=False)
+    args = build_training_arguments(train_cfg, out, None, save_strategy="no")
+    if not cfg.train_embeddings:
+        freeze_embeddings(draft)
+    trainer = KDTrainer(model=draft, args=args, train_dataset=KDDataset(examples), data_collator=KDCollator(),
+                        kd=kd, teacher_store=store)
+    start = time.perf_counter()
+    trainer.train()
+    draft.eval()
+    return draft, trainer.kd_history, time.perf_counter() - start
+
+
+@torch.no_grad()
+def _estimate(target_logits: list[torch.Tensor], draft: Any, eval_examples: list[TokenExample]) -> dict[str, float]:
+    acc = AcceptanceAccumulator(top_p=0.7, block_sizes=(3, 9))
+    for t_logits, ex in zip(target_logits, eval_examples, strict=False):
+        ids = torch.tensor([ex.input_ids])
+        d = draft(input_ids=ids, use_cache=False).logits
+        acc.add(t_logits, d, torch.tensor([ex.labels]))
+    return acc.result().as_metrics()
+
+
+def _speed(target: Any, draft: Any | None, prompts: list[list[int]], new_tokens: int, eos: list[int],
+           do_sample: bool) -> dict[str, float]:
+    """Tokens/s and acceptance over `prompts` (batch 1 each, like a latency benchmark)."""
+    proposed = accepted = tokens = 0
+    wall = 0.0
+    gen = torch.Generator().manual_seed(1234)
+    kwargs = {"do_sample": do_sample, "top_p": 0.7 if do_sample else 1.0, "eos_token_id": eos, "generator": gen}
+    for p in prompts:
+        ids = torch.tensor([p])
+        if draft is None:
+            out = autoregressive_generate(target, ids, max_new_tokens=new_tokens, **kwargs)
+        else:
+            out = SpeculativeDecoder(target, draft, num_speculative_tokens=3).generate(ids, max_new_tokens=new_tokens,
+                                                                                       **kwargs)
+        proposed += out.stats.proposed
+        accepted += out.stats.accepted
+        tokens += out.stats.new_tokens
+        wall += out.stats.wall_time_s
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
+            "acceptance_rate": accepted / proposed if proposed else 0.0}
+
+
+def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
+    """Run the whole experiment; writes `report.json` and `report.md` under `cfg.output_dir`."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.target)
+    target = load_model(cfg.target, dtype=torch.float32, device="cpu").eval()
+    eos = end_of_turn_ids(tok)
+    timings: dict[str, float] = {}
+
+    # -- data: target answers to train prompts (+ Magpie), held-out answers for evaluation -----------------
+    train_prompts, held_prompts = sample_prompts(cfg)
+    s = time.perf_counter()
+    magpie = magpie_generate(target, tok, cfg.magpie_queries, system=DOMAIN_SYSTEM, max_query_tokens=48,
+                             max_answer_tokens=cfg.answer_tokens, flt=QueryFilter(min_chars=10), seed=cfg.seed)
+    records = blackbox_sft_records(target, tok, train_prompts, cfg.answer_tokens) + magpie.records
+    held_records = blackbox_sft_records(target, tok, held_prompts, cfg.eval_answer_tokens)
+    timings["generate_data_s"] = time.perf_counter() - s
+    rejects: list[dict[str, Any]] = []
+    train_examples = chat_records_to_examples(tok, records, cfg.max_length, rejects)
+    eval_examples = chat_records_to_examples(tok, held_records, cfg.max_length, rejects)
+    from soaes_core import write_jsonl
+
+    write_jsonl(out / "train_records.jsonl", records)
+    write_jsonl(out / "heldout_records.jsonl", held_records)
+    write_jsonl(out / "rejects.jsonl", rejects + magpie.rejects)
+    data_path = write_token_jsonl(out / "train_tokens.jsonl", train_examples)
+    write_token_jsonl(out / "heldout_tokens.jsonl", eval_examples)
+
+    # -- offline teacher logits ------------------------------------------------------------------------------
+    s = time.perf_counter()
+    temps = sorted({2.0, 1.0, 3.0, 5.0} if cfg.grid else {2.0})
+    dump = run_dump(DumpConfig(dataset=str(data_path), output_dir=str(out / "teacher_logits"), top_k=cfg.top_k,
+                               temperatures=temps, examples_per_shard=64, batch_size=8), model=target, tokenizer=tok)
+    store = TeacherLogitStore(out / "teacher_logits")
+    timings["dump_s"] = time.perf_counter() - s
+    with torch.no_grad():
+        target_eval_logits = [target(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits
+                              for ex in eval_examples]
+    speed_prompts = [chat_prompt_ids(tok, p["prompt"]) for p in held_prompts[: cfg.speed_prompts]]
+    base_greedy = _speed(target, None, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False)
+
+    draft0 = make_layer_draft(target, cfg.draft_layers)
+    methods: list[tuple[str, KDConfig | None, bool]] = [
+        ("undistilled", None, True),
+        ("black-box SFT (α=0)", KDConfig(alpha=0.0, temperature=2.0), True),
+        ("offline forward KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0), True),
+        ("offline reverse KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0, divergence="reverse_kl"), True),
+    ]
+    if cfg.grid:
+        methods += [(f"grid forward KL (α={a}, τ={t:g})", KDConfig(alpha=a, temperature=t), False)
+                    for a, t in ((0.2, 2.0), (0.8, 2.0), (1.0, 2.0), (0.5, 1.0), (0.5, 3.0), (0.5, 5.0))]
+    rows: list[dict[str, Any]] = []
+    drafts: dict[str, Any] = {}
+    for name, kd, measure in methods:
+        log.info("experiment: %s", name)
+        draft = copy.deepcopy(draft0)
+        history: list[dict[str, float]] = []
+        seconds = 0.0
+        if kd is not None:
+            draft, history, seconds = _train(draft, train_examples, kd, cfg, out / "runs" / f"run{len(rows)}", store)
+        row = {"method": name, "train_s": round(seconds, 1), "steps": len(history),
+               "final_loss": history[-1]["loss"] if history else None, **_estimate(target_eval_logits, draft,
+                                                                                     eval_examples)}
+        if measure:
+            row["greedy"] = _speed(target, draft, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False)
+            row["top_p_0.7"] = _speed(target, draft, speed_prompts, cfg.speed_new_tokens, eos, do_sample=True)
+        rows.append(row)
+        drafts[name] = draft
+        atomic_write_json(out / "rows.partial.json", rows)
+
+    # -- online distillation: serve a prompt stream, update the draft from rejected positions -------------------
+    s = time.perf_counter()
+    draft = copy.deepcopy(draft0)
+    if not cfg.train_embeddings:
+        freeze_embeddings(draft)
+    stream = [chat_prompt_ids(tok, p["prompt"]) for p in (train_prompts + [{"prompt": r["messages"][0]["content"]}
+                                                                           for r in magpie.records])]
+    online = online_distill(target, draft, stream[: cfg.online_prompts],
+                            OnlineConfig(max_new_tokens=cfg.online_new_tokens, buffer_threshold=48, update_steps=4,
+                                         learning_rate=cfg.learning_rate, kd=KDConfig(alpha=0.5, temperature=2.0)),
+                            eos_token_id=eos)
+    half = len(online.acceptance) // 2
+    row = {"method": "online distillation (stream, α=0.5, τ=2)", "train_s": round(time.perf_counter() - s, 1),
+           "steps": online.updates * 4, "final_loss": None,
+           "stream_acceptance_first_half": online.window_acceptance(0, half),
+           "stream_acceptance_second_half": online.window_acceptance(half),
+           **_estimate(target_eval_logits, draft, eval_examples),
+           "greedy": _speed(target, draft, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False),
+           "top_p_0.7": _speed(target, draft, speed_prompts, cfg.speed_new_tokens, eos, do_sample=True)}
+    rows.append(row)
+    drafts[row["method"]] = draft
+
+    # -- restricted output head on the best measured draft ------------------------------------------------------
+    measured = [r for r in rows if "greedy" in r]
+    best = max(measured, key=lambda r: r["acceptance_greedy"])
+    head_ids = frequent_tokens([ex.input_ids for ex in train_examples], cfg.head_tokens, always=tok.all_special_ids)
+    restricted = restrict_output_head(copy.deepcopy(drafts[best["method"]]), head_ids)
+    row = {"method": f"{best['method']} + head restricted to {len(head_ids)} tokens", "train_s": 0.0, "steps": 0,
+           "final_loss": None, **_estimate(target_eval_logits, restricted, eval_examples),
+           "greedy": _speed(target, restricted, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False),
+           "top_p_0.7": _speed(target, restricted, speed_prompts, cfg.speed_new_tokens, eos, do_sample=True)}
+    rows.append(row)
+    base_greedy_end = _speed(target, None, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False)
+    base_tps = (base_greedy["tokens_per_s"] + base_greedy_end["tokens_per_s"]) / 2
+    for r in rows:
+        if "greedy" in r:
+            r["speedup_greedy"] = r["greedy"]["tokens_per_s"] / base_tps if base_tps else 0.0
+            r["speedup_top_p"] = r["top_p_0.7"]["tokens_per_s"] / base_tps if base_tps else 0.0
+    timings["total_s"] = time.perf_counter() - t0
+    settings = {**dataclasses.asdict(cfg), "train_examples": len(train_examples), "eval_examples": len(eval_examples),
+                "train_tokens": sum(len(e.input_ids) for e in train_examples),
+                "heldout_prompts": len(held_prompts), "magpie_generated": magpie.generated,
+                "magpie_kept": len(magpie.records), "store_bytes_per_token": dump.bytes_per_token,
+                "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "timings": timings,
+                "online_updates": online.updates, "online_buffered_positions": online.buffered_positions}
+    baseline = {"start": base_greedy, "end": base_greedy_end, "tokens_per_s": base_tps}
+    md = render_markdown(rows, baseline, settings)
+    atomic_write_json(out / "report.json", {"rows": rows, "baseline": baseline, "settings": settings})
+    atomic_write_text(out / "report.md", md)
+    return ExperimentReport(rows, baseline, md, settings)
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def render_markdown(rows: list[dict[str, Any]], baseline: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The experiment's table: estimated and measured acceptance (%), accepted length, speedup."""
+    lines = [
+        "| method | steps | est. α greedy | est. α top-p 0.7 | est. acc. rate n=3 (greedy) | est. E[len] n=3 / n=9 "
+        "| measured acc. greedy | measured acc. top-p 0.7 | speedup greedy | speedup top-p |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        g, t = r.get("greedy"), r.get("top_p_0.7")
+        sg = f"{r['speedup_greedy']:.2f}×" if g else "–"
+        st = f"{r['speedup_top_p']:.2f}×" if t else "–"
+        lines.append(
+            f"| {r['method']} | {r['steps']} | {_pct(r['acceptance_greedy'])} | {_pct(r['acceptance_top_p'])} "
+            f"| {_pct(r['acceptance_rate_greedy_n3'])} | {r['accepted_length_greedy_n3']:.2f} / "
+            f"{r['accepted_length_greedy_n9']:.2f} | {_pct(g['acceptance_rate']) if g else '–'} "
+            f"| {_pct(t['acceptance_rate']) if t else '–'} "
+            f"| {sg} | {st} |")
+    lines.append("")
+    lines.append(f"Autoregressive target baseline: {baseline['tokens_per_s']:.2f} tokens/s (greedy; mean of a run "
+                 f"before and after the drafts: {baseline['start']['tokens_per_s']:.2f} and "
+                 f"{baseline['end']['tokens_per_s']:.2f}).")
+    online = [r for r in rows if "stream_acceptance_first_half" in r]
+    if online:
+        o = online[0]
+        lines.append(f"Online stream acceptance (greedy, measured while serving): first half "
+                     f"{_pct(o['stream_acceptance_first_half'])}%, second half "
+                     f"{_pct(o['stream_acceptance_second_half'])}%"
+                     f" ({settings.get('online_updates')} updates).")
+    lines.append("")
+    lines.append("Settings: " + json.dumps({k: v for k, v in settings.items() if k not in ("platform",)},
+                                            ensure_ascii=False))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,140 @@
+"""`soaes-distill train RECIPE.yaml`: KD of a draft from stored logits (offline) or a live teacher (online).
+
+The recipe reuses soaes-train's `TrainConfig` (optimiser, schedules, precision) and `DeepSpeedConfig`, and
+adds the teacher source and the `KDConfig`. Output: `model/` (save_pretrained + tokenizer), `kd_history.jsonl`,
+`loss_curve.{json,png}`, `metrics.json` and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import EarlyStoppingCallback
+
+from soaes_core import atomic_write_json, load_model, load_tokenizer, seed_everything, write_jsonl, write_manifest
+from soaes_core.errors import ConfigError
+from soaes_train.config import DeepSpeedConfig, TrainConfig
+from soaes_train.deepspeed_setup import build_deepspeed_config
+from soaes_train.outputs import loss_curve, write_loss_curve
+from soaes_train.trainer import ProgressCallback, bf16_supported, build_training_arguments
+
+from .draft_init import HEAD_IDS_FILE
+from .store import TeacherLogitStore
+from .token_data import dataset_sha256, load_token_examples, tokenizer_sha256
+from .trainer import KDCollator, KDConfig, KDDataset, KDTrainer
+
+
+@dataclass
+class DistillRecipe:
+    """A KD run: `student` (draft spec/dir), `train_data` (tokenized JSONL/Parquet), exactly one of
+    `teacher` (online) or `teacher_logits` (a dump directory), and where to write."""
+
+    student: str
+    train_data: str
+    output_dir: str
+    teacher: str | None = None
+    teacher_logits: str | None = None
+    eval_data: str | None = None
+    eval_steps: int | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_metric: str = "acceptance_top_p"
+    train_embeddings: bool = True  # False: freeze the (tied) embeddings/head, train the decoder layers only
+    kd: KDConfig = field(default_factory=KDConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        if (self.teacher is None) == (self.teacher_logits is None):
+            raise ValueError("set exactly one of teacher (online KD) or teacher_logits (offline KD)")
+        if self.early_stopping_patience is not None and (self.eval_data is None or self.eval_steps is None):
+            raise ValueError("early_stopping_patience needs eval_data and eval_steps")
+
+
+@dataclass
+class DistillResult:
+    model_dir: Path
+    metrics: dict[str, float]
+    kd_history: list[dict[str, float]]
+    train_seconds: float
+
+
+def freeze_embeddings(model: Any) -> None:
+    """Stop gradients to the input embeddings and output head (tied in most drafts): cheaper steps on CPU."""
+    model.get_input_embeddings().weight.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.device.type != "meta":
+        head.weight.requires_grad_(False)
+
+
+def _last_checkpoint(path: Path) -> str | None:
+    """The newest complete HF checkpoint under `path`, to resume a killed run (None: start fresh)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not path.is_dir():
+        return None
+    return get_last_checkpoint(str(path))
+
+
+def run_distill(recipe: DistillRecipe, student_model: Any = None, teacher_model: Any = None,
+                store: TeacherLogitStore | None = None) -> DistillResult:
+    """Train the draft as `recipe` says; already-loaded models/stores may be passed to skip loading."""
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe.student)
+    if student_model is None:
+        student_model = load_model(recipe.student, dtype=torch.float32)
+    train_examples = load_token_examples(recipe.train_data)
+    eval_examples = load_token_examples(recipe.eval_data) if recipe.eval_data else None
+    if recipe.teacher_logits is not None:
+        store = store or TeacherLogitStore(recipe.teacher_logits)
+        store.require(tokenizer_sha256=tokenizer_sha256(tokenizer), dataset_sha256=dataset_sha256(recipe.train_data),
+                      temperature=recipe.kd.temperature)
+        if eval_examples is not None:
+            raise ConfigError("offline KD evaluates against stored logits of train_data only; "
+                              "drop eval_data or use an online teacher for evaluation")
+    elif teacher_model is None:
+        teacher_model = load_model(recipe.teacher, dtype=torch.float32)
+    bf16 = bf16_supported() if recipe.train.bf16 is None else recipe.train.bf16
+    ds = build_deepspeed_config(recipe.deepspeed, recipe.train, bf16) if recipe.deepspeed.enabled else None
+    overrides: dict[str, Any] = {}
+    if eval_examples is not None and recipe.eval_steps:
+        overrides.update(eval_strategy="steps", eval_steps=recipe.eval_steps)
+        if recipe.early_stopping_patience is not None:
+            overrides.update(metric_for_best_model=recipe.early_stopping_metric, greater_is_better=True,
+                             save_strategy="steps", save_steps=recipe.eval_steps, load_best_model_at_end=True)
+    args = build_training_arguments(recipe.train, out / "checkpoints", ds, **overrides)
+    callbacks: list[Any] = [ProgressCallback("distill draft")]
+    if recipe.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping_patience))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if not recipe.train_embeddings:
+        freeze_embeddings(student_model)
+    trainer = KDTrainer(model=student_model, args=args, train_dataset=KDDataset(train_examples),
+                        eval_dataset=KDDataset(eval_examples) if eval_examples else None,
+                        data_collator=KDCollator(pad_token_id=pad), kd=recipe.kd, teacher_model=teacher_model,
+                        teacher_store=store, callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
+    seconds = time.perf_counter() - start
+    metrics = trainer.evaluate() if eval_examples is not None else {}
+    model_dir = out / "model"
+    trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(model_dir)
+    head_ids = Path(recipe.student) / HEAD_IDS_FILE
+    if head_ids.is_file():
+        (model_dir / HEAD_IDS_FILE).write_bytes(head_ids.read_bytes())
+    write_jsonl(out / "kd_history.jsonl", trainer.kd_history)
+    write_loss_curve(out, loss_curve(trainer.state.log_history), "KD of the draft")
+    atomic_write_json(out / "metrics.json", metrics)
+    inputs = {"train_data": recipe.train_data}
+    if recipe.teacher_logits:
+        inputs["teacher_logits"] = recipe.teacher_logits
+    write_manifest(out, "distill.train", inputs=inputs, config=recipe,
+                   counts={"train_examples": len(train_examples), "steps": trainer.state.global_step},
+                   timings={"train": seconds}, extra={"metrics": metrics})
+    return DistillResult(model_dir, metrics, trainer.kd_history, seconds)

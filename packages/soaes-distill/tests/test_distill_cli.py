@@ -1,0 +1,64 @@
+"""The CLI end to end on tiny models: dump → train RECIPE.yaml, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from soaes_core.testing import make_tiny_qwen2
+from soaes_distill.cli import main
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory) -> Path:
+    return make_tiny_qwen2(tmp_path_factory.mktemp("cli-student"), seed=2, num_hidden_layers=1)
+
+
+def _recipe(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields), encoding="utf-8")
+    return path
+
+
+def test_dump_then_train(tmp_path, token_dataset, tiny_qwen2_dir, student_dir, monkeypatch) -> None:
+    monkeypatch.setenv("SOAES_PROGRESS", "0")
+    runner = CliRunner()
+    store = tmp_path / "logits"
+    res = runner.invoke(main, ["dump", "--model", str(tiny_qwen2_dir), "--dataset", str(token_dataset), "--out",
+                               str(store), "--top-k", "16", "--temperature", "2.0", "--zstd"])
+    assert res.exit_code == 0, res.output
+    assert "bytes/token" in res.output and (store / "manifest.json").is_file()
+    recipe = _recipe(tmp_path / "kd.yaml", student=str(student_dir), train_data=str(token_dataset),
+                     teacher_logits=str(store), output_dir=str(tmp_path / "run"),
+                     kd={"alpha": 0.5, "temperature": 2.0},
+                     train={"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+                            "save_steps": 1000, "bf16": False, "verify_packing": False})
+    res = runner.invoke(main, ["train", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert (tmp_path / "run" / "kd_history.jsonl").read_text().count("\n") == 2
+    # a wrong temperature is refused with one line naming it
+    res = runner.invoke(main, ["train", str(recipe), "--set", "kd.temperature=3.0"])
+    assert res.exit_code == 2 and "temperature 3.0 was not captured" in res.output
+    # logits dumped from another dataset are refused
+    other = tmp_path / "other.jsonl"
+    other.write_text(token_dataset.read_text().replace('"id": 0,', '"id": 100,'))
+    res = runner.invoke(main, ["train", str(recipe), "--set", f"train_data={other}"])
+    assert res.exit_code == 2 and "dataset_sha256" in res.output
+
+
+def test_bad_recipe_values_are_one_line_errors(tmp_path, token_dataset, student_dir) -> None:
+    runner = CliRunner()
+    base = {"student": str(student_dir), "train_data": str(token_dataset), "output_dir": str(tmp_path / "r"),
+            "teacher": str(student_dir)}
+    res = runner.invoke(main, ["train", str(_recipe(tmp_path / "a.yaml", **base, kd={"alpha": 1.5}))])
+    assert res.exit_code == 2 and "kd.alpha" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["train", str(_recipe(tmp_path / "t.yaml", **base, kd={"temperature": 0}))])
+    assert res.exit_code == 2 and "temperature" in res.output
+    res = runner.invoke(main, ["train", str(_recipe(tmp_path / "b.yaml", **base, teacher_logits="x"))])
+    assert res.exit_code == 2 and "exactly one of teacher" in res.output
+    res = runner.invoke(main, ["dump", "--model", str(student_dir), "--dataset", str(token_dataset), "--out",
+                               str(tmp_path / "d"), "--top-k", "1000000"])
+    assert res.exit_code == 2 and "exceeds" in res.output

@@ -1,0 +1,119 @@
+"""Sampling exactness: speculative sampling reproduces the target's processed distribution (chi-square).
+
+A tiny random target/draft pair with a 16-token vocabulary is sampled 20,000 times in one batched call
+(rows advance independently); the joint distribution of the first 3 new tokens is compared with the exact
+one, computed by enumerating all 16 x 16 continuations through the target. Known-bad samplers (residual
+replaced by plain target sampling; greedy draft with softmax q) must fail the same test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from soaes_specdec import decoding, verify
+from soaes_specdec.decoding import SpeculativeDecoder
+from soaes_specdec.sampling import SamplingParams, warp_probs
+
+VOCAB, SAMPLES, NEW = 16, 20_000, 3
+PROMPT = torch.tensor([3, 7, 1, 12])
+
+
+@pytest.fixture(scope="module")
+def pair(qwen2_factory: Any) -> tuple[Any, Any]:
+    # One head and width 16 keep 20,000-row batches cheap; init 0.3 gives spread-out but non-uniform distributions.
+    target = qwen2_factory(11, layers=2, vocab=VOCAB, hidden=16, init=0.3, heads=1, kv_heads=1)
+    draft = qwen2_factory(12, layers=1, vocab=VOCAB, hidden=16, init=0.3, heads=1, kv_heads=1)
+    return target, draft
+
+
+def exact_joint(target: Any, params: SamplingParams) -> torch.Tensor:
+    """P(y1, y2, y3 | prompt) under the target's warped distributions, as a [V, V, V] tensor."""
+    grid = torch.cartesian_prod(torch.arange(VOCAB), torch.arange(VOCAB))
+    ids = torch.cat([PROMPT.expand(grid.shape[0], -1), grid], dim=1)
+    with torch.inference_mode():
+        logits = target(ids).logits.float()
+    n = PROMPT.numel()
+    p1 = warp_probs(logits[0, n - 1], params)
+    p2 = warp_probs(logits[:VOCAB * VOCAB:VOCAB, n], params)  # rows whose y1 = 0..V-1
+    p3 = warp_probs(logits[:, n + 1], params).reshape(VOCAB, VOCAB, VOCAB)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def chi_square_p(samples: torch.Tensor, joint: torch.Tensor) -> float:
+    """p-value of observed 3-token outcomes vs `joint`, pooling cells expected below 5 into one."""
+    index = (samples[:, 0] * VOCAB + samples[:, 1]) * VOCAB + samples[:, 2]
+    observed = torch.bincount(index, minlength=VOCAB ** 3).double()
+    expected = joint.reshape(-1).double() * samples.shape[0]
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum().reshape(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    assert float(observed[expected == 0].sum()) == 0, "sampled a token the warped target forbids"
+    assert obs.numel() > 10, "distribution too peaked for a meaningful test"
+    return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
+
+
+def sample_speculative(target: Any, draft: Any, n: int, params: SamplingParams, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = SpeculativeDecoder(target, draft, n).generate(
+        PROMPT.expand(SAMPLES, -1), NEW, do_sample=True, temperature=params.temperature, top_p=params.top_p,
+        generator=g)
+    assert min(out.sequence_lengths) == PROMPT.numel() + NEW
+    return out.sequences[:, PROMPT.numel():]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("top_p", [1.0, 0.95, 0.7])
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_speculative_sampling_matches_target_distribution(pair: tuple[Any, Any], n: int, top_p: float,
+                                                          temperature: float) -> None:
+    target, draft = pair
+    params = SamplingParams(True, temperature, top_p)
+    samples = sample_speculative(target, draft, n, params, seed=n * 100 + int(top_p * 10) + int(temperature * 3))
+    assert chi_square_p(samples, exact_joint(target, params)) > 1e-3
+
+
+def test_draft_differs_enough_for_the_test_to_bite(pair: tuple[Any, Any]) -> None:
+    """Acceptance well below 1 means rejections (and thus the residual) matter in every config above."""
+    target, draft = pair
+    g = torch.Generator().manual_seed(0)
+    out = SpeculativeDecoder(target, draft, 3).generate(PROMPT.expand(2000, -1), NEW, do_sample=True, generator=g)
+    assert 0.1 < out.stats.acceptance_rate < 0.8
+
+
+def _plain_target_residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return p
+
+
+def _greedy_draft_softmax_q(logits: torch.Tensor, params: SamplingParams,
+                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.argmax(logits, dim=-1), torch.softmax(logits.float(), dim=-1)
+
+
+@pytest.mark.parametrize("bug", ["residual_is_target", "greedy_draft_softmax_q"])
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_known_bad_samplers_fail_the_same_test(pair: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, bug: str,
+                                               top_p: float) -> None:
+    if bug == "residual_is_target":
+        monkeypatch.setattr(verify, "residual_weights", _plain_target_residual)
+    else:
+        monkeypatch.setattr(decoding, "draft_sample", _greedy_draft_softmax_q)
+    target, draft = pair
+    params = SamplingParams(True, 1.0, top_p)
+    samples = sample_speculative(target, draft, 3, params, seed=5)
+    assert chi_square_p(samples, exact_joint(target, params)) < 1e-3
+
+
+def test_autoregressive_sampling_matches_target_distribution(pair: tuple[Any, Any]) -> None:
+    target, _ = pair
+    params = SamplingParams(True, 0.7, 0.95)
+    g = torch.Generator().manual_seed(1)
+    out = decoding.autoregressive_generate(target, PROMPT.expand(SAMPLES, -1), NEW, do_sample=True,
+                                           temperature=0.7, top_p=0.95, generator=g)
+    assert chi_square_p(out.sequences[:, PROMPT.numel():], exact_joint(target, params)) > 1e-3
+
