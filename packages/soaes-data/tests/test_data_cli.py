@@ -43,3 +43,31 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "bad.jsonl:1" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["split", str(bad), "-o", str(tmp_path / "s"), "--train", "0.5"])
     assert r.exit_code == 2 and "sum to 1" in r.output
+
+
+def test_cli_decontaminate_synth_review(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    run = CliRunner()
+    pool = sample_path("sft/expert_pool.jsonl")
+    first = json.loads(pool.read_text(encoding="utf-8").splitlines()[0])
+    evals = tmp_path / "test.jsonl"
+    evals.write_text(json.dumps({"question": first["messages"][0]["content"]}, ensure_ascii=False) + "\n",
+                     encoding="utf-8")
+    r = run.invoke(main, ["decontaminate", str(pool), "--eval", str(evals), "-o", str(tmp_path / "dc")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == {"in": 22, "kept": 21, "dropped": 1}
+    overlaps = (tmp_path / "dc" / "overlaps.jsonl").read_text(encoding="utf-8")
+    assert first["id"] in overlaps
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "d0", "text": "国有资产监督管理。"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    r = run.invoke(main, ["synth", str(docs), "-o", str(tmp_path / "review.csv"), "--model", str(tiny_qwen2_dir),
+                          "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "review.csv").is_file() and (tmp_path / "review.rejects.jsonl").is_file()
+    reviewed = tmp_path / "reviewed.jsonl"
+    reviewed.write_text("\n".join(json.dumps({"id": f"x{k}", "question": "问？", "answer": "答。", "status": s},
+                                             ensure_ascii=False) for k, s in enumerate(["approved", "rejected"])),
+                        encoding="utf-8")
+    r = run.invoke(main, ["review-import", str(reviewed), "-o", str(tmp_path / "approved.jsonl")])
+    assert r.exit_code == 0 and json.loads(r.output)["kept"] == 1
+    r = run.invoke(main, ["synth", str(docs), "-o", str(tmp_path / "r.csv"), "--backend", "openai"])
+    assert r.exit_code == 2 and "--base-url" in r.output

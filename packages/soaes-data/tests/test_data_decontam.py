@@ -39,3 +39,16 @@ def test_errors(tmp_path: Path) -> None:
         read_eval_items(bad)
     with pytest.raises(ValueError):
         DecontamConfig(ngram=2)
+
+
+def test_decontaminate_records(tmp_path: Path) -> None:
+    from soaes_data.decontam import decontaminate_records
+
+    evals = tmp_path / "e.txt"
+    evals.write_text("国有资本经营预算支出主要用于哪些方面\n", encoding="utf-8")
+    recs = [{"id": "a", "messages": [{"role": "user", "content": "国有资本经营预算支出主要用于哪些方面？"},
+                                     {"role": "assistant", "content": "略"}]},
+            {"id": "b", "text": "完全无关的一段文字，讲的是园艺和烹饪。"}]
+    kept, rejects, report = decontaminate_records(recs, NgramIndex([evals], 13))
+    assert [r["id"] for r in kept] == ["b"] and rejects[0]["reason"] == "contaminated:e.txt"
+    assert report[0]["record"] == "a" and report[0]["eval_item"] == 0

@@ -86,3 +86,12 @@ def test_category_filter_paper_defaults() -> None:
     assert check_category({"label": {"cate_ability_en": ["mathematical reasoning"]}}) .startswith("category:excluded")
     assert check_category({"x": 1}) == "category:missing"
     assert check_category({"category": "code"}, CategoryConfig(include=[], exclude=[])) is None
+
+
+def test_language_detector_hook() -> None:
+    from soaes_data.filters import LanguageConfig, check_language
+
+    cfg = LanguageConfig(keep=["zh"], detector="soaes_data.filters:detect_language")
+    assert check_language("国有资产", cfg) is None and check_language("assets", cfg) == "language:en"
+    with pytest.raises(ConfigError):
+        check_language("x", LanguageConfig(detector="nope"))

@@ -22,8 +22,7 @@ def tiny_mc_run(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     cfg = EvalRunConfig(tasks=["soaes_cmmlu", "soaes_ceval", "soaes_domain_qa"], model=str(tiny_qwen2_dir),
                         output_dir=str(out), data_dir=str(SAMPLES_DIR), batch_size=32, max_gen_toks=12,
                         name="tiny-base", stage="base")
-    limited = run_eval(cfg)  # no limit: every sample item of the multiple-choice tasks
-    return out, limited
+    return out, run_eval(cfg)  # no limit: every sample item of the multiple-choice tasks
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +60,7 @@ def domain_runs(tiny_qwen2_dir: Path, tiny_draft_dir: Path,
 
 
 @pytest.fixture(scope="session")
-def cli_general_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def cli_general_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[str]]:
     """`soaes-eval run` (the CLI) on another tiny model (seed 2): soaes_cmmlu + soaes_ceval on every sample item."""
     from click.testing import CliRunner
 
@@ -72,8 +71,9 @@ def cli_general_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str
     model = tmp_path_factory.mktemp("tiny_seed2")
     make_tiny_qwen2(model, seed=2)
     out = tmp_path_factory.mktemp("cli_general_run")
-    result = CliRunner().invoke(main, ["run", "--model", str(model), "--tasks", "soaes_cmmlu,soaes_ceval",
-                                       "--data-dir", str(SAMPLES_DIR), "--name", "tiny-cpt", "--stage", "cpt",
-                                       "--batch-size", "32", "-o", str(out)])
+    args = ["run", "--model", str(model), "--tasks", "soaes_cmmlu,soaes_ceval", "--data-dir", str(SAMPLES_DIR),
+            "--name", "tiny-cpt", "--stage", "cpt", "--batch-size", "32", "--cache", str(out / "cache" / "lm"),
+            "-o", str(out)]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
-    return out, result.output
+    return out, result.output, args

@@ -28,13 +28,24 @@ def test_version() -> None:
     assert result.exit_code == 0 and soaes_eval.__version__ == "0.1.0" and "0.1.0" in result.output
 
 
-def test_run_reports_item_counts(cli_general_run: tuple[Path, str]) -> None:
-    out, output = cli_general_run
+def test_run_reports_item_counts(cli_general_run: tuple[Path, str, list[str]]) -> None:
+    out, output, _ = cli_general_run
     assert "soaes_cmmlu: n=67" in output and "soaes_ceval: n=52" in output
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert res["soaes"]["label"] == "tiny-cpt" and res["soaes"]["num_items"]["soaes_cmmlu"] == 67
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["stage"] == "eval"
+
+
+def test_rerun_with_cache_resumes(cli_general_run: tuple[Path, str, list[str]], tmp_path: Path) -> None:
+    out, _, args = cli_general_run
+    assert list((out / "cache").glob("lm*"))  # the request cache was written
+    result = _invoke(*args[:-1], str(tmp_path))  # same run, new output dir: every request comes from the cache
+    assert result.exit_code == 0, result.output
+    first = json.loads((out / "results.json").read_text(encoding="utf-8"))["results"]
+    again = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["results"]
+    assert again["soaes_cmmlu"]["acc,none"] == first["soaes_cmmlu"]["acc,none"]
+    assert again["soaes_ceval"]["acc,none"] == first["soaes_ceval"]["acc,none"]
 
 
 def test_run_bad_answer_is_one_line(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
@@ -84,7 +95,7 @@ def test_metrics_bad_input(tmp_path: Path) -> None:
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_table_command(cli_general_run: tuple[Path, str], tiny_mc_run: tuple[Path, dict[str, Any]],
+def test_table_command(cli_general_run: tuple[Path, str, list[str]], tiny_mc_run: tuple[Path, dict[str, Any]],
                        tmp_path: Path) -> None:
     result = _invoke("table", str(tiny_mc_run[0]), str(cli_general_run[0]), "--base", "tiny-base",
                      "-o", str(tmp_path))

@@ -12,7 +12,7 @@ from soaes_eval.report import build_tables, load_results, write_tables
 
 
 @pytest.fixture(scope="module")
-def all_runs(tiny_mc_run: tuple[Path, dict[str, Any]], cli_general_run: tuple[Path, str],
+def all_runs(tiny_mc_run: tuple[Path, dict[str, Any]], cli_general_run: tuple[Path, str, list[str]],
              domain_runs: dict[str, tuple[Path, dict[str, Any]]]) -> list[Path]:
     return [tiny_mc_run[0] / "results.json", cli_general_run[0], *[d for d, _ in domain_runs.values()]]
 

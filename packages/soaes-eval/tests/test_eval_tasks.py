@@ -80,6 +80,19 @@ def test_tasks_registered_via_include_path() -> None:
         assert all(ours[s]["description"] == desc[s] for s in desc)
 
 
+def test_fewshot_uses_same_subject_dev_items() -> None:
+    from lm_eval.tasks import get_task_dict
+
+    tasks = get_task_dict(["soaes_cmmlu_agronomy"], task_manager(SAMPLES_DIR))
+    task = tasks["soaes_cmmlu_agronomy"]
+    prompt = task.fewshot_context(task.eval_docs[0], num_fewshot=1)
+    with (SAMPLES_DIR / "cmmlu" / "dev" / "agronomy.csv").open(encoding="utf-8", newline="") as fh:
+        dev = next(csv.DictReader(fh))
+    shot = f"{dev['Question']}\nA. {dev['A']}\nB. {dev['B']}\nC. {dev['C']}\nD. {dev['D']}\n答案： {dev['Answer']}\n\n"
+    assert prompt.startswith(_lm_eval_descriptions("cmmlu")["agronomy"] + shot)
+    assert prompt.endswith("\n答案：")
+
+
 def test_accuracy_equals_independent_loglikelihood(tiny_mc_run: tuple[Path, dict[str, Any]], tiny_qwen2: Any,
                                                    tiny_qwen2_dir: Path) -> None:
     _, results = tiny_mc_run
@@ -97,14 +110,22 @@ def test_accuracy_equals_independent_loglikelihood(tiny_mc_run: tuple[Path, dict
 
 
 @pytest.mark.slow
-def test_embedded_model_runs_offline(embedded_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from soaes_eval.runner import EvalRunConfig, run_eval
+def test_embedded_model_runs_offline(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """The real embedded model through the CLI in a fresh process with the hubs forced offline."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    tasks = ["soaes_cmmlu_agronomy", "soaes_cmmlu_world_history", "soaes_ceval_law", "soaes_ceval_logic"]
-    res = run_eval(EvalRunConfig(tasks=tasks, model="embedded:smollm2-135m", data_dir=str(SAMPLES_DIR),
-                                 output_dir=str(tmp_path), batch_size=4))
-    for t in tasks:
-        assert 0.0 <= res["results"][t]["acc,none"] <= 1.0
-        assert res["soaes"]["num_items"][t] == 1
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "soaes_eval.cli", "run", "--model", "embedded:smollm2-135m",
+           "--tasks", "soaes_cmmlu,soaes_ceval,soaes_domain_qa", "--data-dir", str(SAMPLES_DIR),
+           "--limit", "2", "--max-gen-toks", "16", "--batch-size", "16", "-o", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "soaes_cmmlu: n=67" in proc.stdout and "soaes_ceval: n=52" in proc.stdout
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    for task in ("soaes_cmmlu", "soaes_ceval"):
+        assert 0.0 <= res["results"][task]["acc,none"] <= 1.0
+    assert res["soaes"]["num_items"]["soaes_domain_qa"] == 2
+    assert res["results"]["soaes_domain_qa"]["rouge1,none"] >= 0.0

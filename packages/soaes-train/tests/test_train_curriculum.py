@@ -103,7 +103,8 @@ def test_overrides_apply_to_every_stage_or_one(tmp_path: Path) -> None:
 def test_smollm2_three_stage_curriculum_on_cpu(tmp_path: Path) -> None:
     """Acceptance 4: the shipped CPU recipe (sample corpus, 256-token windows, a few steps per stage)."""
     recipe = load_recipe("smollm2-135m-cpu", overrides={"output_dir": str(tmp_path / "run"),
-                                                        "train.max_steps": "2", "train.save_steps": "2"})
+                                                        "train.max_steps": "2", "train.save_steps": "100",
+                                                        "train.per_device_train_batch_size": "1"})
     results = run_recipe(recipe)
     assert [r.name for r in results] == ["cpt", "sft_stage1", "sft_stage2"]
     parents = [read_manifest(r.model_dir)["parent_model"] for r in results]

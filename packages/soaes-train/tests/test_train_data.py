@@ -79,7 +79,7 @@ def test_reads_soaes_data_packed_dataset(embedded_tokenizer, chat_jsonl: Path, t
     # rows longer than this stage's max_length: truncated and counted, or an error
     short = prepare_data(DataConfig(paths=[str(out)], max_length=100), "sft", embedded_tokenizer)
     assert short.counts["truncated"] > 0 and all(len(r["input_ids"]) <= 100 for r in short.rows)
-    with pytest.raises(DataError, match="data.max_length 100"):
+    with pytest.raises(DataError, match=r"data\.max_length 100"):
         prepare_data(DataConfig(paths=[str(out)], max_length=100, overlong="error"), "sft", embedded_tokenizer)
 
 

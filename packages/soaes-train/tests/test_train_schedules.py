@@ -3,6 +3,7 @@ actually uses) equal to the formulas at every step."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -55,5 +56,5 @@ def test_transformers_scheduler_matches_formula(kind: str, total: int) -> None:
 
 def test_cosine_floor_is_monotone_after_warmup() -> None:
     vals = [cosine_floor_lr(s, peak_lr=1e-5, min_lr=1e-6, total_steps=100, warmup=5) for s in range(5, 101)]
-    assert all(a >= b for a, b in zip(vals, vals[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(vals))
     assert vals[0] == pytest.approx(1e-5) and vals[-1] == pytest.approx(1e-6)

@@ -200,5 +200,76 @@ def stats(path: str, output_dir: str | None, tokenizer_spec: str | None, field: 
     click.echo(json.dumps({k: v for k, v in result.items() if k != "lengths"}, ensure_ascii=False, indent=1))
 
 
+@main.command()
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--eval", "eval_files", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Evaluation file (JSONL/JSON/CSV/TXT); repeat for several (CMMLU, C-Eval, test split).")
+@click.option("-o", "--output-dir", required=True)
+@click.option("--ngram", type=int, default=13, show_default=True)
+def decontaminate(input_file: str, eval_files: tuple[str, ...], output_dir: str, ngram: int) -> None:
+    """Drop training records sharing long n-grams with evaluation sets; overlaps go to overlaps.jsonl."""
+    from soaes_core import read_jsonl, write_jsonl, write_manifest
+
+    from .decontam import NgramIndex, decontaminate_records
+
+    records = read_jsonl(input_file)
+    kept, rejects, report = decontaminate_records(records, NgramIndex(eval_files, ngram))
+    out = Path(output_dir)
+    write_jsonl(out / "kept.jsonl", kept)
+    write_jsonl(out / "rejects.jsonl", rejects)
+    write_jsonl(out / "overlaps.jsonl", report)
+    counts = {"in": len(records), "kept": len(kept), "dropped": len(rejects)}
+    write_manifest(out, "decontaminate", inputs={"records": input_file, **{f"eval{i}": f for i, f in
+                                                                         enumerate(eval_files)}},
+                   counts=counts, extra={"ngram": ngram})
+    click.echo(json.dumps(counts))
+
+
+@main.command()
+@click.argument("documents", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, help="Review file to write (.csv or .jsonl).")
+@click.option("--backend", type=click.Choice(["local", "openai"]), default="local", show_default=True)
+@click.option("--model", default="embedded:smollm2-135m", show_default=True,
+              help="Local model spec, or the served model name for --backend openai.")
+@click.option("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
+@click.option("--task", type=click.Choice(["qa", "report"]), default="qa", show_default=True)
+@click.option("--per-document", type=int, default=3, show_default=True)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--min-grounding", type=float, default=0.5, show_default=True)
+def synth(documents: str, output: str, backend: str, model: str, base_url: str | None, task: str,
+          per_document: int, max_new_tokens: int, min_grounding: float) -> None:
+    """Generate Q&A/report candidates from domain documents (JSONL with `text`) for human review."""
+    from soaes_core import read_jsonl, write_jsonl
+
+    from .readers import content_id
+    from .synth import LocalHFGenerator, OpenAICompatGenerator, SynthConfig, export_review, synthesize
+
+    if backend == "openai" and not base_url:
+        raise click.UsageError("--backend openai needs --base-url")
+    gen: Any = OpenAICompatGenerator(base_url, model) if backend == "openai" else LocalHFGenerator(model)  # type: ignore[arg-type]
+    docs = [{"id": d.get("id") or content_id(d["text"]), "text": d["text"]} for d in read_jsonl(documents)
+            if isinstance(d.get("text"), str)]
+    cfg = SynthConfig(task=task, per_document=per_document, max_new_tokens=max_new_tokens,  # type: ignore[arg-type]
+                      min_grounding=min_grounding)
+    items, rejects = synthesize(docs, gen, cfg)
+    export_review(items, output)
+    write_jsonl(Path(output).with_suffix(".rejects.jsonl"), rejects)
+    click.echo(f"{len(items)} candidates for review in {output}; {len(rejects)} rejected")
+
+
+@main.command(name="review-import")
+@click.argument("review_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, help="JSONL of approved chat records.")
+def review_import(review_file: str, output: str) -> None:
+    """Keep only approved rows of a reviewed CSV/JSONL file, as chat records."""
+    from soaes_core import write_jsonl
+
+    from .synth import import_review
+
+    kept, counts = import_review(review_file)
+    write_jsonl(output, kept)
+    click.echo(json.dumps({"kept": len(kept), "by_status": counts}, ensure_ascii=False))
+
+
 if __name__ == "__main__":
     main()

@@ -101,3 +101,22 @@ class NgramIndex:
             if where is not None:
                 hits.setdefault(where, []).append(g)
         return [Overlap(f, k, len(gs), min(gs)) for (f, k), gs in sorted(hits.items())]
+
+
+def decontaminate_records(records: Iterable[Mapping[str, Any]], index: NgramIndex, min_overlaps: int = 1,
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split records (documents with `text` or chats with `messages`) into (kept, rejects, overlap report)."""
+    from .records import record_text
+
+    kept: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    report: list[dict[str, Any]] = []
+    for k, rec in enumerate(records):
+        found = index.overlaps(record_text(rec))
+        if sum(o.count for o in found) >= min_overlaps:
+            rejects.append({**rec, "reason": f"contaminated:{Path(found[0].eval_file).name}"})
+            report += [{"record": rec.get("id", k), "eval_file": o.eval_file, "eval_item": o.eval_item,
+                        "ngrams": o.count, "example": o.example} for o in found]
+        else:
+            kept.append(dict(rec))
+    return kept, rejects, report

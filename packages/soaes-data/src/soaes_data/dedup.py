@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import struct
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -57,19 +58,53 @@ class DedupConfig:
             raise ValueError("need ngram >= 1 and num_perm >= 16")
 
 
-def _hash32(data: bytes) -> int:
-    # blake2b is ~2x faster than datasketch's default sha1 and just as well mixed
-    return struct.unpack("<I", hashlib.blake2b(data, digest_size=4).digest())[0]
+_P = np.uint64(0x100000001B3)  # FNV-64 prime: multiplier of the polynomial n-gram hash
+
+
+def _identity(x: int) -> int:
+    return x
+
+
+def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
+    """Distinct 32-bit hashes of the character n-grams of the normalised text, computed vectorised
+    (polynomial hash over code points + a murmur3 finaliser), so MinHash costs no Python call per shingle."""
+    s = normalise_for_dedup(text)
+    if not s:
+        return np.zeros(0, dtype=np.uint64)
+    cps = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    if len(cps) <= n:
+        h = np.zeros(1, dtype=np.uint64)
+        for c in cps:
+            h = h * _P + c + np.uint64(1)
+    else:
+        m = len(cps) - n + 1
+        h = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n):
+                h = h * _P + cps[k:k + m] + np.uint64(1)
+    with np.errstate(over="ignore"):  # murmur3 fmix64: spread the bits before keeping the low 32
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+    return np.unique(h & np.uint64(0xFFFFFFFF))
+
+
+@lru_cache(maxsize=8)
+def _template(num_perm: int, seed: int) -> Any:
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity, scheme="affine32")
 
 
 def minhash_signature(text: str, config: DedupConfig) -> np.ndarray:
-    """MinHash hash values (uint64 array of `num_perm`) of the text's shingles (datasketch MinHash)."""
-    from datasketch import MinHash
-
-    m = MinHash(num_perm=config.num_perm, seed=config.seed, hashfunc=_hash32, scheme="affine32")
-    sh = shingles(text, config.ngram)
-    if sh:
-        m.update_batch([s.encode("utf-8") for s in sh])
+    """MinHash hash values (uint64 array of `num_perm`) of the text's character n-gram shingles
+    (datasketch MinHash with its affine32 permutations over `shingle_hashes`)."""
+    m = _template(config.num_perm, config.seed).copy()  # permutations are drawn once per (num_perm, seed)
+    hv = shingle_hashes(text, config.ngram)
+    if hv.size:
+        m.update_batch(hv.tolist())
     return m.hashvalues
 
 

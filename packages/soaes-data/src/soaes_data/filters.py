@@ -48,12 +48,17 @@ def detect_language(text: str, min_cjk_ratio: float = 0.3) -> str:
 
 @dataclass
 class LanguageConfig:
+    """Languages to keep; CJK-ratio detection by default, or `detector: "module:function"` (text → code),
+    e.g. a fastText/lingua model that ships inside its own package."""
+
     keep: list[str] = field(default_factory=lambda: ["zh"])
     min_cjk_ratio: float = 0.3
+    detector: str | None = None
 
 
 def check_language(text: str, config: LanguageConfig = LanguageConfig()) -> str | None:
-    lang = detect_language(text, config.min_cjk_ratio)
+    lang = str(load_classifier(config.detector)(text)) if config.detector else detect_language(text,
+                                                                                               config.min_cjk_ratio)
     return None if lang in config.keep else f"language:{lang}"
 
 
@@ -243,8 +248,9 @@ class RelevanceConfig:
             raise ValueError("min_score must be in [0, 1]")
 
 
-def load_classifier(spec: str) -> Callable[[str], float]:
-    """Import `module:function` (a text → float scorer)."""
+@lru_cache(maxsize=16)
+def load_classifier(spec: str) -> Callable[[str], Any]:
+    """Import `module:function` (a text → score or label function)."""
     module, _, name = spec.partition(":")
     if not name:
         raise ConfigError(f"classifier {spec!r}: expected 'module:function'")

@@ -170,8 +170,17 @@ def map_records(records: list[Record], fn: Callable[[Record], Result], num_proc:
     def batch(b: dict[str, list[str]]) -> dict[str, list[str]]:
         return {"out": [json.dumps(fn(json.loads(x)), ensure_ascii=False) for x in b["rec"]]}
 
-    out = ds.map(batch, batched=True, batch_size=500, num_proc=num_proc, remove_columns=["rec"], desc=desc,
-                 load_from_cache_file=False, keep_in_memory=True)
+    from soaes_core.progress import progress_enabled
+
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    if not progress_enabled():
+        datasets.disable_progress_bars()  # honour SOAES_PROGRESS=0 for datasets' own bars too
+    try:
+        out = ds.map(batch, batched=True, batch_size=500, num_proc=num_proc, remove_columns=["rec"], desc=desc,
+                     load_from_cache_file=False, keep_in_memory=True)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     return [tuple(json.loads(x)) for x in out["out"]]  # type: ignore[misc]
 
 
@@ -220,7 +229,9 @@ def run_stage(name: str, cfg: RecipeConfig, docs: list[Record]) -> tuple[list[Re
         "length": lambda: _check(check_length, cfg.length), "language": lambda: _check(check_language, cfg.language),
         "quality": lambda: _check(check_quality, cfg.quality), "relevance": lambda: _relevance(cfg.relevance)}
     if name in fns:
-        for rec, (out, reason) in zip(docs, map_records(docs, fns[name](), cfg.num_proc, name), strict=True):
+        # length and language checks cost less than shipping records to worker processes: run them here
+        num_proc = 1 if name in ("length", "language") and not cfg.language.detector else cfg.num_proc
+        for rec, (out, reason) in zip(docs, map_records(docs, fns[name](), num_proc, name), strict=True):
             if out is None:
                 rejects.append(_reject(rec, name, reason or "dropped"))
             else:
@@ -319,10 +330,13 @@ def run_recipe(cfg: RecipeConfig, force: bool = False) -> list[StageReport]:
                 if name == "read":
                     kept, rejects = _read_stage(cfg)
                     extra: dict[str, Any] = {}
+                    n_in = len(kept) + len(rejects)
                 else:
                     assert prev_docs_path is not None
-                    kept, rejects, extra = run_stage(name, cfg, _read_docs(prev_docs_path))
-            n_in = (len(kept) + len(rejects)) if name == "read" else len(_read_docs(prev_docs_path))  # type: ignore[arg-type]
+                    docs = _read_docs(prev_docs_path)
+                    n_in = len(docs)
+                    kept, rejects, extra = run_stage(name, cfg, docs)
+                    del docs
             if n_in != len(kept) + len(rejects):
                 raise DataError(f"stage {name} lost records: in {n_in} != kept {len(kept)} + dropped {len(rejects)}")
             counts = {"in": n_in, "kept": len(kept), "dropped": len(rejects),

@@ -172,7 +172,7 @@ def estimate(target: str, draft_spec: str, data_path: str, top_p: float) -> None
 
 @main.command()
 @click.option("--out", "out_dir", default="runs/distill-experiment", show_default=True)
-@click.option("--steps", type=int, default=40, show_default=True, help="optimizer steps per trained draft")
+@click.option("--steps", type=int, default=20, show_default=True, help="optimizer steps per trained draft")
 @click.option("--grid/--no-grid", default=True, show_default=True, help="also run the α/τ grid of Tables 3-4")
 @click.option("--quick", is_flag=True, help="tiny smoke run (few prompts, few steps)")
 def experiment(out_dir: str, steps: int, grid: bool, quick: bool) -> None:

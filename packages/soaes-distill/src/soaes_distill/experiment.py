@@ -33,6 +33,7 @@ from soaes_core import (
     load_tokenizer,
     read_jsonl,
     seed_everything,
+    write_jsonl,
 )
 from soaes_core.errors import DataError
 from soaes_data.samples import sample_path
@@ -48,6 +49,7 @@ from .online import OnlineConfig, online_distill
 from .recipe import freeze_embeddings
 from .store import TeacherLogitStore
 from .synth import (
+    MagpieResult,
     QueryFilter,
     blackbox_sft_records,
     chat_prompt_ids,
@@ -70,21 +72,21 @@ class ExperimentConfig:
     output_dir: str = "runs/distill-experiment"
     target: str = DEFAULT_MODEL
     draft_layers: int = 4
-    steps: int = 40
+    steps: int = 20
     batch_size: int = 4
-    learning_rate: float = 3e-4
+    learning_rate: float = 5e-4
     train_embeddings: bool = False
-    answer_tokens: int = 48
-    max_length: int = 192
-    article_prompts: int = 32
-    magpie_queries: int = 24
-    eval_answer_tokens: int = 48
-    speed_prompts: int = 6
-    speed_new_tokens: int = 40
+    answer_tokens: int = 40
+    max_length: int = 160
+    article_prompts: int = 24
+    magpie_queries: int = 16
+    eval_answer_tokens: int = 40
+    speed_prompts: int = 4
+    speed_new_tokens: int = 32
     top_k: int = 64
     head_tokens: int = 4096
-    online_prompts: int = 24
-    online_new_tokens: int = 32
+    online_prompts: int = 16
+    online_new_tokens: int = 24
     grid: bool = True
     seed: int = 0
 
@@ -191,16 +193,23 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
     # -- data: target answers to train prompts (+ Magpie), held-out answers for evaluation -----------------
     train_prompts, held_prompts = sample_prompts(cfg)
     s = time.perf_counter()
-    magpie = magpie_generate(target, tok, cfg.magpie_queries, system=DOMAIN_SYSTEM, max_query_tokens=48,
-                             max_answer_tokens=cfg.answer_tokens, flt=QueryFilter(min_chars=10), seed=cfg.seed)
-    records = blackbox_sft_records(target, tok, train_prompts, cfg.answer_tokens) + magpie.records
-    held_records = blackbox_sft_records(target, tok, held_prompts, cfg.eval_answer_tokens)
+    data_file = out / "generated_data.json"  # the costly generation step is reused when the run is resumed
+    if data_file.is_file():
+        cached = json.loads(data_file.read_text(encoding="utf-8"))
+        magpie = MagpieResult(cached["magpie_records"], cached["magpie_rejects"], cached["magpie_generated"])
+        records, held_records = cached["records"], cached["held_records"]
+    else:
+        magpie = magpie_generate(target, tok, cfg.magpie_queries, system=DOMAIN_SYSTEM, max_query_tokens=48,
+                                 max_answer_tokens=cfg.answer_tokens, flt=QueryFilter(min_chars=10), seed=cfg.seed)
+        records = blackbox_sft_records(target, tok, train_prompts, cfg.answer_tokens) + magpie.records
+        held_records = blackbox_sft_records(target, tok, held_prompts, cfg.eval_answer_tokens)
+        atomic_write_json(data_file, {"magpie_records": magpie.records, "magpie_rejects": magpie.rejects,
+                                      "magpie_generated": magpie.generated, "records": records,
+                                      "held_records": held_records})
     timings["generate_data_s"] = time.perf_counter() - s
     rejects: list[dict[str, Any]] = []
     train_examples = chat_records_to_examples(tok, records, cfg.max_length, rejects)
     eval_examples = chat_records_to_examples(tok, held_records, cfg.max_length, rejects)
-    from soaes_core import write_jsonl
-
     write_jsonl(out / "train_records.jsonl", records)
     write_jsonl(out / "heldout_records.jsonl", held_records)
     write_jsonl(out / "rejects.jsonl", rejects + magpie.rejects)
@@ -221,35 +230,45 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
     base_greedy = _speed(target, None, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False)
 
     draft0 = make_layer_draft(target, cfg.draft_layers)
-    methods: list[tuple[str, KDConfig | None, bool]] = [
-        ("undistilled", None, True),
-        ("black-box SFT (α=0)", KDConfig(alpha=0.0, temperature=2.0), True),
-        ("offline forward KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0), True),
-        ("offline reverse KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0, divergence="reverse_kl"), True),
-    ]
-    if cfg.grid:
-        methods += [(f"grid forward KL (α={a}, τ={t:g})", KDConfig(alpha=a, temperature=t), False)
-                    for a, t in ((0.2, 2.0), (0.8, 2.0), (1.0, 2.0), (0.5, 1.0), (0.5, 3.0), (0.5, 5.0))]
     rows: list[dict[str, Any]] = []
     drafts: dict[str, Any] = {}
-    for name, kd, measure in methods:
-        log.info("experiment: %s", name)
-        draft = copy.deepcopy(draft0)
-        history: list[dict[str, float]] = []
-        seconds = 0.0
-        if kd is not None:
-            draft, history, seconds = _train(draft, train_examples, kd, cfg, out / "runs" / f"run{len(rows)}", store)
-        row = {"method": name, "train_s": round(seconds, 1), "steps": len(history),
-               "final_loss": history[-1]["loss"] if history else None, **_estimate(target_eval_logits, draft,
-                                                                                     eval_examples)}
+    settings = {**dataclasses.asdict(cfg), "train_examples": len(train_examples), "eval_examples": len(eval_examples),
+                "train_tokens": sum(len(e.input_ids) for e in train_examples),
+                "heldout_prompts": len(held_prompts), "magpie_generated": magpie.generated,
+                "magpie_kept": len(magpie.records), "store_bytes_per_token": dump.bytes_per_token,
+                "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "timings": timings}
+    baseline = {"start": base_greedy, "end": None, "tokens_per_s": base_greedy["tokens_per_s"]}
+
+    def record(row: dict[str, Any], draft: Any) -> None:
+        """Add a row and rewrite the report, so a long run leaves usable partial results."""
+        rows.append(row)
+        drafts[row["method"]] = draft
+        _add_speedups(rows, baseline["tokens_per_s"])
+        timings["total_s"] = time.perf_counter() - t0
+        atomic_write_json(out / "report.json", {"rows": rows, "baseline": baseline, "settings": settings})
+        atomic_write_text(out / "report.md", render_markdown(rows, baseline, settings))
+
+    def evaluate(name: str, draft: Any, measure: bool, **extra: Any) -> dict[str, Any]:
+        row = {"method": name, **extra, **_estimate(target_eval_logits, draft, eval_examples)}
         if measure:
             row["greedy"] = _speed(target, draft, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False)
             row["top_p_0.7"] = _speed(target, draft, speed_prompts, cfg.speed_new_tokens, eos, do_sample=True)
-        rows.append(row)
-        drafts[name] = draft
-        atomic_write_json(out / "rows.partial.json", rows)
+        return row
+
+    def trained(name: str, kd: KDConfig, measure: bool) -> None:
+        log.info("experiment: %s", name)
+        draft, history, seconds = _train(copy.deepcopy(draft0), train_examples, kd, cfg,
+                                         out / "runs" / f"run{len(rows)}", store)
+        record(evaluate(name, draft, measure, train_s=round(seconds, 1), steps=len(history),
+                        final_loss=history[-1]["loss"] if history else None), draft)
+
+    record(evaluate("undistilled", draft0, True, train_s=0.0, steps=0, final_loss=None), draft0)
+    trained("offline forward KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0), True)
+    trained("black-box SFT (α=0)", KDConfig(alpha=0.0, temperature=2.0), True)
+    trained("offline reverse KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0, divergence="reverse_kl"), True)
 
     # -- online distillation: serve a prompt stream, update the draft from rejected positions -------------------
+    log.info("experiment: online distillation")
     s = time.perf_counter()
     draft = copy.deepcopy(draft0)
     if not cfg.train_embeddings:
@@ -261,44 +280,40 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
                                          learning_rate=cfg.learning_rate, kd=KDConfig(alpha=0.5, temperature=2.0)),
                             eos_token_id=eos)
     half = len(online.acceptance) // 2
-    row = {"method": "online distillation (stream, α=0.5, τ=2)", "train_s": round(time.perf_counter() - s, 1),
-           "steps": online.updates * 4, "final_loss": None,
-           "stream_acceptance_first_half": online.window_acceptance(0, half),
-           "stream_acceptance_second_half": online.window_acceptance(half),
-           **_estimate(target_eval_logits, draft, eval_examples),
-           "greedy": _speed(target, draft, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False),
-           "top_p_0.7": _speed(target, draft, speed_prompts, cfg.speed_new_tokens, eos, do_sample=True)}
-    rows.append(row)
-    drafts[row["method"]] = draft
+    settings.update(online_updates=online.updates, online_buffered_positions=online.buffered_positions)
+    record(evaluate("online distillation (stream, α=0.5, τ=2)", draft, True,
+                    train_s=round(time.perf_counter() - s, 1), steps=online.updates * 4, final_loss=None,
+                    stream_acceptance_first_half=online.window_acceptance(0, half),
+                    stream_acceptance_second_half=online.window_acceptance(half)), draft)
 
     # -- restricted output head on the best measured draft ------------------------------------------------------
-    measured = [r for r in rows if "greedy" in r]
-    best = max(measured, key=lambda r: r["acceptance_greedy"])
+    best = max((r for r in rows if "greedy" in r), key=lambda r: r["acceptance_greedy"])
     head_ids = frequent_tokens([ex.input_ids for ex in train_examples], cfg.head_tokens, always=tok.all_special_ids)
     restricted = restrict_output_head(copy.deepcopy(drafts[best["method"]]), head_ids)
-    row = {"method": f"{best['method']} + head restricted to {len(head_ids)} tokens", "train_s": 0.0, "steps": 0,
-           "final_loss": None, **_estimate(target_eval_logits, restricted, eval_examples),
-           "greedy": _speed(target, restricted, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False),
-           "top_p_0.7": _speed(target, restricted, speed_prompts, cfg.speed_new_tokens, eos, do_sample=True)}
-    rows.append(row)
+    record(evaluate(f"{best['method']} + head restricted to {len(head_ids)} tokens", restricted, True,
+                    train_s=0.0, steps=0, final_loss=None), restricted)
+
+    # -- the α/τ grid of Tables 3-4 (offline estimate only: spec-decoding timings are the costly part) ----------
+    if cfg.grid:
+        for a, t in ((0.2, 2.0), (0.8, 2.0), (1.0, 2.0), (0.5, 1.0), (0.5, 3.0), (0.5, 5.0)):
+            trained(f"grid forward KL (α={a}, τ={t:g})", KDConfig(alpha=a, temperature=t), False)
+
     base_greedy_end = _speed(target, None, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False)
-    base_tps = (base_greedy["tokens_per_s"] + base_greedy_end["tokens_per_s"]) / 2
-    for r in rows:
-        if "greedy" in r:
-            r["speedup_greedy"] = r["greedy"]["tokens_per_s"] / base_tps if base_tps else 0.0
-            r["speedup_top_p"] = r["top_p_0.7"]["tokens_per_s"] / base_tps if base_tps else 0.0
+    baseline.update(end=base_greedy_end,
+                    tokens_per_s=(base_greedy["tokens_per_s"] + base_greedy_end["tokens_per_s"]) / 2)
+    _add_speedups(rows, baseline["tokens_per_s"])
     timings["total_s"] = time.perf_counter() - t0
-    settings = {**dataclasses.asdict(cfg), "train_examples": len(train_examples), "eval_examples": len(eval_examples),
-                "train_tokens": sum(len(e.input_ids) for e in train_examples),
-                "heldout_prompts": len(held_prompts), "magpie_generated": magpie.generated,
-                "magpie_kept": len(magpie.records), "store_bytes_per_token": dump.bytes_per_token,
-                "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "timings": timings,
-                "online_updates": online.updates, "online_buffered_positions": online.buffered_positions}
-    baseline = {"start": base_greedy, "end": base_greedy_end, "tokens_per_s": base_tps}
     md = render_markdown(rows, baseline, settings)
     atomic_write_json(out / "report.json", {"rows": rows, "baseline": baseline, "settings": settings})
     atomic_write_text(out / "report.md", md)
     return ExperimentReport(rows, baseline, md, settings)
+
+
+def _add_speedups(rows: list[dict[str, Any]], base_tps: float) -> None:
+    for r in rows:
+        if "greedy" in r:
+            r["speedup_greedy"] = r["greedy"]["tokens_per_s"] / base_tps if base_tps else 0.0
+            r["speedup_top_p"] = r["top_p_0.7"]["tokens_per_s"] / base_tps if base_tps else 0.0
 
 
 def _pct(x: float | None) -> str:
@@ -323,9 +338,10 @@ def render_markdown(rows: list[dict[str, Any]], baseline: dict[str, Any], settin
             f"| {_pct(t['acceptance_rate']) if t else '–'} "
             f"| {sg} | {st} |")
     lines.append("")
-    lines.append(f"Autoregressive target baseline: {baseline['tokens_per_s']:.2f} tokens/s (greedy; mean of a run "
-                 f"before and after the drafts: {baseline['start']['tokens_per_s']:.2f} and "
-                 f"{baseline['end']['tokens_per_s']:.2f}).")
+    end = baseline.get("end")
+    lines.append(f"Autoregressive target baseline: {baseline['tokens_per_s']:.2f} tokens/s (greedy; runs before and "
+                 f"after the drafts: {baseline['start']['tokens_per_s']:.2f} and "
+                 f"{end['tokens_per_s'] if end else float('nan'):.2f}).")
     online = [r for r in rows if "stream_acceptance_first_half" in r]
     if online:
         o = online[0]

@@ -46,6 +46,7 @@ def main(verbose: int) -> None:
 @click.option("--device")
 @click.option("--dtype")
 @click.option("--apply-chat-template/--no-chat-template", default=None)
+@click.option("--cache", help="lm-eval request cache path prefix; rerunning with it resumes an interrupted run.")
 @click.option("--name", help="Model label in the tables (default: the model folder name).")
 @click.option("--stage", help="Training stage label for Table 2 (e.g. 'stage-2 SFT').")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False),

@@ -54,6 +54,7 @@ class EvalRunConfig:
     apply_chat_template: bool = False
     name: str | None = None
     stage: str | None = None
+    cache: str | None = None  # lm-eval request cache (sqlite prefix): a rerun resumes from finished requests
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -150,7 +151,7 @@ def run_eval(cfg: EvalRunConfig, lm: Any = None) -> dict[str, Any]:
         results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
                                           limit=cfg.limit, task_manager=tm, log_samples=True,
                                           gen_kwargs=gen_kwargs, apply_chat_template=cfg.apply_chat_template,
-                                          random_seed=cfg.seed, bootstrap_iters=0)
+                                          random_seed=cfg.seed, bootstrap_iters=0, use_cache=cfg.cache)
     if results is None:
         raise SoaesError("lm-eval returned no results")
     samples = results.pop("samples", {})

@@ -22,6 +22,9 @@ from .lookup import propose_ngram_continuations
 from .runner import CachedCausalLM
 from .sampling import SamplingParams
 
+# Called after every step with each row's newly appended tokens (e.g. to stream text to a terminal).
+Streamer = Callable[[list[list[int]]], None]
+
 # The draft's sampler (module level so statistical tests can swap in known-bad samplers to show they fail).
 draft_sample: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = sampling.sample_next
 
@@ -158,7 +161,8 @@ class _Rows:
     """Per-row token buffer, lengths and stop flags of one batched generation."""
 
     def __init__(self, prompts: list[torch.Tensor], max_new_tokens: int, slack: int, pad_id: int,
-                 eos: list[int], device: torch.device) -> None:
+                 eos: list[int], device: torch.device, streamer: Streamer | None = None) -> None:
+        self.streamer = streamer
         self.batch = len(prompts)
         self.prompt_lengths = torch.tensor([p.numel() for p in prompts], device=device)
         self.max_prompt = int(self.prompt_lengths.max())
@@ -192,6 +196,8 @@ class _Rows:
         keep = offsets[None, :] < counts[:, None]
         current = self.tokens.gather(1, positions)
         self.tokens.scatter_(1, positions, torch.where(keep, block, current))
+        if self.streamer is not None:
+            self.streamer([row[:c] for row, c in zip(block.tolist(), counts.tolist(), strict=True)])
         self.lengths += counts
         self.budget -= counts
         self.active &= ~has_eos & (self.budget > 0)
@@ -237,8 +243,8 @@ def _prefill(runner: CachedCausalLM, rows: _Rows, need_logits: bool = True) -> t
 def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_sample: bool = False,
                             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                             eos_token_id: int | Sequence[int] | None = None,
-                            generator: torch.Generator | None = None,
-                            attention_mask: torch.Tensor | None = None) -> SpecDecodeOutput:
+                            generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
+                            streamer: Streamer | None = None) -> SpecDecodeOutput:
     """Plain KV-cached decoding (one target call per token) with the same sampling code as the other decoders."""
     t0 = time.perf_counter()
     runner = _as_runner(model)
@@ -246,7 +252,7 @@ def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_
     prompts = normalise_prompts(input_ids, attention_mask)
     check_lengths(runner, prompts, max_new_tokens)
     eos = eos_set(eos_token_id)
-    rows = _Rows(prompts, max_new_tokens, 1, _pad_id(runner, eos), eos, runner.device)
+    rows = _Rows(prompts, max_new_tokens, 1, _pad_id(runner, eos), eos, runner.device, streamer)
     runner.start(rows.batch, rows.max_prompt + max_new_tokens + 1)
     stats = SpecStats()
     logits = _prefill(runner, rows)
@@ -346,8 +352,8 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def generate(self, input_ids: Any, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, eos_token_id: int | Sequence[int] | None = None,
-                 generator: torch.Generator | None = None,
-                 attention_mask: torch.Tensor | None = None) -> SpecDecodeOutput:
+                 generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
+                 streamer: Streamer | None = None) -> SpecDecodeOutput:
         """Generate up to `max_new_tokens` per row; same arguments and output as `autoregressive_generate`."""
         t0 = time.perf_counter()
         params = SamplingParams(do_sample, temperature, top_p, top_k)
@@ -355,7 +361,7 @@ class SpeculativeDecoder:
         check_lengths(self.target, prompts, max_new_tokens)
         n = self.num_speculative_tokens
         eos = eos_set(eos_token_id)
-        rows = _Rows(prompts, max_new_tokens, n + 1, _pad_id(self.target, eos), eos, self.target.device)
+        rows = _Rows(prompts, max_new_tokens, n + 1, _pad_id(self.target, eos), eos, self.target.device, streamer)
         capacity = rows.max_prompt + max_new_tokens + n + 1
         self.target.start(rows.batch, capacity)
         self.draft.start(rows.batch, capacity)
@@ -394,8 +400,8 @@ class PromptLookupDecoder:
     @torch.inference_mode()
     def generate(self, input_ids: Any, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, eos_token_id: int | Sequence[int] | None = None,
-                 generator: torch.Generator | None = None,
-                 attention_mask: torch.Tensor | None = None) -> SpecDecodeOutput:
+                 generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
+                 streamer: Streamer | None = None) -> SpecDecodeOutput:
         """Generate up to `max_new_tokens` per row; same arguments and output as `autoregressive_generate`."""
         t0 = time.perf_counter()
         params = SamplingParams(do_sample, temperature, top_p, top_k)
@@ -403,7 +409,7 @@ class PromptLookupDecoder:
         check_lengths(self.target, prompts, max_new_tokens)
         n = self.num_speculative_tokens
         eos = eos_set(eos_token_id)
-        rows = _Rows(prompts, max_new_tokens, n + 1, _pad_id(self.target, eos), eos, self.target.device)
+        rows = _Rows(prompts, max_new_tokens, n + 1, _pad_id(self.target, eos), eos, self.target.device, streamer)
         self.target.start(rows.batch, rows.max_prompt + max_new_tokens + n + 1)
         stats = SpecStats()
         logits = _prefill(self.target, rows)

@@ -101,7 +101,7 @@ def _warped_probs(row_ptr, offs, V, temperature, m, key_cut, z_k, p_cut, z):
 def _verify_sampling_kernel(logits_ptr, q_ptr, draft_ptr, num_draft_ptr, u_accept_ptr, u_sample_ptr,
                             out_accepted_ptr, out_token_ptr, n, V, temperature, top_k, top_p,
                             USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch * (n + 1) * vocab can pass 2**31
     nd = tl.load(num_draft_ptr + b)
     accepted = nd
     stopped = 0
@@ -116,7 +116,7 @@ def _verify_sampling_kernel(logits_ptr, q_ptr, draft_ptr, num_draft_ptr, u_accep
             q_x = tl.load(q_ptr + (b * n + i) * V + x_tok).to(tl.float64)
             u = tl.load(u_accept_ptr + b * n + i)
             if u * q_x >= p_x:
-                accepted = i
+                accepted = nd * 0 + i  # keep the loop-carried type (int64) in compiled mode
                 stopped = 1
     row = logits_ptr + (b * (n + 1) + accepted) * V
     m, key_cut, z_k, p_cut, z = _position_stats(row, V, temperature, top_k, top_p, USE_TOP_K, USE_TOP_P, BLOCK)
@@ -167,7 +167,7 @@ def _row_argmax(row_ptr, V, BLOCK: tl.constexpr):
 @triton.jit
 def _verify_greedy_kernel(logits_ptr, draft_ptr, num_draft_ptr, out_accepted_ptr, out_token_ptr, n, V,
                           BLOCK: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     nd = tl.load(num_draft_ptr + b)
     accepted = nd
     stopped = 0
@@ -175,7 +175,7 @@ def _verify_greedy_kernel(logits_ptr, draft_ptr, num_draft_ptr, out_accepted_ptr
         if stopped == 0:
             top = _row_argmax(logits_ptr + (b * (n + 1) + i) * V, V, BLOCK)
             if top != tl.load(draft_ptr + b * n + i):
-                accepted = i
+                accepted = nd * 0 + i
                 stopped = 1
     token = _row_argmax(logits_ptr + (b * (n + 1) + accepted) * V, V, BLOCK)
     tl.store(out_accepted_ptr + b, accepted.to(tl.int64))

@@ -40,7 +40,7 @@ def run_cmd(recipe: str, stages: tuple[str, ...], output_dir: str | None, sets: 
     """Run RECIPE (a YAML path or a shipped recipe name): one stage or a whole curriculum.
 
     Finished stages are skipped and interrupted ones resume from their last checkpoint. Multi-GPU:
-    `deepspeed --num_gpus 8 -m soaes_train.cli run RECIPE` or `torchrun --nproc_per_node 8 -m soaes_train.cli run RECIPE`.
+    `torchrun --nproc_per_node 8 -m soaes_train.cli run RECIPE` (or `deepspeed --num_gpus 8 ...`).
     """
     from soaes_core.clitools import setup_logging
 
@@ -93,3 +93,7 @@ def estimate_cmd(model: str, zero_stage: int, gpus: int, nodes: int, offload_opt
     total, largest = meta_param_counts(resolve_training_model(model))
     est = estimate_zero_memory(total, largest, ds)
     click.echo(json.dumps(est.as_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +191,8 @@ def build_training_arguments(train: TrainConfig, output_dir: str | os.PathLike[s
         dataloader_num_workers=train.dataloader_num_workers,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
+        # CPU multi-process: accelerate must build its state on gloo to see the launcher's world size
+        ddp_backend=None if torch.cuda.is_available() else "gloo",
         disable_tqdm=True,  # ProgressCallback draws the bar (honours SOAES_PROGRESS)
         deepspeed=deepspeed_config,
         **hf_scheduler_args(train),
@@ -208,8 +209,8 @@ def load_stage_model(spec: str | os.PathLike[str], attn_implementation: str, dty
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_training_model(str(spec)), dtype=dtype, attn_implementation=attn_implementation,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(resolve_training_model(str(spec)), dtype=dtype,
+                                                     attn_implementation=attn_implementation, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"{spec}: cannot load model: {err}".splitlines()[0]) from None
     model.config.use_cache = False

@@ -1,0 +1,72 @@
+"""Benchmark library: cost-model formulas, prompt loading, and a full tiny run writing json/md/png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from soaes_core import load_model, load_tokenizer
+from soaes_core.config import from_dict
+from soaes_core.errors import ConfigError, DataError
+from soaes_specdec.bench import (
+    BenchConfig,
+    expected_accepted_length,
+    load_prompts,
+    measure_bandwidth,
+    run_benchmark,
+    theoretical_speedup,
+)
+from soaes_specdec.draft import make_layer_draft
+
+
+def test_cost_model_formulas() -> None:
+    assert expected_accepted_length(0.0, 3) == 1.0
+    assert expected_accepted_length(1.0, 3) == 4.0
+    assert expected_accepted_length(0.5, 3) == pytest.approx(1.875)
+    # Paper setting: alpha = 0.7578, n = 3.
+    assert expected_accepted_length(0.7578, 3) == pytest.approx((1 - 0.7578 ** 4) / (1 - 0.7578))
+    assert theoretical_speedup(0.5, 3, 0.1, 1.2) == pytest.approx(1.875 / 1.5)
+
+
+def test_bandwidth_is_positive() -> None:
+    assert measure_bandwidth(megabytes=16, repeats=2) > 0
+
+
+def test_load_prompts_and_errors(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    tok = load_tokenizer(tiny_qwen2_dir)
+    prompts = load_prompts(None, tok)
+    assert len(prompts) >= 8 and all(p.dtype == torch.long and p.numel() > 0 for p in prompts)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        load_prompts(bad, tok)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="methods"):
+        from_dict(BenchConfig, {"methods": ["warp_drive"]})
+    with pytest.raises(ConfigError, match="top_p"):
+        from_dict(BenchConfig, {"top_p": 0.0})
+
+
+def test_tiny_benchmark_writes_reports(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    target = load_model(tiny_qwen2_dir, dtype=torch.float32)
+    models: tuple[Any, Any, Any] = (target, make_layer_draft(target, 1), load_tokenizer(tiny_qwen2_dir))
+    config = BenchConfig(target=str(tiny_qwen2_dir), max_new_tokens=6, max_prompts=2, warmup=1, repeats=1,
+                         num_speculative_tokens=[2])
+    report = run_benchmark(config, tmp_path, models=models)
+    for name in ("bench.json", "bench.md", "bench.png", "manifest.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    methods = {(r["mode"], r["method"]) for r in saved["results"]}
+    assert methods == {(m, x) for m in ("greedy", "top_p") for x in config.methods}
+    spec = next(r for r in report["results"] if r["method"] == "speculative" and r["mode"] == "greedy")
+    assert spec["extra"]["theoretical_speedup"] > 0 and 0 <= spec["acceptance_rate"] <= 1
+    assert len(spec["acceptance_by_position"]) == 2
+    plain = next(r for r in report["results"] if r["method"] == "plain" and r["mode"] == "greedy")
+    assert plain["speedup_vs_plain"] == pytest.approx(1.0) and plain["extra"]["achieved_bandwidth_gb_s"] > 0
+    assert "| speculative | 2 |" in (tmp_path / "bench.md").read_text()

@@ -1,0 +1,67 @@
+"""Warpers agree with transformers' logits processors, keep ties, and inverse-CDF sampling is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from soaes_core.errors import InvalidArgumentError
+from soaes_specdec.sampling import (
+    SamplingParams,
+    apply_top_k,
+    apply_top_p,
+    sample_inverse_cdf,
+    sample_next,
+    warp_probs,
+)
+
+
+def hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    x = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        x = TopKLogitsWarper(top_k)(None, x)
+    if top_p < 1.0:
+        x = TopPLogitsWarper(top_p)(None, x)
+    return torch.softmax(x, dim=-1)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.7), (1.3, 20, 1.0), (0.9, 50, 0.95)])
+def test_warp_probs_matches_transformers(temperature: float, top_k: int, top_p: float) -> None:
+    logits = torch.randn(8, 1000, generator=torch.Generator().manual_seed(0)) * 3  # continuous: no ties
+    ours = warp_probs(logits, SamplingParams(True, temperature, top_p, top_k))
+    assert torch.equal(ours > 0, hf_probs(logits, temperature, top_k, top_p) > 0)
+    torch.testing.assert_close(ours, hf_probs(logits, temperature, top_k, top_p), rtol=1e-5, atol=1e-7)
+
+
+def test_ties_at_the_cut_off_are_kept() -> None:
+    logits = torch.tensor([[3.0, 1.0, 1.0, 0.0]])
+    assert torch.isfinite(apply_top_k(logits, 2)).tolist() == [[True, True, True, False]]
+    # p = [.757, .102, .102, .038]: mass strictly above each tied token is .757 < .8, so both stay.
+    assert torch.isfinite(apply_top_p(logits, 0.8)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(apply_top_p(logits, 0.5)).tolist() == [[True, False, False, False]]
+
+
+def test_inverse_cdf_picks_the_right_bucket() -> None:
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0]]).expand(4, -1)
+    u = torch.tensor([0.0, 0.2499, 0.25, 0.999999], dtype=torch.float64)
+    assert sample_inverse_cdf(weights, u).tolist() == [1, 1, 3, 3]
+
+
+def test_sample_next_frequencies() -> None:
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(40_000, -1)
+    tokens, probs = sample_next(logits, SamplingParams(True), torch.Generator().manual_seed(0))
+    assert probs is not None
+    freq = torch.bincount(tokens, minlength=4).double() / 40_000
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), atol=0.01, rtol=0)
+    greedy, none = sample_next(logits[:2], SamplingParams(False))
+    assert greedy.tolist() == [3, 3] and none is None
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"do_sample": True, "temperature": 0.0}, "temperature"),
+    ({"do_sample": True, "temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.01}, "top_p"), ({"top_k": -1}, "top_k")])
+def test_sampling_params_validate(kwargs: dict, field: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=field):
+        SamplingParams(**kwargs)
