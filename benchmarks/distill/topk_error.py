@@ -4,7 +4,8 @@ Teacher: the embedded model. For every position of the sample domain texts and k
 τ in {1, 2} we measure (1) the teacher reconstruction error KL(p_T ‖ p̂_T), where p̂_T is the store's top-k
 (fp16 τ=1 log-probs + fp32 logsumexp) with the tail mass spread uniformly over the other V−k tokens, and
 (2) the error of the forward-KL term of `distillation_loss` (tail-bucket top-k vs dense teacher) for two
-students: the undistilled 4-layer derived draft (far from the target) and a 26-layer truncation (near it). Bytes/token are measured by encoding real shards
+students: the undistilled 4-layer derived draft (far from the target) and a 26-layer truncation (near it).
+Bytes/token are measured by encoding real shards
 (`soaes_distill.store.encode_shard`, one captured τ) with and without zstd.
 
     HF_HUB_OFFLINE=1 python benchmarks/distill/topk_error.py --out docs/bench/distill_topk.json

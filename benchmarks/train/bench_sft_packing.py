@@ -45,9 +45,9 @@ def build_model_dir(spec: str, workdir: Path) -> str:
         return spec
     from soaes_core.testing import make_tiny_qwen2
 
-    out = workdir / "tiny-qwen2-h256"
+    out = workdir / "tiny-qwen2-h128"
     if not (out / "config.json").is_file():
-        make_tiny_qwen2(out, seed=0, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        make_tiny_qwen2(out, seed=0, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2)
     return str(out)
 
@@ -100,8 +100,8 @@ def run_mode(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help="'tiny' (Qwen2, hidden 256, 4 layers) or a model spec")
-    ap.add_argument("--examples", type=int, default=256)
+    ap.add_argument("--model", default="tiny", help="'tiny' (Qwen2, hidden 128, 4 layers) or a model spec")
+    ap.add_argument("--examples", type=int, default=96)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8, help="examples per padded batch")
     ap.add_argument("--pack-rows", type=int, default=2, help="packed rows per step")

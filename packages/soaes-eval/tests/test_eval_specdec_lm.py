@@ -38,6 +38,7 @@ def test_specdec_matches_hf_greedy(domain_runs: Runs, tiny_draft_dir: Path) -> N
     assert 0.0 <= stats["acceptance_rate"] <= 1.0 and stats["tokens_per_s"] > 0
     assert stats["draft"] == str(tiny_draft_dir) and stats["num_speculative_tokens"] == 3
     assert sd["soaes"]["num_items"]["soaes_domain_qa"] == 4 and sd["soaes"]["backend"] == "specdec"
+    assert sd["soaes"]["num_items_available"]["soaes_domain_qa"] == 8  # --limit 4 of the 8 sample items
     assert "specdec" not in hf["soaes"]
 
 

@@ -14,6 +14,7 @@ from soaes_core.config import from_dict
 from soaes_core.errors import ConfigError, DataError
 from soaes_specdec.bench import (
     BenchConfig,
+    break_even_acceptance,
     expected_accepted_length,
     load_prompts,
     measure_bandwidth,
@@ -30,6 +31,9 @@ def test_cost_model_formulas() -> None:
     # Paper setting: alpha = 0.7578, n = 3.
     assert expected_accepted_length(0.7578, 3) == pytest.approx((1 - 0.7578 ** 4) / (1 - 0.7578))
     assert theoretical_speedup(0.5, 3, 0.1, 1.2) == pytest.approx(1.875 / 1.5)
+    alpha = break_even_acceptance(3, 0.3, 1.3)
+    assert alpha is not None and theoretical_speedup(alpha, 3, 0.3, 1.3) == pytest.approx(1.0, abs=1e-9)
+    assert break_even_acceptance(3, 1.0, 1.5) is None  # a draft as slow as the target never pays off
 
 
 def test_bandwidth_is_positive() -> None:

@@ -94,8 +94,8 @@ sampling = {"logits_ptr": "*fp32", "q_ptr": "*fp32", "draft_ptr": "*i64", "num_d
             "USE_TOP_K": "constexpr", "USE_TOP_P": "constexpr", "BLOCK": "constexpr"}
 greedy = {"logits_ptr": "*bf16", "draft_ptr": "*i64", "num_draft_ptr": "*i64", "out_accepted_ptr": "*i64",
           "out_token_ptr": "*i64", "n": "i32", "V": "i32", "BLOCK": "constexpr"}
-c = triton.compile(ASTSource(k._verify_sampling_kernel, sampling, {"USE_TOP_K": True, "USE_TOP_P": True, "BLOCK": 4096}),
-                   target=target)
+flags = {"USE_TOP_K": True, "USE_TOP_P": True, "BLOCK": 4096}
+c = triton.compile(ASTSource(k._verify_sampling_kernel, sampling, flags), target=target)
 g = triton.compile(ASTSource(k._verify_greedy_kernel, greedy, {"BLOCK": 4096}), target=target)
 print("cubin" in c.asm and "cubin" in g.asm)
 '''

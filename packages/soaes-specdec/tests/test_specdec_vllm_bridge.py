@@ -57,3 +57,14 @@ def test_vllm_speculative_run(embedded_model_dir) -> None:
     settings = VllmSpecSettings(str(embedded_model_dir), str(embedded_model_dir), 3, max_new_tokens=32)
     result = run_vllm_benchmark(settings, ["The capital of France is"], repeats=1, gpu_memory_utilization=0.3)
     assert result["speculative"]["tokens_per_s"] > 0 and result["plain"]["tokens_per_s"] > 0
+
+
+def test_vllm_bench_command_explains_missing_vllm() -> None:
+    from click.testing import CliRunner
+
+    from soaes_specdec.cli import main
+
+    if vllm_unavailable_reason() is None:
+        pytest.skip("vLLM and a GPU are present")
+    result = CliRunner().invoke(main, ["vllm-bench", "--target", "t", "--draft", "d"])
+    assert result.exit_code != 0 and "vLLM" in result.output

@@ -116,3 +116,44 @@ def test_smollm2_three_stage_curriculum_on_cpu(tmp_path: Path) -> None:
         assert m["training"]["packing_logit_gap"] < 1e-4
         assert m["training"]["metrics"]["global_step"] == 2
         assert (r.model_dir / "model.safetensors").is_file() and (r.model_dir / "loss_curve.png").is_file()
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_with_the_same_loss_curve(tiny_model_copy: Path, chat_jsonl: Path, text_jsonl: Path,
+                                                             tmp_path: Path) -> None:
+    """A real kill: `soaes-train run` in a subprocess gets SIGKILL after its second checkpoint; re-running
+    resumes the stage and the loss curve equals an uninterrupted run."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    def recipe(out: Path) -> Path:
+        data = _tiny_recipe(tiny_model_copy, out, chat_jsonl, text_jsonl, steps=10)
+        data["stages"] = data["stages"][1:2]
+        data["defaults"]["train"]["save_total_limit"] = 3
+        p = tmp_path / f"{out.name}.yaml"
+        p.write_text(yaml.safe_dump(data))
+        return p
+
+    ref = run_recipe(load_recipe(recipe(tmp_path / "ref")))[0]
+    path = recipe(tmp_path / "run")
+    env = {**os.environ, "SOAES_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "soaes_train.cli", "run", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "run" / "sft_stage1" / "checkpoints" / "checkpoint-2" / ".soaes_complete"
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    res = run_recipe(load_recipe(path))[0]
+    assert res.resumed_from is not None and not res.resumed_from.endswith("checkpoint-10")
+    curve = json.loads((res.model_dir / "loss_curve.json").read_text())["loss"]
+    ref_curve = json.loads((ref.model_dir / "loss_curve.json").read_text())["loss"]
+    assert len(curve) == 10 and curve == pytest.approx(ref_curve, rel=1e-5)

@@ -20,7 +20,7 @@ def _stage(chat_jsonl: Path, **train) -> StageConfig:
     params = dict(learning_rate=2e-3, lr_scheduler="cosine_floor", min_lr=1e-4, warmup_ratio=0.1, max_steps=8,
                   per_device_train_batch_size=2, save_steps=3, logging_steps=1, save_total_limit=2)
     params.update(train)
-    return StageConfig(name="sft", kind="sft", data=DataConfig(paths=[str(chat_jsonl)], max_length=128),
+    return StageConfig(name="sft", kind="sft", data=DataConfig(paths=[str(chat_jsonl)], max_length=96),
                        train=TrainConfig(**params))
 
 
@@ -81,7 +81,9 @@ def test_killed_after_checkpoint_resumes_same_curve_padded(tiny_model_copy: Path
     """Padded SFT (no packing) with gradient accumulation: stop right after checkpoint-4, resume, same curve."""
     stage = _stage(chat_jsonl, max_steps=6, save_steps=4, gradient_accumulation_steps=2)
     stage.data.packing = False
+    stage.train.report_to = ["tensorboard"]
     ref = _curve_of(train_stage(stage, str(tiny_model_copy), tmp_path / "ref").model_dir)
+    assert list((tmp_path / "ref" / "tensorboard").rglob("events.out.tfevents.*"))
 
     class KillAfterSave(TrainerCallback):
         def on_save(self, args, state, control, **kw):

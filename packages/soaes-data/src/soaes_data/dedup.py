@@ -92,7 +92,8 @@ def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _template(num_perm: int, seed: int) -> Any:
+def minhash_template(num_perm: int, seed: int) -> Any:
+    """A datasketch MinHash whose (cached) permutations all signatures of this (num_perm, seed) share."""
     from datasketch import MinHash
 
     return MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity, scheme="affine32")
@@ -101,7 +102,7 @@ def _template(num_perm: int, seed: int) -> Any:
 def minhash_signature(text: str, config: DedupConfig) -> np.ndarray:
     """MinHash hash values (uint64 array of `num_perm`) of the text's character n-gram shingles
     (datasketch MinHash with its affine32 permutations over `shingle_hashes`)."""
-    m = _template(config.num_perm, config.seed).copy()  # permutations are drawn once per (num_perm, seed)
+    m = minhash_template(config.num_perm, config.seed).copy()  # permutations are drawn once per (num_perm, seed)
     hv = shingle_hashes(text, config.ngram)
     if hv.size:
         m.update_batch(hv.tolist())
@@ -130,9 +131,10 @@ def find_near_duplicates(signatures: Iterable[np.ndarray], ids: Sequence[str],
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
+    perms = minhash_template(config.num_perm, config.seed).permutations  # reuse: drawing them costs more than a query
     kept: dict[str, tuple[int, np.ndarray]] = {}
     for i, (sig, doc_id) in enumerate(zip(signatures, ids, strict=True)):
-        m = MinHash(num_perm=config.num_perm, seed=config.seed, hashvalues=sig, scheme="affine32")
+        m = MinHash(num_perm=config.num_perm, seed=config.seed, hashvalues=sig, permutations=perms, scheme="affine32")
         best: tuple[float, int, str] | None = None
         for cand in lsh.query(m):
             j, other = kept[cand]

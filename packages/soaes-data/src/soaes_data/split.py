@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .dedup import DedupConfig, jaccard, minhash_signature, shingles
+from .dedup import DedupConfig, jaccard, minhash_signature, minhash_template, shingles
 from .records import record_text
 
 
@@ -62,16 +62,17 @@ def remove_near_duplicates_of(candidates: Sequence[dict[str, Any]], references: 
 
     dcfg = DedupConfig(threshold=config.near_duplicate_threshold, ngram=config.ngram)
     lsh = MinHashLSH(threshold=max(0.05, dcfg.threshold - 0.1), num_perm=dcfg.num_perm)
+    perms = minhash_template(dcfg.num_perm, dcfg.seed).permutations
     ref_shingles = []
     for k, r in enumerate(references):
         text = record_text(r)
         ref_shingles.append(shingles(text, dcfg.ngram))
-        lsh.insert(str(k), MinHash(num_perm=dcfg.num_perm, seed=dcfg.seed, scheme="affine32",
+        lsh.insert(str(k), MinHash(num_perm=dcfg.num_perm, seed=dcfg.seed, scheme="affine32", permutations=perms,
                                    hashvalues=minhash_signature(text, dcfg)))
     kept, removed = [], []
     for r in candidates:
         text = record_text(r)
-        m = MinHash(num_perm=dcfg.num_perm, seed=dcfg.seed, scheme="affine32",
+        m = MinHash(num_perm=dcfg.num_perm, seed=dcfg.seed, scheme="affine32", permutations=perms,
                     hashvalues=minhash_signature(text, dcfg))
         sh = shingles(text, dcfg.ngram)
         hits = [(jaccard(sh, ref_shingles[int(k)]), int(k)) for k in lsh.query(m)]

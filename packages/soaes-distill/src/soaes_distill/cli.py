@@ -172,14 +172,23 @@ def estimate(target: str, draft_spec: str, data_path: str, top_p: float) -> None
 
 @main.command()
 @click.option("--out", "out_dir", default="runs/distill-experiment", show_default=True)
-@click.option("--steps", type=int, default=20, show_default=True, help="optimizer steps per trained draft")
-@click.option("--grid/--no-grid", default=True, show_default=True, help="also run the α/τ grid of Tables 3-4")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML ExperimentConfig (sizes of the run)")
+@click.option("--set", "sets", multiple=True, help="override a field, e.g. --set steps=40 --set grid=false")
 @click.option("--quick", is_flag=True, help="tiny smoke run (few prompts, few steps)")
-def experiment(out_dir: str, steps: int, grid: bool, quick: bool) -> None:
+def experiment(out_dir: str, config_path: str | None, sets: tuple[str, ...], quick: bool) -> None:
     """The draft-training experiment (benchmark): acceptance and speedup of each method."""
+    from soaes_core import from_dict
+
     from .experiment import ExperimentConfig, run_experiment
 
-    cfg = ExperimentConfig(output_dir=out_dir, steps=steps, grid=grid)
+    over = {"output_dir": out_dir, **_overrides(sets)}
+    if config_path:
+        cfg = load_config(config_path, ExperimentConfig, over)
+    else:
+        from soaes_core.config import apply_overrides
+
+        cfg = from_dict(ExperimentConfig, apply_overrides({}, over), source="--set")
     if quick:
         cfg = cfg.quick()
     report = run_experiment(cfg)

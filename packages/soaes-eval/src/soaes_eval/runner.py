@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -93,9 +94,9 @@ def build_lm(cfg: EvalRunConfig) -> Any:
                      seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
 
 
-def _num_items(results: dict[str, Any]) -> dict[str, int]:
-    """Evaluated items per task; a group counts the items of its subtasks."""
-    counts = {task: int(n["effective"]) for task, n in results.get("n-samples", {}).items()}
+def _num_items(results: dict[str, Any], key: str = "effective") -> dict[str, int]:
+    """Evaluated ('effective') or available ('original') items per task; a group sums its subtasks."""
+    counts = {task: int(n[key]) for task, n in results.get("n-samples", {}).items()}
     for group, subtasks in results.get("group_subtasks", {}).items():
         if subtasks:
             counts[group] = sum(counts.get(t, 0) for t in subtasks)
@@ -159,7 +160,8 @@ def run_eval(cfg: EvalRunConfig, lm: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     soaes: dict[str, Any] = {
         "label": cfg.label, "stage": cfg.stage, "model": cfg.model, "draft": cfg.draft,
-        "backend": cfg.resolved_backend, "limit": cfg.limit, "num_items": _num_items(results), "text_metrics": {},
+        "backend": cfg.resolved_backend, "limit": cfg.limit, "num_items": _num_items(results),
+        "num_items_available": _num_items(results, "original"), "text_metrics": {},
     }
     for task in GENERATION_TASKS:
         if task in samples:
@@ -173,8 +175,6 @@ def run_eval(cfg: EvalRunConfig, lm: Any = None) -> dict[str, Any]:
     if hasattr(lm, "spec_stats"):
         soaes["specdec"] = lm.spec_stats()
     results["soaes"] = soaes
-    import json
-
     payload = json.loads(json.dumps(results, default=handle_non_serializable, ensure_ascii=False))
     atomic_write_json(out / RESULTS_FILE, payload)
     write_manifest(out, "eval", config=cfg, counts=soaes["num_items"], extra={"label": cfg.label})

@@ -95,6 +95,17 @@ def theoretical_speedup(alpha: float, n: int, c: float, c_v: float) -> float:
     return expected_accepted_length(alpha, n) / (n * c + c_v)
 
 
+def break_even_acceptance(n: int, c: float, c_v: float) -> float | None:
+    """Smallest acceptance rate alpha with theoretical_speedup(alpha, n, c, c_v) >= 1 (None if even alpha=1 loses)."""
+    if theoretical_speedup(1.0, n, c, c_v) < 1.0:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if theoretical_speedup(mid, n, c, c_v) >= 1.0 else (mid, hi)
+    return hi
+
+
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median wall seconds of `fn()` over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):
@@ -354,6 +365,7 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
             cost = costs[r.n]
             bound = theoretical_speedup(r.acceptance_rate, r.n, cost["c"], cost["c_v"])
             r.extra = {"c": cost["c"], "c_v": cost["c_v"],
+                       "break_even_acceptance": break_even_acceptance(r.n, cost["c"], cost["c_v"]),
                        "expected_accepted_length": expected_accepted_length(r.acceptance_rate, r.n),
                        "theoretical_speedup": bound,
                        "measured_over_theoretical": (r.speedup_vs_plain or 0.0) / bound if bound > 0 else None}
@@ -437,6 +449,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {_fmt(x.get('c'), 3)} | {_fmt(x.get('c_v'), 3)} | {_fmt(x.get('theoretical_speedup'))} "
                 f"| {_fmt(x.get('measured_over_theoretical'))} |")
         ours = next((r for r in report["results"] if r["method"] == "speculative" and r["mode"] == mode), None)
+        if ours and (ours.get("extra") or {}).get("break_even_acceptance") is not None:
+            lines += ["", f"Break-even acceptance for n={ours['n']} at the measured c and c_v: "
+                          f"{ours['extra']['break_even_acceptance']:.2f} (measured {ours['acceptance_rate']:.3f})."]
         if ours and (ours.get("extra") or {}).get("vs_hf_assisted") is not None:
             lines += ["", f"Our speculative decoder vs transformers assisted generation (same models, n): "
                           f"{ours['extra']['vs_hf_assisted']:.2f}×."]

@@ -127,3 +127,36 @@ def generate(prompt: str, target: str, draft: str | None, draft_layers: int, met
     click.echo()
     if stats:
         click.echo(json.dumps(output.stats.to_dict(), indent=2), err=True)
+
+
+@main.command("vllm-bench")
+@click.option("--target", required=True, help="Target model (HF dir or hub id vLLM can load).")
+@click.option("--draft", help="Draft model; omit for vLLM's n-gram prompt lookup.")
+@click.option("-n", "--num-speculative-tokens", type=int, default=3, show_default=True)
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="JSONL (default: packaged prompts).")
+@click.option("--sample/--greedy", default=False, show_default=True)
+@click.option("--top-p", type=float, default=0.7, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("-o", "--out", "out_file", type=click.Path(dir_okay=False), default="vllm_bench.json", show_default=True)
+def vllm_bench(target: str, draft: str | None, num_speculative_tokens: int, prompts: str | None, sample: bool,
+               top_p: float, temperature: float, max_new_tokens: int, repeats: int, out_file: str) -> None:
+    """Plain vs speculative decoding through vLLM (needs vLLM and a CUDA GPU; run it in vLLM's environment)."""
+    from soaes_core import load_tokenizer
+    from soaes_core.atomic import atomic_write_json
+    from soaes_core.errors import SoaesError
+
+    from .bench import load_prompts
+    from .vllm_bridge import VllmSpecSettings, run_vllm_benchmark, vllm_unavailable_reason
+
+    settings = VllmSpecSettings(target, draft, num_speculative_tokens, do_sample=sample, top_p=top_p,
+                                temperature=temperature, max_new_tokens=max_new_tokens)
+    reason = vllm_unavailable_reason()
+    if reason is not None:
+        raise SoaesError(reason)
+    tokenizer = load_tokenizer(target)
+    texts = [tokenizer.decode(ids) for ids in load_prompts(prompts, tokenizer)]
+    result = run_vllm_benchmark(settings, texts, repeats=repeats)
+    atomic_write_json(out_file, result)
+    click.echo(json.dumps(result, indent=2))

@@ -21,6 +21,17 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _shutdown_distributed() -> None:
+    """Tear the process group down before interpreter exit: with ZeRO-3 offload under a launcher, leaving it
+    to atexit/GC has been seen to abort the process after training finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 @click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="soaes-train")
 def main() -> None:
@@ -56,7 +67,10 @@ def run_cmd(recipe: str, stages: tuple[str, ...], output_dir: str | None, sets: 
         msg = {"skip": "already finished, skipped", "start": "training", "done": "done"}[event]
         click.echo(f"[{rec.name}] {name}: {msg}", err=True)
 
-    results = run_recipe(rec, only=list(stages) or None, force=force, on_stage=on_stage)
+    try:
+        results = run_recipe(rec, only=list(stages) or None, force=force, on_stage=on_stage)
+    finally:
+        _shutdown_distributed()
     for r in results:
         loss = r.metrics.get("train_loss")
         extra = "" if r.skipped else f"  attention={r.attn_implementation}  train_loss={loss:.4f}" if loss else ""

@@ -162,6 +162,13 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def _cpu_distributed() -> bool:
+    import torch.distributed as dist
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return not torch.cuda.is_available() and (launched or (dist.is_available() and dist.is_initialized()))
+
+
 def build_training_arguments(train: TrainConfig, output_dir: str | os.PathLike[str],
                              deepspeed_config: dict[str, Any] | None = None, **overrides: Any) -> TrainingArguments:
     """`TrainingArguments` for `train` (schedules, precision, checkpointing, logging) writing to `output_dir`."""
@@ -192,7 +199,7 @@ def build_training_arguments(train: TrainConfig, output_dir: str | os.PathLike[s
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         # CPU multi-process: accelerate must build its state on gloo to see the launcher's world size
-        ddp_backend=None if torch.cuda.is_available() else "gloo",
+        ddp_backend="gloo" if _cpu_distributed() else None,
         disable_tqdm=True,  # ProgressCallback draws the bar (honours SOAES_PROGRESS)
         deepspeed=deepspeed_config,
         **hf_scheduler_args(train),
