@@ -53,12 +53,12 @@ def main() -> None:
 
     def hf_step() -> None:
         model(one, past_key_values=cache, use_cache=True)
-        cache.crop(args.context)
+        cache.crop(-1)  # transformers 5: a negative count removes that many trailing tokens
 
     def hf_cycle() -> None:
         model(block, past_key_values=cache, use_cache=True)
-        cache.crop(args.context + args.n - 1)
-        cache.crop(args.context)
+        cache.crop(-2)  # roll back two rejected tokens, then the rest to reuse the same context
+        cache.crop(-(args.n - 1))
 
     hf_step_ms = median_ms(hf_step, args.repeats)
     hf_cycle_ms = median_ms(hf_cycle, args.repeats)

@@ -4,7 +4,8 @@ Each mode runs in its own subprocess (so peak RSS is per mode) and trains one pa
 (forward + backward + AdamW step), using soaes-train's collators and soaes-data's FFD packing:
 
 * padding: batches of `--batch-size` examples in random order, right-padded to the batch's longest;
-* packing: first-fit-decreasing bins of `--max-length` tokens, `--pack-rows` rows per step, exact
+* packing: first-fit-decreasing bins of `--max-length` tokens, `--pack-rows` rows per step (4 × 1024
+  slots ≈ the token slots of a padded batch of 8, and still less memory), exact
   block-diagonal attention from position_ids (what `soaes-train` does).
 
 Lengths follow a log-normal distribution typical of chat SFT data (median ~220 tokens, long tail, clipped
@@ -101,10 +102,11 @@ def run_mode(args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="'tiny' (Qwen2, hidden 128, 4 layers) or a model spec")
-    ap.add_argument("--examples", type=int, default=96)
+    ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8, help="examples per padded batch")
-    ap.add_argument("--pack-rows", type=int, default=2, help="packed rows per step")
+    ap.add_argument("--pack-rows", type=int, default=4, help="packed rows per step")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per mode (best kept)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write results JSON here")
     ap.add_argument("--mode", choices=["packing", "padding"], default=None, help=argparse.SUPPRESS)
@@ -116,15 +118,23 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(args.model, Path(tmp))
-        results = {}
-        for mode in ("padding", "packing"):
-            cmd = [sys.executable, __file__, "--mode", mode, "--model-dir", model_dir, "--examples",
-                   str(args.examples), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-                   "--pack-rows", str(args.pack_rows), "--seed", str(args.seed)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(json.dumps(results[mode]), file=sys.stderr)
+        results: dict[str, dict] = {}
+        runs: dict[str, list[float]] = {"padding": [], "packing": []}
+        for _ in range(args.repeats):  # modes interleaved, best run kept: the machine is shared and noisy
+            for mode in ("padding", "packing"):
+                cmd = [sys.executable, __file__, "--mode", mode, "--model-dir", model_dir, "--examples",
+                       str(args.examples), "--max-length", str(args.max_length), "--batch-size",
+                       str(args.batch_size), "--pack-rows", str(args.pack_rows), "--seed", str(args.seed)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs[mode].append(res["tokens_per_s"])
+                if mode not in results or res["tokens_per_s"] > results[mode]["tokens_per_s"]:
+                    results[mode] = res
+                print(json.dumps(res), file=sys.stderr)
+        for mode in results:
+            results[mode]["tokens_per_s_all_runs"] = runs[mode]
     report = {"model": args.model, "examples": args.examples, "max_length": args.max_length,
+              "batch_size": args.batch_size, "pack_rows": args.pack_rows, "repeats": args.repeats,
               "cpu_count": os.cpu_count(), "results": results,
               "speedup_tokens_per_s": round(results["packing"]["tokens_per_s"] / results["padding"]["tokens_per_s"], 2)}
     print(json.dumps(report, indent=2))

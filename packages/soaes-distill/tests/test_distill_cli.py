@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,11 @@ def test_bad_recipe_values_are_one_line_errors(tmp_path, token_dataset, student_
     res = runner.invoke(main, ["dump", "--model", str(student_dir), "--dataset", str(token_dataset), "--out",
                                str(tmp_path / "d"), "--top-k", "1000000"])
     assert res.exit_code == 2 and "exceeds" in res.output
+
+
+def test_estimate_command(token_dataset, tiny_qwen2_dir, student_dir) -> None:
+    res = CliRunner().invoke(main, ["estimate", "--target", str(tiny_qwen2_dir), "--draft", str(tiny_qwen2_dir),
+                                    "--data", str(token_dataset)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.stdout)
+    assert metrics["acceptance_greedy"] == 1.0 and metrics["accepted_length_greedy_n3"] > 3.0

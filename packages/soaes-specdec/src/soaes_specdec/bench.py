@@ -222,18 +222,6 @@ def _sum_stats(outputs: list[SpecDecodeOutput]) -> dict[str, Any]:
             "target_calls": sum(o.stats.target_calls for o in outputs)}
 
 
-def _run_repeats(run_all: Callable[..., tuple[int, Any]], warmup: int, repeats: int) -> tuple[list[float], list[Any]]:
-    for _ in range(warmup):
-        run_all(warmup=True)
-    rates, payloads = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens, payload = run_all()
-        rates.append(tokens / (time.perf_counter() - t0))
-        payloads.append((tokens, time.perf_counter() - t0, payload))
-    return rates, payloads
-
-
 class BenchRunner:
     """Holds the loaded models and runs each method over the prompts."""
 
@@ -309,19 +297,40 @@ class BenchRunner:
             self._draft_runner = CachedCausalLM(self.draft)
         return self._draft_runner
 
-    def run_method(self, method: str, mode: str, n: int) -> MethodResult:
-        run_all = self._hf(method, mode, n) if method.startswith("hf_") else self._ours(method, mode, n)
-        rates, payloads = _run_repeats(run_all, self.config.warmup, self.config.repeats)
-        median_rate = statistics.median(rates)
-        idx = min(range(len(rates)), key=lambda i: abs(rates[i] - median_rate))
-        tokens, wall, outs = payloads[idx]
-        result = MethodResult(method=method, mode=mode, n=None if method == "plain" else n,
-                              tokens_per_s=median_rate, new_tokens=tokens, wall_time_s=wall,
-                              repeats_tokens_per_s=rates)
-        if outs is not None and method != "plain":
-            for key, value in _sum_stats(outs).items():
-                setattr(result, key, value)
-        return result
+    def closure(self, method: str, mode: str, n: int) -> Callable[..., tuple[int, Any]]:
+        """A callable that decodes every prompt once with `method`; returns (new tokens, outputs or None)."""
+        return self._hf(method, mode, n) if method.startswith("hf_") else self._ours(method, mode, n)
+
+    def run_jobs(self, jobs: list[tuple[str, int, str]]) -> list[MethodResult]:
+        """Time every (mode, n, method) job, interleaving the repeats (job 1, job 2, ..., job 1, job 2, ...).
+
+        Interleaving spreads slow periods of a shared machine over all methods instead of one.
+        """
+        cfg = self.config
+        runs = [self.closure(method, mode, n) for mode, n, method in jobs]
+        for run_all in runs:
+            for _ in range(cfg.warmup):
+                run_all(warmup=True)
+        samples: list[list[tuple[float, int, float, Any]]] = [[] for _ in jobs]
+        for _ in progress(range(cfg.repeats), desc="bench repeats"):
+            for i, run_all in enumerate(runs):
+                t0 = time.perf_counter()
+                tokens, outs = run_all()
+                wall = time.perf_counter() - t0
+                samples[i].append((tokens / wall, tokens, wall, outs))
+        results = []
+        for (mode, n, method), runs_of_job in zip(jobs, samples, strict=True):
+            rates = [s[0] for s in runs_of_job]
+            median_rate = statistics.median(rates)
+            _, tokens, wall, outs = min(runs_of_job, key=lambda s: abs(s[0] - median_rate))
+            result = MethodResult(method=method, mode=mode, n=None if method == "plain" else n,
+                                  tokens_per_s=median_rate, new_tokens=tokens, wall_time_s=wall,
+                                  repeats_tokens_per_s=rates)
+            if outs is not None and method != "plain":
+                for key, value in _sum_stats(outs).items():
+                    setattr(result, key, value)
+            results.append(result)
+        return results
 
 
 def load_bench_models(config: BenchConfig) -> tuple[Any, Any, Any]:
@@ -350,12 +359,10 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
     context = int(statistics.median(p.numel() for p in prompts)) + config.max_new_tokens // 2
     costs = {n: measure_costs(runner.target_runner, runner.draft_runner, n, context)
              for n in config.num_speculative_tokens}
-    results: list[MethodResult] = []
     jobs = [(mode, n, m) for mode in config.modes for n in config.num_speculative_tokens for m in config.methods
             if not (m == "plain" and n != config.num_speculative_tokens[0])]
-    for mode, n, method in progress(jobs, desc="bench"):
-        log.info("bench %s %s n=%d", mode, method, n)
-        results.append(runner.run_method(method, mode, n))
+    log.info("bench: %d jobs x %d repeats (interleaved) over %d prompts", len(jobs), config.repeats, len(prompts))
+    results = runner.run_jobs(jobs)
     rows = []
     for r in results:
         plain = next((p for p in results if p.method == "plain" and p.mode == r.mode), None)
@@ -423,12 +430,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     """A readable table per mode plus the cost model and bandwidth lines."""
     cfg, machine = report["config"], report["machine"]
     draft = cfg["draft"] or f"first {cfg['draft_layers']} layers of the target"
+    load = ", ".join(f"{x:.1f}" for x in machine["load_average"] or ())
     lines = [
         "# Speculative decoding benchmark", "",
         f"target `{cfg['target']}`, draft `{draft}`, "
         f"{report['num_prompts']} prompts, max_new_tokens {cfg['max_new_tokens']}, batch 1, {cfg['dtype']}, "
-        f"warm-up {cfg['warmup']}, median of {cfg['repeats']} repeats; {machine['torch_threads']} threads on "
-        f"{machine['cpu_count']} CPUs (load average at end {_fmt(tuple(machine['load_average'] or ()))}).", "",
+        f"warm-up {cfg['warmup']}, median of {cfg['repeats']} interleaved repeats; "
+        f"{machine['torch_threads']} threads on {machine['cpu_count']} CPUs (load average at end {load}).", "",
         "acceptance = accepted / proposed draft tokens; mean length = new tokens per target call (bonus included); "
         "S = E[L]/(n·c + c_v).", "",
     ]
