@@ -69,5 +69,26 @@ def generate(prompt: str | None, model: str, max_new_tokens: int, chat: bool) ->
                f"model {model}]", err=True)
 
 
+@main.command()
+@click.option("--out", "output_dir", default="runs/demo", show_default=True, help="Output directory.")
+@click.option("--num-prompts", default=4, show_default=True, type=int)
+@click.option("--max-new-tokens", default=48, show_default=True, type=int)
+@click.option("--draft-layers", default=4, show_default=True, type=int)
+@click.option("-n", "--num-speculative-tokens", default=3, show_default=True, type=int)
+def demo(output_dir: str, num_prompts: int, max_new_tokens: int, draft_layers: int,
+         num_speculative_tokens: int) -> None:
+    """The pipeline in miniature on the embedded model: curate, decode (plain / lookup / speculative), score."""
+    from soaes_core import from_dict
+
+    from .demo import DemoConfig, result_summary, run_demo
+
+    cfg = from_dict(DemoConfig, {"output_dir": output_dir, "num_prompts": num_prompts,
+                                 "max_new_tokens": max_new_tokens, "draft_layers": draft_layers,
+                                 "num_speculative_tokens": num_speculative_tokens}, source="soaes demo options")
+    result = run_demo(cfg)
+    click.echo(open(result.report_path, encoding="utf-8").read())
+    click.echo(result_summary(result), err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -94,3 +94,18 @@ def test_truncate_packed_row() -> None:
            "seq_lengths": [4, 3, 3]}
     t = truncate_packed_row(row, 6)
     assert t["seq_lengths"] == [4, 2] and len(t["input_ids"]) == 6
+
+
+def test_conversation_without_assistant_turn_is_rejected_with_reason(embedded_tokenizer, chat_jsonl: Path,
+                                                                      tmp_path: Path) -> None:
+    lines = chat_jsonl.read_text().splitlines()
+    lines.insert(1, json.dumps({"messages": [{"role": "user", "content": "only a question"}]}))
+    p = tmp_path / "with_reject.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    d = prepare_data(DataConfig(paths=[str(p)], max_length=128), "sft", embedded_tokenizer)
+    assert d.counts["records"] == 25 and d.counts["rejected"] == 1 and d.counts["sequences"] == 24
+    assert d.rejects[0]["line"] == 2 and "no assistant turn" in d.rejects[0]["reason"]
+    bad = tmp_path / "malformed.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"malformed\.jsonl:1: .*role 'robot'"):
+        prepare_data(DataConfig(paths=[str(bad)]), "sft", embedded_tokenizer)

@@ -51,7 +51,8 @@ def run_cmd(recipe: str, stages: tuple[str, ...], output_dir: str | None, sets: 
     """Run RECIPE (a YAML path or a shipped recipe name): one stage or a whole curriculum.
 
     Finished stages are skipped and interrupted ones resume from their last checkpoint. Multi-GPU:
-    `torchrun --nproc_per_node 8 -m soaes_train.cli run RECIPE` (or `deepspeed --num_gpus 8 ...`).
+    `torchrun --nproc_per_node 8 -m soaes_train.cli run RECIPE`
+    (or `deepspeed --num_gpus 8 --no_local_rank --module soaes_train.cli run RECIPE`).
     """
     from soaes_core.clitools import setup_logging
 

@@ -373,13 +373,14 @@ def _train_stage(stage: StageConfig, model_spec: str, stage_dir: str | os.PathLi
              layout if data.packed else "padded", len(data.rows))
     ckpt_dir = stage_dir / CHECKPOINT_DIRNAME
     resume_from = last_complete_checkpoint(ckpt_dir) if resume else None
-    trainer = SoaesTrainer(model=model, args=args, train_dataset=RowDataset(data.rows), data_collator=collator,
-                           processing_class=tokenizer,
-                           callbacks=[ProgressCallback(stage.name), *(callbacks or [])])
-    trainer.remove_callback(PrinterCallback)  # library code does not print; the loss goes to the curve/bar
     tb_dir = str(stage_dir / "tensorboard") if "tensorboard" in train.report_to else None
-    with timer("train"), _env(TENSORBOARD_LOGGING_DIR=tb_dir):
-        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with _env(TENSORBOARD_LOGGING_DIR=tb_dir):  # read when the Trainer builds its TensorBoard callback
+        trainer = SoaesTrainer(model=model, args=args, train_dataset=RowDataset(data.rows), data_collator=collator,
+                               processing_class=tokenizer,
+                               callbacks=[ProgressCallback(stage.name), *(callbacks or [])])
+        trainer.remove_callback(PrinterCallback)  # library code does not print; the loss goes to the curve/bar
+        with timer("train"):
+            out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     with timer("save"):
         tmp = export_model(trainer, tokenizer, stage_dir)
     model_out = stage_dir / MODEL_DIRNAME
