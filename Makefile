@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml $(wildcard packages/*/pyproject.toml) $(CONST
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/soaes generate
+	$(VENV)/bin/soaes demo
 
 generate: install
 	$(VENV)/bin/soaes generate

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from soaes.cli import main
 
 PACKAGES = ["soaes", "soaes-core", "soaes-data", "soaes-train", "soaes-distill", "soaes-specdec", "soaes-eval"]

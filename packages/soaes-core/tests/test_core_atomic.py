@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from soaes_core.atomic import atomic_dir, atomic_write_json, atomic_write_text
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+
 from soaes_core.config import dump_config, from_dict, load_config
 from soaes_core.errors import ConfigError
 

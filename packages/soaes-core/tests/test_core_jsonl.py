@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from soaes_core.errors import DataError
 from soaes_core.jsonl import JsonlReject, iter_jsonl, read_jsonl, write_jsonl
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from soaes_core import models
 from soaes_core.errors import ModelLoadError
 from soaes_core.models import (
@@ -58,7 +59,7 @@ def test_unknown_embedded_name_lists_known() -> None:
 
 
 def test_missing_gguf_and_bad_dtype(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="GGUF file .* does not exist"):
+    with pytest.raises(ModelLoadError, match=r"GGUF file .* does not exist"):
         parse_spec(f"gguf:{tmp_path / 'm.gguf'}")
     with pytest.raises(ModelLoadError, match="unknown dtype 'float33'"):
         resolve_dtype("float33")
@@ -77,7 +78,7 @@ def test_tiny_qwen2_is_seeded(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_embedded_greedy_matches_transformers_gguf(embedded_model, embedded_tokenizer) -> None:  # noqa: ANN001
+def test_embedded_greedy_matches_transformers_gguf(embedded_model, embedded_tokenizer) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path("smollm2-135m")

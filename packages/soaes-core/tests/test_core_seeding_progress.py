@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from soaes_core.progress import progress, progress_enabled
 from soaes_core.seeding import seed_everything
 
