@@ -117,7 +117,11 @@ def test_embedded_model_runs_offline(embedded_model_dir: Path, tmp_path: Path) -
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # A fresh, single-process run: drop the launcher variables an in-process DeepSpeed test may have set
+    # (RANK, MASTER_PORT, ...), or accelerate would try to join that process group's port.
+    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "soaes_eval.cli", "run", "--model", "embedded:smollm2-135m",
            "--tasks", "soaes_cmmlu,soaes_ceval,soaes_domain_qa", "--data-dir", str(SAMPLES_DIR),
            "--limit", "2", "--max-gen-toks", "16", "--batch-size", "16", "-o", str(tmp_path)]
