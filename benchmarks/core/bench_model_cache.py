@@ -22,23 +22,16 @@ def main() -> None:
         os.environ["SOAES_CACHE"] = cache
         from soaes_core import load_model, load_tokenizer
 
-        t = time.perf_counter()
-        load_model("embedded:smollm2-135m")
-        load_tokenizer("embedded:smollm2-135m")
-        first = time.perf_counter() - t
-        cached = []
-        for _ in range(args.repeats):
+        def timed_load() -> float:
             t = time.perf_counter()
             load_model("embedded:smollm2-135m")
             load_tokenizer("embedded:smollm2-135m")
-            cached.append(time.perf_counter() - t)
+            return time.perf_counter() - t
+
+        first = timed_load()
+        cached = [timed_load() for _ in range(args.repeats)]
         os.environ["SOAES_VERIFY_CACHE"] = "0"
-        unverified = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            load_model("embedded:smollm2-135m")
-            load_tokenizer("embedded:smollm2-135m")
-            unverified.append(time.perf_counter() - t)
+        unverified = [timed_load() for _ in range(args.repeats)]
     print(json.dumps({"first_load_s": round(first, 2), "cached_load_s_median": round(statistics.median(cached), 3),
                       "cached_load_no_checksum_s_median": round(statistics.median(unverified), 3),
                       "speedup": round(first / statistics.median(cached), 1)}, indent=2))

@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from transformers import DynamicCache
 
 from soaes_core import load_model
+from soaes_specdec.bench import median_time
 from soaes_specdec.runner import CachedCausalLM
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    """Median milliseconds of `fn()` after one warm-up (the benchmark's own timer)."""
+    return 1000 * median_time(fn, repeats, warmup=1)
 
 
 @torch.inference_mode()

@@ -239,6 +239,26 @@ def _prefill(runner: CachedCausalLM, rows: _Rows, need_logits: bool = True) -> t
 # ----------------------------------------------------------------------------------------- autoregressive
 
 
+def _start_rows(runner: CachedCausalLM, input_ids: Any, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                block: int, eos_token_id: int | Sequence[int] | None, streamer: Streamer | None) -> _Rows:
+    """Validate the prompts, build the row state for blocks of `block` tokens and size `runner`'s cache for them."""
+    prompts = normalise_prompts(input_ids, attention_mask)
+    check_lengths(runner, prompts, max_new_tokens)
+    eos = eos_set(eos_token_id)
+    rows = _Rows(prompts, max_new_tokens, block, _pad_id(runner, eos), eos, runner.device, streamer)
+    runner.start(rows.batch, rows.max_prompt + max_new_tokens + block)
+    return rows
+
+
+def _prefill_and_sample_first(runner: CachedCausalLM, rows: _Rows, params: SamplingParams,
+                              generator: torch.Generator | None, stats: SpecStats) -> None:
+    """Prefill the target on the prompts and append the first new token of every row."""
+    logits = _prefill(runner, rows)
+    stats.target_calls += 1
+    first, _ = sampling.sample_next(logits, params, generator)
+    rows.append(first.unsqueeze(1), torch.ones_like(first))
+
+
 @torch.inference_mode()
 def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_sample: bool = False,
                             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -249,11 +269,7 @@ def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_
     t0 = time.perf_counter()
     runner = _as_runner(model)
     params = SamplingParams(do_sample, temperature, top_p, top_k)
-    prompts = normalise_prompts(input_ids, attention_mask)
-    check_lengths(runner, prompts, max_new_tokens)
-    eos = eos_set(eos_token_id)
-    rows = _Rows(prompts, max_new_tokens, 1, _pad_id(runner, eos), eos, runner.device, streamer)
-    runner.start(rows.batch, rows.max_prompt + max_new_tokens + 1)
+    rows = _start_rows(runner, input_ids, attention_mask, max_new_tokens, 1, eos_token_id, streamer)
     stats = SpecStats()
     logits = _prefill(runner, rows)
     stats.target_calls += 1
@@ -357,21 +373,13 @@ class SpeculativeDecoder:
         """Generate up to `max_new_tokens` per row; same arguments and output as `autoregressive_generate`."""
         t0 = time.perf_counter()
         params = SamplingParams(do_sample, temperature, top_p, top_k)
-        prompts = normalise_prompts(input_ids, attention_mask)
-        check_lengths(self.target, prompts, max_new_tokens)
         n = self.num_speculative_tokens
-        eos = eos_set(eos_token_id)
-        rows = _Rows(prompts, max_new_tokens, n + 1, _pad_id(self.target, eos), eos, self.target.device, streamer)
-        capacity = rows.max_prompt + max_new_tokens + n + 1
-        self.target.start(rows.batch, capacity)
-        self.draft.start(rows.batch, capacity)
+        rows = _start_rows(self.target, input_ids, attention_mask, max_new_tokens, n + 1, eos_token_id, streamer)
+        self.draft.start(rows.batch, rows.max_prompt + max_new_tokens + n + 1)
         stats = SpecStats()
-        logits = _prefill(self.target, rows)
-        _prefill(self.draft, rows, need_logits=False)
-        stats.target_calls += 1
+        _prefill(self.draft, rows, need_logits=False)  # before the first token is appended: prompts only
         stats.draft_calls += 1
-        first, _ = sampling.sample_next(logits, params, generator)
-        rows.append(first.unsqueeze(1), torch.ones_like(first))
+        _prefill_and_sample_first(self.target, rows, params, generator, stats)
         while bool(rows.active.any()):
             drafts, probs = self._propose(rows, params, generator, stats)
             num_draft = torch.full_like(rows.lengths, drafts.shape[1])
@@ -405,17 +413,10 @@ class PromptLookupDecoder:
         """Generate up to `max_new_tokens` per row; same arguments and output as `autoregressive_generate`."""
         t0 = time.perf_counter()
         params = SamplingParams(do_sample, temperature, top_p, top_k)
-        prompts = normalise_prompts(input_ids, attention_mask)
-        check_lengths(self.target, prompts, max_new_tokens)
         n = self.num_speculative_tokens
-        eos = eos_set(eos_token_id)
-        rows = _Rows(prompts, max_new_tokens, n + 1, _pad_id(self.target, eos), eos, self.target.device, streamer)
-        self.target.start(rows.batch, rows.max_prompt + max_new_tokens + n + 1)
+        rows = _start_rows(self.target, input_ids, attention_mask, max_new_tokens, n + 1, eos_token_id, streamer)
         stats = SpecStats()
-        logits = _prefill(self.target, rows)
-        stats.target_calls += 1
-        first, _ = sampling.sample_next(logits, params, generator)
-        rows.append(first.unsqueeze(1), torch.ones_like(first))
+        _prefill_and_sample_first(self.target, rows, params, generator, stats)
         vocab = self.target.vocab_size
         while bool(rows.active.any()):
             drafts, num_draft = propose_ngram_continuations(rows.tokens, rows.lengths, rows.active, n,
