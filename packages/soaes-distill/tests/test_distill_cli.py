@@ -50,6 +50,27 @@ def test_dump_then_train(tmp_path, token_dataset, tiny_qwen2_dir, student_dir, m
     assert res.exit_code == 2 and "dataset_sha256" in res.output
 
 
+def test_dump_with_tail_samples(tmp_path, token_dataset, tiny_qwen2_dir, student_dir, monkeypatch) -> None:
+    monkeypatch.setenv("SOAES_PROGRESS", "0")
+    runner = CliRunner()
+    store = tmp_path / "logits"
+    args = ["dump", "--model", str(tiny_qwen2_dir), "--dataset", str(token_dataset), "--out", str(store),
+            "--top-k", "8", "--temperature", "1.0", "--temperature", "2.0", "--tail-samples", "8"]
+    res = runner.invoke(main, [*args, "--tail-temperature", "3.0"])
+    assert res.exit_code == 2 and "tail_temperature 3.0 must be one of" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, [*args, "--tail-temperature", "2.0"])
+    assert res.exit_code == 0, res.output
+    settings = json.loads((store / "store.json").read_text())["settings"]
+    assert settings["tail_samples"] == 8 and settings["tail_temperature"] == 2.0
+    recipe = _recipe(tmp_path / "kd.yaml", student=str(student_dir), train_data=str(token_dataset),
+                     teacher_logits=str(store), output_dir=str(tmp_path / "run"),
+                     kd={"alpha": 0.5, "temperature": 1.0},  # loss τ ≠ sampling τ_s
+                     train={"max_steps": 1, "per_device_train_batch_size": 4, "save_steps": 1000, "bf16": False,
+                            "verify_packing": False})
+    res = runner.invoke(main, ["train", str(recipe)])
+    assert res.exit_code == 0, res.output
+
+
 def test_bad_recipe_values_are_one_line_errors(tmp_path, token_dataset, student_dir) -> None:
     runner = CliRunner()
     base = {"student": str(student_dir), "train_data": str(token_dataset), "output_dir": str(tmp_path / "r"),

@@ -1,4 +1,5 @@
-"""Dump → store round trip on a tiny random Qwen2: exact contents, resume after a kill, corruption, settings."""
+"""Dump → store round trip on a tiny random Qwen2: exact contents, resume after a kill, corruption, settings,
+tail samples (format 2) and reading format-1 stores."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
+from soaes_core import sha256_bytes
 from soaes_core.errors import IntegrityError, InvalidArgumentError
 from soaes_data.packing import build_packed_example
-from soaes_distill.dump import DumpConfig, run_dump
-from soaes_distill.losses import TopKLogits
-from soaes_distill.store import TeacherLogitStore
+from soaes_distill.dump import DumpConfig, capture_example, run_dump
+from soaes_distill.losses import TopKLogits, distillation_loss
+from soaes_distill.store import STORE_FORMAT, CaptureSettings, TeacherLogitStore
 from soaes_distill.token_data import TokenExample, load_token_examples, write_token_jsonl
 
 
@@ -144,3 +148,101 @@ def test_settings_mismatch_is_refused(tmp_path, token_dataset, tiny_qwen2, embed
         _dump(out, token_dataset, tiny_qwen2, embedded_tokenizer, top_k=8, temperatures=[2.0])
     with pytest.raises(InvalidArgumentError, match="exceeds"):
         _dump(tmp_path / "big", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=10 ** 6)
+
+
+# ---- tail samples (store format 2) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_tail_samples_round_trip(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer, compression) -> None:
+    out = _dump(tmp_path / "t", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=8, temperatures=[1.0, 2.0],
+                tail_samples=6, tail_temperature=2.0, compression=compression)
+    store = TeacherLogitStore(out)
+    assert json.loads((out / "store.json").read_text())["format"] == STORE_FORMAT == 2
+    assert store.settings.tail_samples == 6 and store.settings.tail_temperature == 2.0
+    assert store.settings.bytes_per_position() == (8 + 6) * (2 + 2) + 2 * 4
+    ex = load_token_examples(token_dataset)[3]
+    ref = _teacher_logp(tiny_qwen2, ex.input_ids)
+    L = len(ex.input_ids)
+    for tau in (1.0, 2.0):  # loss τ = 1 reads the τ_s = 2 logsumexp for the importance weights
+        got = store.lookup(torch.full((1, L), ex.example_id), torch.arange(L)[None], temperature=tau)
+        assert got.num_tail_samples == 6 and got.tail_temperature == 2.0
+        torch.testing.assert_close(got.tail_logsumexp[0], torch.logsumexp(ref / 2.0, -1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.logsumexp[0], torch.logsumexp(ref / tau, -1), rtol=0, atol=1e-5)
+    tail = got.tail_indices[0]
+    assert not (tail[:, :, None] == got.indices[0][:, None, :]).any()  # outside the top-k
+    torch.testing.assert_close(got.tail_values[0], ref.gather(-1, tail), rtol=1e-3, atol=1e-4)  # fp16 log-probs
+    # exactly what capture_example draws with the example's generator
+    settings = CaptureSettings(model="m", model_fingerprint="-", tokenizer_sha256="-", dataset_sha256="-",
+                               vocab_size=ref.shape[-1], top_k=8, temperatures=[1.0, 2.0], tail_samples=6)
+    assert torch.equal(capture_example(ref, settings, ex.example_id)["tail_indices"], tail)
+    assert not torch.equal(capture_example(ref, settings, ex.example_id + 1)["tail_indices"], tail)
+    # padding positions get a finite placeholder, and the loss runs on the looked-up batch
+    batch = store.lookup(torch.tensor([[3, 3, -1]]), torch.tensor([[0, 1, 0]]), temperature=2.0)
+    assert torch.isfinite(batch.tail_values).all() and torch.isfinite(batch.tail_logsumexp).all()
+    loss = distillation_loss(torch.randn(1, 3, ref.shape[-1]), batch, torch.tensor([[5, 6, -100]]))
+    assert torch.isfinite(loss)
+
+
+def test_tail_samples_resume_is_byte_identical(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    cfg = DumpConfig(dataset=str(token_dataset), output_dir=str(tmp_path / "k"), top_k=4, examples_per_shard=3,
+                     batch_size=2, tail_samples=5, compression="zstd")
+
+    def crash(shard: int, batch: int) -> None:
+        if shard == 1 and batch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dump(cfg, model=tiny_qwen2, tokenizer=embedded_tokenizer, on_batch=crash)
+    run_dump(cfg, model=tiny_qwen2, tokenizer=embedded_tokenizer)
+    ref = run_dump(DumpConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "ref")}), model=tiny_qwen2,
+                   tokenizer=embedded_tokenizer)
+    names = sorted(p.name for p in Path(cfg.output_dir).glob("shard-*"))
+    assert names == sorted(p.name for p in ref.output_dir.glob("shard-*")) and len(names) == 4
+    for name in names:
+        assert (Path(cfg.output_dir) / name).read_bytes() == (ref.output_dir / name).read_bytes()
+    assert TeacherLogitStore(cfg.output_dir).settings.tail_temperature == 2.0  # default: the largest τ
+
+
+def test_format_1_store_is_read(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    """A store written before tail samples existed (format 1: no tail keys, shards tagged format 1) still reads."""
+    out = _dump(tmp_path / "f1", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=4, temperatures=[2.0])
+    before = TeacherLogitStore(out).lookup(torch.full((1, 5), 2), torch.arange(5)[None], temperature=2.0)
+    state = json.loads((out / "store.json").read_text())
+    state["format"] = 1
+    for key in ("tail_samples", "tail_temperature"):
+        del state["settings"][key]
+    for entry in state["shards"].values():
+        data = st_save(st_load((out / entry["file"]).read_bytes()), metadata={"format": "1"})
+        (out / entry["file"]).write_bytes(data)
+        entry.update(sha256=sha256_bytes(data), bytes=len(data))
+    (out / "store.json").write_text(json.dumps(state))
+    store = TeacherLogitStore(out)
+    store.verify()
+    after = store.lookup(torch.full((1, 5), 2), torch.arange(5)[None], temperature=2.0)
+    assert store.settings.tail_samples == 0 and after.num_tail_samples == 0
+    assert torch.equal(after.values, before.values) and torch.equal(after.indices, before.indices)
+    state["format"] = 3
+    (out / "store.json").write_text(json.dumps(state))
+    with pytest.raises(IntegrityError, match="format 3 is newer"):
+        TeacherLogitStore(out)
+
+
+def test_tail_sample_settings_are_checked(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
+    base = {"model": "m", "model_fingerprint": "-", "tokenizer_sha256": "-", "dataset_sha256": "-",
+            "vocab_size": 100, "top_k": 8, "temperatures": [1.0, 2.0]}
+    with pytest.raises(InvalidArgumentError, match="tail_samples must be an int ≥ 0"):
+        CaptureSettings(**base, tail_samples=-1)
+    with pytest.raises(InvalidArgumentError, match=r"tail_temperature 3\.0 must be one of the captured"):
+        CaptureSettings(**base, tail_samples=4, tail_temperature=3.0)
+    with pytest.raises(InvalidArgumentError, match="no tail to sample"):
+        CaptureSettings(**{**base, "top_k": 0}, tail_samples=4)
+    assert CaptureSettings(**base, tail_samples=4).tail_temperature == 2.0
+    assert CaptureSettings(**base, tail_samples=4, tail_temperature=1).tail_temperature == 1.0
+    with pytest.raises(ValueError, match="tail_samples must be ≥ 0"):
+        DumpConfig(tail_samples=-2)
+    with pytest.raises(ValueError, match=r"tail_temperature 5\.0 must be one of"):
+        DumpConfig(tail_samples=2, temperatures=[1.0, 2.0], tail_temperature=5.0)
+    # resuming with another number of tail samples is refused
+    out = _dump(tmp_path / "r", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=4, tail_samples=2)
+    with pytest.raises(IntegrityError, match="tail_samples"):
+        _dump(out, token_dataset, tiny_qwen2, embedded_tokenizer, top_k=4, tail_samples=3)

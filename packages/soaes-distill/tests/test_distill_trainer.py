@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,20 @@ def test_offline_kd_matches_online_kd(tmp_path, token_dataset, tiny_qwen2, embed
     with pytest.raises(IntegrityError, match="dataset_sha256"):
         _train(tmp_path / "bad", student_dir, token_dataset, teacher_store=store,
                expected_dataset_sha256="0" * 64)
+
+
+def test_offline_kd_passes_tail_samples_through(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer,
+                                                student_dir) -> None:
+    store_dir = tmp_path / "tail"
+    run_dump(DumpConfig(dataset=str(token_dataset), output_dir=str(store_dir), top_k=8, temperatures=[1.0, 2.0],
+                        tail_samples=4, tail_temperature=1.0, examples_per_shard=6),
+             model=tiny_qwen2, tokenizer=embedded_tokenizer)
+    store = TeacherLogitStore(store_dir)
+    trainer = _train(tmp_path / "t", student_dir, token_dataset, teacher_store=store)
+    assert all(math.isfinite(h["loss"]) for h in trainer.kd_history) and len(trainer.kd_history) == 4
+    batch = KDCollator()([KDDataset(load_token_examples(token_dataset))[i] for i in (0, 5)])
+    got = trainer.teacher_logits(batch, torch.device("cpu"))
+    want = store.lookup(batch["teacher_example_ids"], batch["teacher_positions"], temperature=2.0)
+    assert got.num_tail_samples == 4 and got.tail_temperature == 1.0
+    for name in ("values", "indices", "logsumexp", "tail_indices", "tail_values", "tail_logsumexp"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name

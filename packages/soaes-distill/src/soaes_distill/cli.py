@@ -43,15 +43,21 @@ def main(verbose: int) -> None:
 @click.option("--zstd/--no-zstd", default=None, help="compress shards with zstd")
 @click.option("--examples-per-shard", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
+@click.option("--tail-samples", type=int, default=None,
+              help="tail token ids sampled per position outside the top-k (0 = none; unbiased KD tail)")
+@click.option("--tail-temperature", type=float, default=None,
+              help="τ the tail samples are drawn at (one of --temperature; default the largest)")
 def dump(config_path: str | None, model: str | None, dataset: str | None, output_dir: str | None,
          top_k: int | None, dtype: str | None, temperatures: tuple[float, ...], zstd: bool | None,
-         examples_per_shard: int | None, batch_size: int | None) -> None:
+         examples_per_shard: int | None, batch_size: int | None, tail_samples: int | None,
+         tail_temperature: float | None) -> None:
     """Run the teacher over a tokenized dataset and store its top-k (or dense) logits."""
     from .dump import DumpConfig, run_dump
 
     over: dict[str, object] = {k: v for k, v in {
         "model": model, "dataset": dataset, "output_dir": output_dir, "top_k": top_k, "dtype": dtype,
-        "examples_per_shard": examples_per_shard, "batch_size": batch_size}.items() if v is not None}
+        "examples_per_shard": examples_per_shard, "batch_size": batch_size, "tail_samples": tail_samples,
+        "tail_temperature": tail_temperature}.items() if v is not None}
     if temperatures:
         over["temperatures"] = list(temperatures)
     if zstd is not None:

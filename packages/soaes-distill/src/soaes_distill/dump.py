@@ -2,7 +2,8 @@
 
 Resumable at shard granularity: finished shards are listed (with sha256) in `store.json`, rewritten
 atomically after each shard; a rerun with the same settings skips them (re-dumping any whose checksum no
-longer matches) and a rerun with other settings is refused.
+longer matches) and a rerun with other settings is refused. Tail samples (`tail_samples` > 0) are drawn
+with a generator seeded from (`TAIL_SEED`, example id), so a resumed dump is byte-identical to a fresh one.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import torch
 from soaes_core import DEFAULT_MODEL, load_model, load_tokenizer, progress_bar, sha256_file, write_manifest
 from soaes_core.errors import IntegrityError, InvalidArgumentError
 
+from .losses import sample_tail_ids
 from .store import CaptureSettings, read_state, settings_mismatch, write_shard, write_state
 from .token_data import TokenExample, dataset_sha256, load_token_examples, tokenizer_sha256
 
 log = logging.getLogger(__name__)
+TAIL_SEED = 20250601  # fixed: the tail samples of an example depend only on its id and its logits
 
 
 @dataclass
@@ -43,12 +46,20 @@ class DumpConfig:
     batch_size: int = 8
     model_dtype: str | None = None
     device: str | None = None
+    tail_samples: int = 0  # tail ids sampled per position (0 = none: the loss uses a tail bucket)
+    tail_temperature: float | None = None  # τ_s they are drawn at; one of `temperatures`, default the largest
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
-            raise ValueError(f"top_k must be ≥ 0 (0 = dense), got {self.top_k}")
+            raise InvalidArgumentError(f"top_k must be ≥ 0 (0 = dense), got {self.top_k}")
+        if self.tail_samples < 0:
+            raise InvalidArgumentError(f"tail_samples must be ≥ 0, got {self.tail_samples}")
+        if self.tail_temperature is not None and \
+                not any(math.isclose(float(self.tail_temperature), float(t), rel_tol=1e-6) for t in self.temperatures):
+            raise InvalidArgumentError(f"tail_temperature {self.tail_temperature} must be one of the captured "
+                                       f"temperatures {list(self.temperatures)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+            raise InvalidArgumentError(f"batch_size must be ≥ 1, got {self.batch_size}")
 
 
 @dataclass
@@ -97,13 +108,29 @@ def teacher_log_probs(model: Any, examples: list[TokenExample], device: torch.de
     return out
 
 
-def capture_example(log_probs: torch.Tensor, settings: CaptureSettings) -> dict[str, torch.Tensor]:
-    """The stored arrays of one example from its (L, V) τ=1 log-probs."""
+def tail_generator(example_id: int) -> torch.Generator:
+    """The CPU generator of an example's tail samples, seeded from (`TAIL_SEED`, example id)."""
+    digest = hashlib.sha256(f"{TAIL_SEED}:{int(example_id)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def capture_example(log_probs: torch.Tensor, settings: CaptureSettings, example_id: int = 0) -> dict[str, torch.Tensor]:
+    """The stored arrays of one example from its (L, V) τ=1 log-probs.
+
+    With `settings.tail_samples` s > 0 also s ids per position drawn at τ_s from the teacher outside its top-k
+    (generator seeded from `example_id`) and their τ=1 log-probs.
+    """
     lse = torch.stack([torch.logsumexp(log_probs / t, -1) for t in settings.temperatures], -1)
     if settings.dense:
         return {"values": log_probs, "logsumexp": lse}
     values, indices = torch.topk(log_probs, settings.top_k, dim=-1)
-    return {"values": values, "indices": indices.to(torch.int64), "logsumexp": lse}
+    out = {"values": values, "indices": indices.to(torch.int64), "logsumexp": lse}
+    if settings.tail_samples:
+        tail = sample_tail_ids(log_probs.cpu(), indices.cpu(), settings.tail_samples, settings.tail_temperature,
+                               tail_generator(example_id))
+        out["tail_indices"] = tail
+        out["tail_values"] = log_probs.cpu().gather(-1, tail)
+    return out
 
 
 def _resume_state(out: Path, settings: CaptureSettings) -> dict[str, Any]:
@@ -154,7 +181,8 @@ def run_dump(config: DumpConfig, model: Any = None, tokenizer: Any = None,
         model_fingerprint=model_fingerprint(model), tokenizer_sha256=tokenizer_sha256(tokenizer),
         dataset_sha256=dataset_sha256(config.dataset), vocab_size=vocab, top_k=config.top_k, dtype=config.dtype,
         temperatures=list(config.temperatures), compression=config.compression,
-        examples_per_shard=config.examples_per_shard)
+        examples_per_shard=config.examples_per_shard, tail_samples=config.tail_samples,
+        tail_temperature=config.tail_temperature)
     shards = _resume_state(out, settings)
     per = settings.examples_per_shard
     num_shards = math.ceil(len(examples) / per)
@@ -176,7 +204,7 @@ def run_dump(config: DumpConfig, model: Any = None, tokenizer: Any = None,
                 batch = [chunk[i] for i in order[lo:lo + config.batch_size]]
                 logps = teacher_log_probs(model, batch, device)
                 for i, lp in zip(order[lo:lo + config.batch_size], logps, strict=True):
-                    by_index[i] = capture_example(lp, settings)
+                    by_index[i] = capture_example(lp, settings, chunk[i].example_id)
                 bar.update(sum(len(ex.input_ids) for ex in batch))
                 if on_batch is not None:
                     on_batch(s, b)

@@ -43,7 +43,7 @@ from soaes_train.config import TrainConfig
 from soaes_train.trainer import build_training_arguments
 
 from .acceptance import AcceptanceAccumulator
-from .draft_init import frequent_tokens, restrict_output_head
+from .draft_init import frequent_tokens, restrict_output_head, save_draft
 from .dump import DumpConfig, run_dump
 from .online import OnlineConfig, online_distill
 from .recipe import freeze_embeddings
@@ -84,10 +84,13 @@ class ExperimentConfig:
     speed_prompts: int = 4
     speed_new_tokens: int = 32
     top_k: int = 64
+    tail_samples: int = 0  # teacher tail ids sampled per position at τ=2 (0 = top-k with one tail bucket)
     head_tokens: int = 4096
     online_prompts: int = 16
     online_new_tokens: int = 24
     grid: bool = True
+    grid_steps: int = 0  # training steps of each α/τ grid run; 0 = `steps`
+    save_drafts: bool = True  # save_pretrained every measured draft under OUTPUT_DIR/drafts/ (for soaes-specdec bench)
     seed: int = 0
 
     def quick(self) -> ExperimentConfig:
@@ -132,9 +135,9 @@ def sample_prompts(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[di
 
 
 def _train(draft: Any, examples: list[TokenExample], kd: KDConfig, cfg: ExperimentConfig, out: Path,
-           store: TeacherLogitStore) -> tuple[Any, list[dict[str, float]], float]:
+           store: TeacherLogitStore, steps: int) -> tuple[Any, list[dict[str, float]], float]:
     train_cfg = TrainConfig(learning_rate=cfg.learning_rate, lr_scheduler="constant_with_warmup", warmup_ratio=0.1,
-                            max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size, seed=cfg.seed,
+                            max_steps=steps, per_device_train_batch_size=cfg.batch_size, seed=cfg.seed,
                             save_steps=10**9, logging_steps=max(1, cfg.steps // 10), bf16=False)
     args = build_training_arguments(train_cfg, out, None, save_strategy="no")
     if not cfg.train_embeddings:
@@ -220,7 +223,9 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
     s = time.perf_counter()
     temps = sorted({2.0, 1.0, 3.0, 5.0} if cfg.grid else {2.0})
     dump = run_dump(DumpConfig(dataset=str(data_path), output_dir=str(out / "teacher_logits"), top_k=cfg.top_k,
-                               temperatures=temps, examples_per_shard=64, batch_size=8), model=target, tokenizer=tok)
+                               temperatures=temps, examples_per_shard=64, batch_size=8,
+                               tail_samples=cfg.tail_samples, tail_temperature=2.0 if cfg.tail_samples else None),
+                    model=target, tokenizer=tok)
     store = TeacherLogitStore(out / "teacher_logits")
     timings["dump_s"] = time.perf_counter() - s
     with torch.no_grad():
@@ -239,10 +244,13 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
                 "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "timings": timings}
     baseline = {"start": base_greedy, "end": None, "tokens_per_s": base_greedy["tokens_per_s"]}
 
-    def record(row: dict[str, Any], draft: Any) -> None:
+    def record(row: dict[str, Any], draft: Any, head_ids: list[int] | None = None) -> None:
         """Add a row and rewrite the report, so a long run leaves usable partial results."""
         rows.append(row)
         drafts[row["method"]] = draft
+        if cfg.save_drafts and "greedy" in row:
+            row["draft_dir"] = str(save_draft(draft, tok, out / "drafts" / _slug(row["method"]), head_ids,
+                                              {"method": row["method"], "target": cfg.target}))
         _add_speedups(rows, baseline["tokens_per_s"])
         timings["total_s"] = time.perf_counter() - t0
         atomic_write_json(out / "report.json", {"rows": rows, "baseline": baseline, "settings": settings})
@@ -255,17 +263,18 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
             row["top_p_0.7"] = _speed(target, draft, speed_prompts, cfg.speed_new_tokens, eos, do_sample=True)
         return row
 
-    def trained(name: str, kd: KDConfig, measure: bool) -> None:
+    def trained(name: str, kd: KDConfig, measure: bool, steps: int) -> None:
         log.info("experiment: %s", name)
         draft, history, seconds = _train(copy.deepcopy(draft0), train_examples, kd, cfg,
-                                         out / "runs" / f"run{len(rows)}", store)
+                                         out / "runs" / f"run{len(rows)}", store, steps)
         record(evaluate(name, draft, measure, train_s=round(seconds, 1), steps=len(history),
                         final_loss=history[-1]["loss"] if history else None), draft)
 
     record(evaluate("undistilled", draft0, True, train_s=0.0, steps=0, final_loss=None), draft0)
-    trained("offline forward KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0), True)
-    trained("black-box SFT (α=0)", KDConfig(alpha=0.0, temperature=2.0), True)
-    trained("offline reverse KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0, divergence="reverse_kl"), True)
+    trained("offline forward KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0), True, cfg.steps)
+    trained("black-box SFT (α=0)", KDConfig(alpha=0.0, temperature=2.0), True, cfg.steps)
+    trained("offline reverse KL (α=0.5, τ=2)", KDConfig(alpha=0.5, temperature=2.0, divergence="reverse_kl"), True,
+            cfg.steps)
 
     # -- online distillation: serve a prompt stream, update the draft from rejected positions -------------------
     log.info("experiment: online distillation")
@@ -291,12 +300,13 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
     head_ids = frequent_tokens([ex.input_ids for ex in train_examples], cfg.head_tokens, always=tok.all_special_ids)
     restricted = restrict_output_head(copy.deepcopy(drafts[best["method"]]), head_ids)
     record(evaluate(f"{best['method']} + head restricted to {len(head_ids)} tokens", restricted, True,
-                    train_s=0.0, steps=0, final_loss=None), restricted)
+                    train_s=0.0, steps=best["steps"], final_loss=None), restricted, head_ids)
 
     # -- the α/τ grid of Tables 3-4 (offline estimate only: spec-decoding timings are the costly part) ----------
     if cfg.grid:
         for a, t in ((0.2, 2.0), (0.8, 2.0), (1.0, 2.0), (0.5, 1.0), (0.5, 3.0), (0.5, 5.0)):
-            trained(f"grid forward KL (α={a}, τ={t:g})", KDConfig(alpha=a, temperature=t), False)
+            trained(f"grid forward KL (α={a}, τ={t:g})", KDConfig(alpha=a, temperature=t), False,
+                    cfg.grid_steps or cfg.steps)
 
     base_greedy_end = _speed(target, None, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False)
     baseline.update(end=base_greedy_end,
@@ -307,6 +317,12 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
     atomic_write_json(out / "report.json", {"rows": rows, "baseline": baseline, "settings": settings})
     atomic_write_text(out / "report.md", md)
     return ExperimentReport(rows, baseline, md, settings)
+
+
+def _slug(method: str) -> str:
+    """A directory name for a method label ("offline forward KL (α=0.5, τ=2)" -> "offline-forward-kl-a0.5-t2")."""
+    out = method.lower().replace("α=", "a").replace("τ=", "t")
+    return "-".join(w for w in "".join(c if c.isalnum() or c == "." else " " for c in out).split())
 
 
 def _add_speedups(rows: list[dict[str, Any]], base_tps: float) -> None:

@@ -11,8 +11,12 @@ Per position t of an example (logits at t predict token t+1) a shard holds, for 
 teacher **log-probabilities at τ = 1** in 16 bits (storing log-probs rather than raw logits keeps the likely
 tokens, whose log-probs are near 0, precise; log-probs are the logits shifted by a constant, which no
 softmax at any τ sees), their token ids bit-packed to ceil(log2 V) bits, and the fp32 full-vocabulary
-``logsumexp(logp/τ)`` for every captured τ. Dense mode stores all V log-probs. Examples are addressed by example id and
-position, so lookups survive shuffling and packing.
+``logsumexp(logp/τ)`` for every captured τ. Dense mode stores all V log-probs. With ``tail_samples`` s > 0
+(format 2) it also holds s token ids per position drawn i.i.d. from the teacher at ``tail_temperature`` τ_s
+restricted to the tokens outside the top-k (bit-packed like the top-k ids) and their τ=1 log-probs (16 bits),
+from which `losses` builds an unbiased estimate of the divergence's tail. Format-1 stores (no tail samples)
+are read unchanged. Examples are addressed by example id and position, so lookups survive shuffling and
+packing.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from .bitpack import bits_for_vocab, pack_ids, unpack_ids
 from .losses import TopKLogits
 
 STORE_FILE = "store.json"
-STORE_FORMAT = 1
+STORE_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # 1: no tail samples; 2: optional tail samples
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -57,6 +62,8 @@ class CaptureSettings:
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     compression: str = "none"  # "none" | "zstd"
     examples_per_shard: int = 256
+    tail_samples: int = 0  # s tail ids per position (0 = tail bucket only, as in format 1)
+    tail_temperature: float | None = None  # τ_s of the tail samples; default max(temperatures)
 
     def __post_init__(self) -> None:
         if self.dtype not in VALUE_DTYPES:
@@ -73,6 +80,25 @@ class CaptureSettings:
         if not self.temperatures:
             raise InvalidArgumentError("at least one capture temperature is needed")
         self.temperatures = sorted({float(t) for t in self.temperatures})
+        self._check_tail()
+
+    def _check_tail(self) -> None:
+        s = self.tail_samples
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise InvalidArgumentError(f"tail_samples must be an int ≥ 0, got {s!r}")
+        if s and (self.dense or self.top_k >= self.vocab_size):
+            raise InvalidArgumentError(f"tail_samples needs a top-k store with k < vocab size {self.vocab_size} "
+                                       f"(got top_k={self.top_k}): there is no tail to sample")
+        if self.tail_temperature is None:
+            if s:
+                self.tail_temperature = self.temperatures[-1]
+            return
+        tau = self.tail_temperature
+        match = [t for t in self.temperatures if isinstance(tau, (int, float)) and math.isclose(t, tau, rel_tol=1e-6)]
+        if not match:
+            raise InvalidArgumentError(f"tail_temperature {tau!r} must be one of the captured temperatures "
+                                       f"{self.temperatures}")
+        self.tail_temperature = match[0]
 
     @property
     def dense(self) -> bool:
@@ -83,11 +109,19 @@ class CaptureSettings:
         return bits_for_vocab(self.vocab_size)
 
     def bytes_per_position(self) -> float:
-        """Uncompressed payload bytes per stored position (values + packed ids + logsumexps)."""
+        """Uncompressed payload bytes per stored position (values + packed ids + logsumexps + tail samples)."""
         width = VALUE_DTYPES[self.dtype].itemsize
         if self.dense:
             return self.vocab_size * width + 4 * len(self.temperatures)
-        return self.top_k * width + self.top_k * self.index_bits / 8 + 4 * len(self.temperatures)
+        per_id = width + self.index_bits / 8  # one stored log-prob + one packed id, top-k or tail sample alike
+        return (self.top_k + self.tail_samples) * per_id + 4 * len(self.temperatures)
+
+    @property
+    def tail_column(self) -> int | None:
+        """Column of the tail temperature τ_s in the stored logsumexps (None without tail samples)."""
+        if not self.tail_samples:
+            return None
+        return next(i for i, t in enumerate(self.temperatures) if math.isclose(t, self.tail_temperature, rel_tol=1e-6))
 
 
 def settings_mismatch(stored: CaptureSettings, **expected: Any) -> list[str]:
@@ -108,10 +142,15 @@ def settings_mismatch(stored: CaptureSettings, **expected: Any) -> list[str]:
 
 # ---- encoding of one shard ----------------------------------------------------------------------------------
 
+def _packed(ids: np.ndarray, bits: int) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(pack_ids(ids, bits), dtype=np.uint8).copy())
+
+
 def encode_shard(settings: CaptureSettings, example_ids: list[int],
                  per_example: list[dict[str, torch.Tensor]]) -> bytes:
     """Serialise examples to shard bytes. Each `per_example` item has `values` (L, k or V) log-probs at τ=1,
-    `indices` (L, k) for top-k mode, and `logsumexp` (L, T) fp32 for `settings.temperatures`."""
+    `indices` (L, k) for top-k mode, `logsumexp` (L, T) fp32 for `settings.temperatures`, and with tail
+    samples `tail_indices` (L, s) and `tail_values` (L, s) τ=1 log-probs."""
     dtype = VALUE_DTYPES[settings.dtype]
     lengths = [int(ex["values"].shape[0]) for ex in per_example]
     values = torch.cat([ex["values"] for ex in per_example]).to(dtype).contiguous()
@@ -124,8 +163,11 @@ def encode_shard(settings: CaptureSettings, example_ids: list[int],
     }
     if not settings.dense:
         idx = torch.cat([ex["indices"] for ex in per_example]).numpy()
-        tensors["indices_packed"] = torch.from_numpy(
-            np.frombuffer(pack_ids(idx, settings.index_bits), dtype=np.uint8).copy())
+        tensors["indices_packed"] = _packed(idx, settings.index_bits)
+    if settings.tail_samples:
+        tensors["tail_values"] = torch.cat([ex["tail_values"] for ex in per_example]).to(dtype).contiguous()
+        tensors["tail_indices_packed"] = _packed(torch.cat([ex["tail_indices"] for ex in per_example]).numpy(),
+                                                 settings.index_bits)
     data = st_save(tensors, metadata={"format": str(STORE_FORMAT)})
     if settings.compression == "zstd":
         import zstandard
@@ -135,7 +177,8 @@ def encode_shard(settings: CaptureSettings, example_ids: list[int],
 
 
 def decode_shard(settings: CaptureSettings, data: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of `encode_shard`: `example_ids`, `lengths`, `values`, `logsumexp` and (top-k) `indices`."""
+    """Inverse of `encode_shard`: `example_ids`, `lengths`, `values`, `logsumexp`, (top-k) `indices` and (tail
+    samples) `tail_indices`, `tail_values`."""
     if settings.compression == "zstd":
         import zstandard
 
@@ -145,6 +188,11 @@ def decode_shard(settings: CaptureSettings, data: bytes) -> dict[str, torch.Tens
         n = int(tensors["values"].shape[0]) * settings.top_k
         ids = unpack_ids(tensors.pop("indices_packed").numpy().tobytes(), settings.index_bits, n)
         tensors["indices"] = torch.from_numpy(ids).view(-1, settings.top_k)
+    if settings.tail_samples:
+        s = settings.tail_samples
+        n = int(tensors["tail_values"].shape[0]) * s
+        ids = unpack_ids(tensors.pop("tail_indices_packed").numpy().tobytes(), settings.index_bits, n)
+        tensors["tail_indices"] = torch.from_numpy(ids).view(-1, s)
     return tensors
 
 
@@ -157,7 +205,7 @@ def shard_name(index: int, settings: CaptureSettings) -> str:
 def _settings_from_json(data: dict[str, Any], path: Path) -> CaptureSettings:
     try:
         return CaptureSettings(**data)
-    except TypeError as err:
+    except (TypeError, InvalidArgumentError) as err:
         raise IntegrityError(f"{path}: unreadable capture settings ({err})") from None
 
 
@@ -170,6 +218,9 @@ def read_state(store_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
         state = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise IntegrityError(f"{path}: not valid JSON ({err})") from None
+    if state.get("format", 1) not in READABLE_FORMATS:
+        raise IntegrityError(f"{path}: store format {state.get('format')!r} is newer than this soaes-distill reads "
+                             f"({', '.join(map(str, READABLE_FORMATS))}); upgrade soaes-distill")
     state["settings"] = _settings_from_json(state["settings"], path)
     return state
 
@@ -275,7 +326,8 @@ class TeacherLogitStore:
 
     # -- lookup ---------------------------------------------------------------------------------------------
     def example(self, example_id: int) -> dict[str, torch.Tensor]:
-        """Stored arrays of one example: `values` (L, k|V) log-probs at τ=1, `indices`, `logsumexp` (L, T)."""
+        """Stored arrays of one example: `values` (L, k|V) log-probs at τ=1, `indices`, `logsumexp` (L, T), and
+        with tail samples `tail_indices`, `tail_values` (L, s)."""
         if not self._index_built:
             self._build_index()
         if example_id not in self._where:
@@ -284,8 +336,9 @@ class TeacherLogitStore:
         shard = self._load(index)
         a, b = int(shard["offsets"][row]), int(shard["offsets"][row + 1])
         out = {"values": shard["values"][a:b], "logsumexp": shard["logsumexp"][a:b]}
-        if "indices" in shard:
-            out["indices"] = shard["indices"][a:b]
+        for name in ("indices", "tail_indices", "tail_values"):
+            if name in shard:
+                out[name] = shard[name][a:b]
         return out
 
     def lookup(self, example_ids: torch.Tensor, positions: torch.Tensor,
@@ -293,7 +346,8 @@ class TeacherLogitStore:
         """Teacher logits for a (B, L) grid of (example id, position); id < 0 marks padding (filled with a
         harmless uniform placeholder, which must carry label -100). Dense stores return fp32 logits (B, L, V);
         top-k stores return `TopKLogits` whose values are τ=1 log-probs (logits up to a shift) with the full
-        logsumexp at `temperature`."""
+        logsumexp at `temperature`, plus (stores with tail samples) the sampled ids, their τ=1 log-probs, τ_s
+        and the logsumexp at τ_s."""
         self.require(temperature=temperature)
         s = self.settings
         t_col = next(i for i, t in enumerate(s.temperatures) if math.isclose(t, temperature, rel_tol=1e-6))
@@ -304,6 +358,11 @@ class TeacherLogitStore:
         values = torch.zeros(n, width, dtype=torch.float32)
         indices = torch.arange(width, dtype=torch.int64).repeat(n, 1) if not s.dense else None
         lse = torch.full((n,), math.log(width), dtype=torch.float32)  # placeholder: k zero logits
+        ns, s_col = s.tail_samples, s.tail_column
+        if ns:  # placeholder tail: any finite values (padding carries label -100)
+            tail_idx = torch.zeros(n, ns, dtype=torch.int64)
+            tail_val = torch.full((n, ns), -100.0, dtype=torch.float32)
+            tail_lse = lse.clone()
         # group positions by example so each example's arrays are fetched once
         groups: dict[int, list[int]] = {}
         for i, eid in enumerate(flat_ids):
@@ -321,10 +380,18 @@ class TeacherLogitStore:
             lse[rows_t] = ex["logsumexp"][pos, t_col]
             if indices is not None:
                 indices[rows_t] = ex["indices"][pos]
+            if ns:
+                tail_idx[rows_t] = ex["tail_indices"][pos]
+                tail_val[rows_t] = ex["tail_values"][pos].float()
+                tail_lse[rows_t] = ex["logsumexp"][pos, s_col]
         if s.dense:
             return values.view(*shape, width)
-        return TopKLogits(values.view(*shape, width), indices.view(*shape, width), lse.view(shape),
-                          float(temperature), s.vocab_size)
+        top = TopKLogits(values.view(*shape, width), indices.view(*shape, width), lse.view(shape),
+                         float(temperature), s.vocab_size)
+        if not ns:
+            return top
+        return dataclasses.replace(top, tail_indices=tail_idx.view(*shape, ns), tail_values=tail_val.view(*shape, ns),
+                                   tail_logsumexp=tail_lse.view(shape), tail_temperature=float(s.tail_temperature))
 
     def stats(self) -> dict[str, Any]:
         """Counts and bytes/token of the store (shard bytes on disk / stored positions)."""

@@ -138,10 +138,7 @@ class KDTrainer(Trainer):
         if self.teacher_store is not None:
             t = self.teacher_store.lookup(inputs["teacher_example_ids"].cpu(), inputs["teacher_positions"].cpu(),
                                           temperature=self.kd.temperature)
-            if isinstance(t, TopKLogits):
-                return TopKLogits(t.values.to(device), t.indices.to(device), t.logsumexp.to(device),
-                                  t.temperature, t.vocab_size)
-            return t.to(device)
+            return t.to(device)  # TopKLogits.to moves every field, tail samples included
         teacher = self.teacher_model
         if next(teacher.parameters()).device != device:
             teacher.to(device)
