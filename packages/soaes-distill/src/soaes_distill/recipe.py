@@ -18,9 +18,9 @@ from transformers import EarlyStoppingCallback
 from soaes_core import atomic_write_json, load_model, load_tokenizer, seed_everything, write_jsonl, write_manifest
 from soaes_core.errors import ConfigError
 from soaes_train.config import DeepSpeedConfig, TrainConfig
-from soaes_train.deepspeed_setup import build_deepspeed_config
+from soaes_train.deepspeed_setup import build_deepspeed_config, configure_torch_extensions_dir, ensure_distributed
 from soaes_train.outputs import loss_curve, write_loss_curve
-from soaes_train.trainer import ProgressCallback, bf16_supported, build_training_arguments
+from soaes_train.trainer import ProgressCallback, bf16_supported, build_training_arguments, reset_deepspeed_globals
 
 from .draft_init import HEAD_IDS_FILE
 from .store import TeacherLogitStore
@@ -81,13 +81,31 @@ def _last_checkpoint(path: Path) -> str | None:
 
 def run_distill(recipe: DistillRecipe, student_model: Any = None, teacher_model: Any = None,
                 store: TeacherLogitStore | None = None) -> DistillResult:
-    """Train the draft as `recipe` says; already-loaded models/stores may be passed to skip loading."""
+    """Train the draft as `recipe` says; already-loaded models/stores may be passed to skip loading.
+
+    With `deepspeed.enabled` the run initialises the process group (gloo on CPU, nccl on CUDA; a launcher's
+    RANK/WORLD_SIZE are honoured), builds the ZeRO config before the student is loaded (so ZeRO-3 partitions
+    it at load time) and clears DeepSpeed's process-wide state afterwards.
+    """
+    try:
+        return _run_distill(recipe, student_model, teacher_model, store)
+    finally:
+        if recipe.deepspeed.enabled:
+            reset_deepspeed_globals()
+
+
+def _run_distill(recipe: DistillRecipe, student_model: Any, teacher_model: Any,
+                 store: TeacherLogitStore | None) -> DistillResult:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.student)
-    if student_model is None:
-        student_model = load_model(recipe.student, dtype=torch.float32)
+    bf16 = bf16_supported() if recipe.train.bf16 is None else recipe.train.bf16
+    ds = None
+    if recipe.deepspeed.enabled:
+        configure_torch_extensions_dir()
+        ds = build_deepspeed_config(recipe.deepspeed, recipe.train, bf16)
+        ensure_distributed()
     train_examples = load_token_examples(recipe.train_data)
     eval_examples = load_token_examples(recipe.eval_data) if recipe.eval_data else None
     if recipe.teacher_logits is not None:
@@ -99,15 +117,16 @@ def run_distill(recipe: DistillRecipe, student_model: Any = None, teacher_model:
                               "drop eval_data or use an online teacher for evaluation")
     elif teacher_model is None:
         teacher_model = load_model(recipe.teacher, dtype=torch.float32)
-    bf16 = bf16_supported() if recipe.train.bf16 is None else recipe.train.bf16
-    ds = build_deepspeed_config(recipe.deepspeed, recipe.train, bf16) if recipe.deepspeed.enabled else None
     overrides: dict[str, Any] = {}
     if eval_examples is not None and recipe.eval_steps:
         overrides.update(eval_strategy="steps", eval_steps=recipe.eval_steps)
         if recipe.early_stopping_patience is not None:
             overrides.update(metric_for_best_model=recipe.early_stopping_metric, greater_is_better=True,
                              save_strategy="steps", save_steps=recipe.eval_steps, load_best_model_at_end=True)
+    # TrainingArguments first: with a ZeRO-3 config alive, from_pretrained partitions the student (zero.Init)
     args = build_training_arguments(recipe.train, out / "checkpoints", ds, **overrides)
+    if student_model is None:
+        student_model = load_model(recipe.student, dtype=torch.float32)
     callbacks: list[Any] = [ProgressCallback("distill draft")]
     if recipe.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping_patience))
