@@ -11,6 +11,7 @@ import torch
 from soaes_distill.acceptance import (
     AcceptanceAccumulator,
     acceptance_probabilities,
+    block_walk,
     mean_accepted_length,
     positional_accepted_length,
 )
@@ -60,5 +61,48 @@ def test_accumulator_respects_labels() -> None:
     acc.add(t, t.clone(), labels)
     res = acc.result()
     assert res.positions == 2 and res.alpha_greedy == 1.0 and res.alpha_sampled == pytest.approx(1.0)
-    assert res.accepted_length["greedy_n3"] == pytest.approx((3 + 2) / 2)  # 2 positions, truncated blocks
+    # one block from token 1 (token 0 is the target's prefill): accepts token 2, then the text ends
+    assert res.accepted_length["greedy_n3"] == pytest.approx(2.0)
+    assert res.predicted_acceptance_rate["greedy_n3"] == pytest.approx(1 / 3)
     assert "acceptance_rate_sampled_n9" in res.as_metrics()
+
+
+def test_block_walk_long_text_matches_iid_formula_and_weights_hard_regions() -> None:
+    accepted, proposed, calls = block_walk(torch.full((20000,), 0.5), 3)
+    assert accepted / proposed == pytest.approx((mean_accepted_length(0.5, 3) - 1) / 3, rel=1e-3)
+    assert (accepted + calls) / calls == pytest.approx(mean_accepted_length(0.5, 3), rel=1e-3)
+    # half easy (α=1), half hard (α=0): the position mean is 0.5, but hard tokens get one block each
+    alphas = torch.cat([torch.ones(400), torch.zeros(400)])
+    accepted, proposed, _ = block_walk(alphas, 3)
+    assert accepted / proposed < 0.5 * 0.5
+
+
+def test_block_walk_reproduces_greedy_decoder_counts(tiny_qwen2) -> None:
+    """On the target's own greedy text, the greedy walk equals SpeculativeDecoder's measured counts."""
+    import copy
+
+    from soaes_specdec.decoding import SpeculativeDecoder, autoregressive_generate
+
+    draft = copy.deepcopy(tiny_qwen2)  # the target plus noise: agrees on some tokens, not all
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(torch.randn(param.shape, generator=g) * 0.1 * param.std())
+    n, new = 3, 40
+    mixed = 0
+    for seed in range(3):
+        prompt = torch.randint(0, tiny_qwen2.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(seed))
+        text = autoregressive_generate(tiny_qwen2, prompt, max_new_tokens=new + n + 1).sequences
+        with torch.no_grad():
+            t_logits = tiny_qwen2(input_ids=text).logits[0]
+            d_logits = draft(input_ids=text).logits[0]
+        p = prompt.shape[1]
+        # alphas[t]: the draft predicting generated token t agrees with the target's argmax there
+        alphas = (t_logits[p - 1:-1].argmax(-1) == d_logits[p - 1:-1].argmax(-1)).float()
+        accepted, proposed, calls = block_walk(alphas, n, limit=new)
+        stats = SpeculativeDecoder(tiny_qwen2, draft, num_speculative_tokens=n).generate(
+            prompt, max_new_tokens=new).stats
+        assert (stats.accepted, stats.proposed, stats.target_calls - 1) == \
+            (round(accepted), round(proposed), round(calls)), seed  # target_calls includes the prefill
+        mixed += 0 < stats.accepted < stats.proposed
+    assert mixed  # at least one text mixes accepted and rejected drafts

@@ -8,6 +8,12 @@ the two argmaxes agree. With a block of n draft tokens and acceptance α_t at su
 expected number of tokens per target call is ``1 + Σ_{j=1..n} Π_{i<j} α_{t+i}``; with a constant α it is
 ``(1 − α^{n+1}) / (1 − α)``. Teacher forcing follows the target's own path, which is exactly the path
 greedy speculative decoding takes, so the greedy estimate is the decoder's expectation on that text.
+
+The predicted acceptance *rate* (accepted / proposed, what soaes-specdec reports) comes from `block_walk`, which
+follows the decoder's blocks along the text: a block starts right after the previous one ends, so regions where
+drafts fail get more blocks and more proposals than easy ones. Averaging α uniformly over positions ignores this
+and over-predicts the measured rate; on the target's own greedy text the walk reproduces the greedy decoder's
+counts exactly.
 """
 
 from __future__ import annotations
@@ -98,6 +104,40 @@ def positional_accepted_length(alphas: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def block_walk(alphas: torch.Tensor, n: int, start: int = 1, limit: int | None = None) -> tuple[float, float, float]:
+    """Expected (accepted, proposed, target calls) of a speculative decoder with block size n walking one text.
+
+    `alphas[t]` (L,): probability that a draft token predicting text token t is accepted (0/1 for greedy),
+    independently. The first block starts at token `start` (token 0 comes from the target's prefill, never
+    from the draft); each block proposes n tokens, accepts j of them with probability Π_{i<j} α·(1 − α_j), and
+    the target adds one token, so the next block starts j + 1 tokens later; blocks start while fewer than
+    `limit` (default L) tokens exist. Past the end of `alphas` a proposal counts as rejected.
+    """
+    if n < 1:
+        raise InvalidArgumentError(f"block size n must be ≥ 1, got {n}")
+    a = alphas.double().tolist()
+    length = len(a)
+    limit = length if limit is None else limit
+    reach = [0.0] * (max(limit, start) + n + 2)  # probability that a block starts at token t
+    reach[start] = 1.0
+    accepted = proposed = calls = 0.0
+    for t in range(start, limit):
+        run = reach[t]
+        if run == 0.0:
+            continue
+        calls += run
+        proposed += run * n
+        for j in range(n):
+            alpha = a[t + j] if t + j < length else 0.0
+            rejected = run * (1.0 - alpha)
+            accepted += rejected * j
+            reach[t + j + 1] += rejected
+            run *= alpha
+        accepted += run * n
+        reach[t + n + 1] += run
+    return accepted, proposed, calls
+
+
 @dataclass
 class AcceptanceEstimate:
     """Aggregates over the counted positions (labels ≠ -100)."""
@@ -107,8 +147,9 @@ class AcceptanceEstimate:
     alpha_sampled: float
     top_p: float
     temperature: float
-    accepted_length: dict[str, float] = field(default_factory=dict)  # "greedy_n3", "sampled_n9", ...
-    predicted_acceptance_rate: dict[str, float] = field(default_factory=dict)  # accepted / proposed
+    # from `block_walk`: tokens per target call (bonus included) and accepted / proposed, per "greedy_n3", ...
+    accepted_length: dict[str, float] = field(default_factory=dict)
+    predicted_acceptance_rate: dict[str, float] = field(default_factory=dict)
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
         out = {f"{prefix}acceptance_greedy": self.alpha_greedy, f"{prefix}acceptance_top_p": self.alpha_sampled}
@@ -124,7 +165,7 @@ class AcceptanceAccumulator:
         self.top_p, self.temperature, self.block_sizes = top_p, temperature, tuple(block_sizes)
         self.greedy: list[torch.Tensor] = []
         self.sampled: list[torch.Tensor] = []
-        self.lengths: dict[str, list[torch.Tensor]] = {}
+        self.walks: dict[str, list[tuple[float, float, float]]] = {}
 
     def add(self, target: torch.Tensor | TopKLogits, draft_logits: torch.Tensor, labels: torch.Tensor) -> None:
         """`target`/`draft_logits` (B, L, ...) and `labels` (B, L): position t is scored iff labels[t+1] ≠ -100."""
@@ -144,15 +185,18 @@ class AcceptanceAccumulator:
             self.sampled.append(s[b][m].cpu())
             for name, alphas in (("greedy", g[b][m].cpu()), ("sampled", s[b][m].cpu())):
                 for n in self.block_sizes:
-                    self.lengths.setdefault(f"{name}_n{n}", []).append(positional_accepted_length(alphas, n))
+                    self.walks.setdefault(f"{name}_n{n}", []).append(block_walk(alphas, n))
 
     def result(self) -> AcceptanceEstimate:
         if not self.greedy:
             raise InvalidArgumentError("no counted positions to estimate acceptance from")
         g = torch.cat(self.greedy).double()
         s = torch.cat(self.sampled).double()
-        lengths = {k: float(torch.cat(v).mean()) for k, v in self.lengths.items()}
-        rates = {k: (v - 1.0) / int(k.rsplit("_n", 1)[1]) for k, v in lengths.items()}
+        lengths, rates = {}, {}
+        for key, walks in self.walks.items():  # ratios of expected totals, as the decoder's stats aggregate
+            accepted, proposed, calls = (sum(w[i] for w in walks) for i in range(3))
+            rates[key] = accepted / proposed if proposed else 0.0
+            lengths[key] = (accepted + calls) / calls if calls else 1.0
         return AcceptanceEstimate(int(g.numel()), float(g.mean()), float(s.mean()), self.top_p, self.temperature,
                                   lengths, rates)
 
