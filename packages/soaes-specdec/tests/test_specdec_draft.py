@@ -48,3 +48,26 @@ def test_bad_layer_count(k: Any, qwen2_factory: Any) -> None:
 def test_unsupported_model() -> None:
     with pytest.raises(InvalidArgumentError, match=r"model\.model\.layers"):
         make_layer_draft(torch.nn.Linear(2, 2), 1)
+
+
+def test_load_draft_applies_recorded_restricted_head(qwen2_factory: Any, tmp_path: Path) -> None:
+    import json
+
+    from soaes_core.errors import ModelLoadError
+    from soaes_specdec.draft import HEAD_IDS_FILE, RestrictedLMHead, load_draft
+
+    target = qwen2_factory(0, layers=2)
+    draft = make_layer_draft(target, 1)
+    draft.save_pretrained(tmp_path / "d", safe_serialization=True)
+    keep = [0, 3, 7, 11, 12]
+    (tmp_path / "d" / HEAD_IDS_FILE).write_text(json.dumps({"token_ids": keep}))
+    loaded = load_draft(tmp_path / "d", dtype=torch.float32, device="cpu")
+    assert isinstance(loaded.get_output_embeddings(), RestrictedLMHead)
+    ids = torch.tensor([[1, 2, 3]])
+    full, got = draft(input_ids=ids).logits, loaded(input_ids=ids).logits
+    torch.testing.assert_close(got[..., keep], full[..., keep], rtol=1e-5, atol=1e-6)
+    assert torch.isinf(got[..., [1, 2, 4]]).all()
+    assert not isinstance(load_draft(tmp_path / "d", restrict_head=False).get_output_embeddings(), RestrictedLMHead)
+    (tmp_path / "d" / HEAD_IDS_FILE).write_text("{")
+    with pytest.raises(ModelLoadError, match="unreadable restricted-head token ids"):
+        load_draft(tmp_path / "d")

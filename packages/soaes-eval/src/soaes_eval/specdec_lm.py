@@ -21,7 +21,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from soaes_core import load_model, resolve_model_dir
+from soaes_core import resolve_model_dir
 from soaes_core.errors import InvalidArgumentError, ModelLoadError
 from soaes_core.progress import progress
 
@@ -118,7 +118,9 @@ class SpecDecLM(HFLM):
                 raise InvalidArgumentError(f"draft {spec!r}: expected layers:N with an integer N") from None
             return make_layer_draft(self.model, n)
         try:
-            draft = load_model(spec, dtype=self.model.dtype, device=str(self.device))
+            from soaes_specdec.draft import load_draft
+
+            draft = load_draft(spec, dtype=self.model.dtype, device=str(self.device))
         except ModelLoadError:
             raise
         except Exception as exc:  # a spec that soaes_core could not turn into a model

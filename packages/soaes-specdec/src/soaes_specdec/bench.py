@@ -33,7 +33,7 @@ from soaes_core.manifest import write_manifest
 from soaes_core.progress import progress
 
 from .decoding import PromptLookupDecoder, SpecDecodeOutput, SpeculativeDecoder, autoregressive_generate
-from .draft import make_layer_draft
+from .draft import load_draft, make_layer_draft
 from .runner import CachedCausalLM
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ def load_bench_models(config: BenchConfig) -> tuple[Any, Any, Any]:
     """Target, draft (loaded or derived from the target's first layers) and the target's tokenizer."""
     target = load_model(config.target, dtype=config.dtype, device="cpu" if not torch.cuda.is_available() else None)
     if config.draft:
-        draft = load_model(config.draft, dtype=config.dtype, device=target.device)
+        draft = load_draft(config.draft, dtype=config.dtype, device=target.device)  # restricted head applied
     else:
         draft = make_layer_draft(target, config.draft_layers)
     return target, draft, load_tokenizer(config.target)

@@ -1,17 +1,26 @@
-"""Derive a draft model from a target by keeping its first k decoder layers (plus final norm and head).
+"""Draft models: derive one from a target by keeping its first k decoder layers (plus final norm and head),
+and load saved drafts, applying a *restricted output head* when one is recorded.
 
 A layer-truncated copy shares the target's tokenizer, embeddings and (tied) output head, so it is a
-valid speculative draft out of the box and a good initialisation for distillation.
+valid speculative draft out of the box and a good initialisation for distillation. A restricted head
+computes logits only for a subset S of the vocabulary (the rest get -inf) and returns full-vocabulary
+logits, so decoding stays exact while the draft's head costs S/V of the full one; it is stored as
+`head_token_ids.json` beside a normal HF directory and applied by `load_draft`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from soaes_core.errors import InvalidArgumentError
+from soaes_core import load_model
+from soaes_core.errors import InvalidArgumentError, ModelLoadError
 
 
 def _decoder_layers(model: Any) -> torch.nn.ModuleList:
@@ -47,3 +56,54 @@ def make_layer_draft(target: Any, num_layers: int) -> Any:
     if getattr(cfg, "tie_word_embeddings", False):
         draft.tie_weights()
     return draft.eval()
+
+
+HEAD_IDS_FILE = "head_token_ids.json"
+
+
+class RestrictedLMHead(torch.nn.Module):
+    """Output head over a token subset `token_ids`, returning full-vocabulary logits (-inf elsewhere)."""
+
+    def __init__(self, full_weight: torch.Tensor, token_ids: Sequence[int]) -> None:
+        super().__init__()
+        ids = torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)
+        vocab, hidden = full_weight.shape
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise InvalidArgumentError(f"restricted head token ids must be non-empty and in [0, {vocab})")
+        self.sub_weight = torch.nn.Parameter(full_weight.detach()[ids].clone())
+        self.register_buffer("token_ids", ids.to(full_weight.device), persistent=False)
+        self.vocab_size = vocab
+        # shape stand-in (meta tensor, no memory) so code that reads `head.weight.shape` sees (V, hidden)
+        self._shape = torch.empty((vocab, hidden), device="meta")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._shape
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        sub = torch.nn.functional.linear(hidden, self.sub_weight)
+        out = sub.new_full((*sub.shape[:-1], self.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.token_ids, sub)
+
+
+def restrict_output_head(model: Any, token_ids: Sequence[int]) -> Any:
+    """Replace `model`'s output head (in place) by a `RestrictedLMHead` over `token_ids`; returns `model`."""
+    full = model.get_output_embeddings().weight
+    head = RestrictedLMHead(full, token_ids)
+    model.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
+    model.set_output_embeddings(head)
+    return model
+
+
+def load_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = None,
+               restrict_head: bool = True) -> Any:
+    """Load a draft saved by `save_draft`; applies its restricted head when `head_token_ids.json` exists."""
+    model = load_model(str(spec), dtype=dtype, device=device)
+    ids_file = Path(str(spec)) / HEAD_IDS_FILE
+    if restrict_head and ids_file.is_file():
+        try:
+            ids = json.loads(ids_file.read_text(encoding="utf-8"))["token_ids"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ModelLoadError(f"{ids_file}: unreadable restricted-head token ids ({err})") from None
+        restrict_output_head(model, ids)
+    return model.eval()
