@@ -50,3 +50,17 @@ def test_small_config_draft(tiny_qwen2) -> None:
                              num_attention_heads=2, num_key_value_heads=1)
     assert small.config.vocab_size == tiny_qwen2.config.vocab_size and small.config.hidden_size == 32
     assert small(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 49152)
+
+
+def test_saving_an_already_restricted_draft_round_trips(tmp_path, tiny_qwen2, embedded_tokenizer) -> None:
+    draft = restrict_output_head(make_layer_draft(tiny_qwen2, 1), [0, 5, 9, 77, 300])
+    with torch.no_grad():
+        draft.get_output_embeddings().sub_weight.mul_(1.5)  # trained after the restriction
+    out = save_draft(draft, embedded_tokenizer, tmp_path / "r", None, {"kind": "restricted"})
+    assert json.loads((out / "head_token_ids.json").read_text())["token_ids"] == [0, 5, 9, 77, 300]
+    reloaded = load_draft(out, dtype=torch.float32, device="cpu")
+    ids = torch.tensor([[1, 5, 77, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, draft(input_ids=ids).logits)
+    assert not torch.equal(load_model(out, dtype=torch.float32).get_output_embeddings().weight[5],
+                           tiny_qwen2.get_output_embeddings().weight[5])  # the trained row was saved

@@ -26,6 +26,7 @@ from soaes_specdec.draft import (  # noqa: F401  (re-exported: the restricted he
     load_draft,
     make_layer_draft,
     restrict_output_head,
+    unrestricted_copy,
 )
 
 
@@ -56,9 +57,17 @@ def make_small_draft(target: Any, num_layers: int, hidden_size: int, intermediat
 
 def save_draft(draft: Any, tokenizer: Any, out_dir: str | os.PathLike[str], head_token_ids: Sequence[int] | None,
                info: dict[str, Any]) -> Path:
-    """`save_pretrained` the draft + tokenizer (+ `head_token_ids.json`) and a manifest."""
+    """`save_pretrained` the draft + tokenizer (+ `head_token_ids.json`) and a manifest.
+
+    A draft whose head is already restricted is saved with a full head (`unrestricted_copy`) and its token ids,
+    so the directory stays a normal HF model and `load_draft` rebuilds the same restricted draft.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    head = draft.get_output_embeddings()
+    if isinstance(head, RestrictedLMHead):
+        head_token_ids = head.token_ids.tolist() if head_token_ids is None else head_token_ids
+        draft = unrestricted_copy(draft)
     draft.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if head_token_ids is not None:

@@ -95,6 +95,29 @@ def restrict_output_head(model: Any, token_ids: Sequence[int]) -> Any:
     return model
 
 
+def unrestricted_copy(model: Any) -> Any:
+    """A copy of `model` whose `RestrictedLMHead` is replaced by a full linear head, for `save_pretrained`.
+
+    The kept tokens' rows come from the restricted head (they may have been trained after the restriction);
+    the other rows from the input embeddings (what the tied head held), or zeros when the shapes differ. Saved
+    with `head_token_ids.json`, `load_draft` restores exactly the restricted draft; without it the directory is
+    an ordinary untied HF model.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, RestrictedLMHead):
+        return model
+    embed = model.get_input_embeddings().weight
+    vocab, hidden = head.weight.shape
+    full = embed.detach().clone() if tuple(embed.shape) == (vocab, hidden) else head.sub_weight.new_zeros(vocab, hidden)
+    full[head.token_ids] = head.sub_weight.detach()
+    out = copy.deepcopy(model)
+    linear = torch.nn.Linear(hidden, vocab, bias=False, device=full.device, dtype=full.dtype)
+    linear.weight = torch.nn.Parameter(full)
+    out.set_output_embeddings(linear)
+    out.config.tie_word_embeddings = False
+    return out
+
+
 def load_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = None,
                restrict_head: bool = True) -> Any:
     """Load a draft saved by `save_draft`; applies its restricted head when `head_token_ids.json` exists."""
