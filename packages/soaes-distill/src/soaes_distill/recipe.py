@@ -18,7 +18,7 @@ from transformers import EarlyStoppingCallback
 from soaes_core import atomic_write_json, load_model, load_tokenizer, seed_everything, write_jsonl, write_manifest
 from soaes_core.errors import ConfigError
 from soaes_train.config import DeepSpeedConfig, TrainConfig
-from soaes_train.deepspeed_setup import build_deepspeed_config, configure_torch_extensions_dir, ensure_distributed
+from soaes_train.deepspeed_setup import prepare_deepspeed
 from soaes_train.outputs import loss_curve, write_loss_curve
 from soaes_train.trainer import ProgressCallback, bf16_supported, build_training_arguments, reset_deepspeed_globals
 
@@ -101,11 +101,7 @@ def _run_distill(recipe: DistillRecipe, student_model: Any, teacher_model: Any,
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.student)
     bf16 = bf16_supported() if recipe.train.bf16 is None else recipe.train.bf16
-    ds = None
-    if recipe.deepspeed.enabled:
-        configure_torch_extensions_dir()
-        ds = build_deepspeed_config(recipe.deepspeed, recipe.train, bf16)
-        ensure_distributed()
+    ds = prepare_deepspeed(recipe.deepspeed, recipe.train, bf16) if recipe.deepspeed.enabled else None
     train_examples = load_token_examples(recipe.train_data)
     eval_examples = load_token_examples(recipe.eval_data) if recipe.eval_data else None
     if recipe.teacher_logits is not None:

@@ -61,6 +61,15 @@ def ensure_distributed() -> str:
     return backend
 
 
+def prepare_deepspeed(deepspeed: DeepSpeedConfig, train: TrainConfig, bf16: bool) -> dict[str, Any]:
+    """Everything a DeepSpeed run needs before its TrainingArguments: the pinned extensions dir, the ZeRO config
+    and the process group. Returns the config dict for `build_training_arguments`."""
+    configure_torch_extensions_dir()
+    config = build_deepspeed_config(deepspeed, train, bf16=bf16)
+    ensure_distributed()
+    return config
+
+
 def validate_deepspeed_dict(cfg: Any, source: str) -> dict[str, Any]:
     """Check the ZeRO part of a DeepSpeed config; raise one-line `ConfigError`s naming `source` and the key."""
     if not isinstance(cfg, dict):

@@ -29,13 +29,7 @@ from .attention import choose_attn_implementation, packed_layout_for, packed_log
 from .collator import PackedCollator, PaddedCollator
 from .config import StageConfig, TrainConfig
 from .data import PreparedData, RowDataset, data_inputs, prepare_data
-from .deepspeed_setup import (
-    build_deepspeed_config,
-    configure_torch_extensions_dir,
-    count_params,
-    ensure_distributed,
-    estimate_zero_memory,
-)
+from .deepspeed_setup import count_params, estimate_zero_memory, prepare_deepspeed
 from .outputs import loss_curve, write_loss_curve
 from .recipes import resolve_training_model
 from .schedules import hf_scheduler_args
@@ -334,10 +328,7 @@ def _train_stage(stage: StageConfig, model_spec: str, stage_dir: str | os.PathLi
     ds_config = None
     mem_estimate = None
     if stage.deepspeed.enabled:
-        configure_torch_extensions_dir()
-        bf16 = bf16_supported() if train.bf16 is None else train.bf16
-        ds_config = build_deepspeed_config(stage.deepspeed, train, bf16=bf16)
-        ensure_distributed()
+        ds_config = prepare_deepspeed(stage.deepspeed, train, bf16_supported() if train.bf16 is None else train.bf16)
     impl = choose_attn_implementation(train.attn_implementation)
     with timer("load"):
         model_dir = resolve_training_model(str(model_spec))
