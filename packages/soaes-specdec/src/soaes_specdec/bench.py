@@ -106,23 +106,31 @@ def break_even_acceptance(n: int, c: float, c_v: float) -> float | None:
     return hi
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (kernels launch asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median wall seconds of `fn()` over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         t0 = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def measure_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
-    """Machine memory bandwidth in GB/s as read by a large fp32 matrix-vector product (weights >> cache)."""
+def measure_bandwidth(megabytes: int = 256, repeats: int = 7, device: str | torch.device = "cpu") -> float:
+    """Memory bandwidth in GB/s of `device` as read by a large fp32 matrix-vector product (weights >> cache)."""
     n = int((megabytes * 1e6 / 4) ** 0.5)
-    weight = torch.randn(n, n)
-    vec = torch.randn(n)
+    weight = torch.randn(n, n, device=device)
+    vec = torch.randn(n, device=device)
     seconds = median_time(lambda: torch.mv(weight, vec), repeats, warmup=2)
     return weight.numel() * weight.element_size() / seconds / 1e9
 
@@ -314,8 +322,10 @@ class BenchRunner:
         samples: list[list[tuple[float, int, float, Any]]] = [[] for _ in jobs]
         for _ in progress(range(cfg.repeats), desc="bench repeats"):
             for i, run_all in enumerate(runs):
+                synchronize()
                 t0 = time.perf_counter()
                 tokens, outs = run_all()
+                synchronize()
                 wall = time.perf_counter() - t0
                 samples[i].append((tokens / wall, tokens, wall, outs))
         results = []
@@ -354,7 +364,8 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
     target, draft, tokenizer = models if models is not None else load_bench_models(config)
     prompts = load_prompts(config.prompts, tokenizer, config.max_prompts)
     runner = BenchRunner(config, target, draft, tokenizer, prompts)
-    bandwidth = measure_bandwidth()
+    device = runner.target_runner.device
+    bandwidth = measure_bandwidth(megabytes=256 if device.type == "cpu" else 4096, device=device)
     target_bytes = runner.target_runner.num_parameter_bytes()
     context = int(statistics.median(p.numel() for p in prompts)) + config.max_new_tokens // 2
     costs = {n: measure_costs(runner.target_runner, runner.draft_runner, n, context)
