@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("-n", default="3")
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--launch", default="16384x16", help="comma-separated BLOCKxNUM_WARPS kernel launch settings")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = []
@@ -69,13 +70,18 @@ def main() -> None:
                         ref = verify_reference(params=params, **block)
                         same = fused[0].tolist() == ref[0].tolist() and fused[1].tolist() == ref[1].tolist()
                         t_ref = cuda_time_ms(lambda b=block, p=params: verify_reference(params=p, **b), args.repeats)
-                        t_fused = cuda_time_ms(lambda b=block, p=params: verify_fused(params=p, **b), args.repeats)
-                        rows.append({"vocab": vocab, "batch": batch, "n": n, "mode": mode,
-                                     "dtype": str(dtype).split(".")[-1], "reference_ms": t_ref, "fused_ms": t_fused,
-                                     "speedup": t_ref / t_fused, "identical": same})
-                        r = rows[-1]
-                        print(f"| {vocab} | {batch} | {n} | {mode} | {r['dtype']} | {t_ref:.3f} | {t_fused:.3f} | "
-                              f"{r['speedup']:.2f}x | {same} |", flush=True)
+                        for launch in args.launch.split(","):
+                            tile, warps = map(int, launch.split("x"))
+                            out = verify_fused(params=params, block=tile, num_warps=warps, **block)
+                            same_l = same and out[0].tolist() == ref[0].tolist() and out[1].tolist() == ref[1].tolist()
+                            t_fused = cuda_time_ms(lambda b=block, p=params, t=tile, w=warps: verify_fused(
+                                params=p, block=t, num_warps=w, **b), args.repeats)
+                            rows.append({"vocab": vocab, "batch": batch, "n": n, "mode": mode, "launch": launch,
+                                         "dtype": str(dtype).split(".")[-1], "reference_ms": t_ref,
+                                         "fused_ms": t_fused, "speedup": t_ref / t_fused, "identical": same_l})
+                            r = rows[-1]
+                            print(f"| {vocab} | {batch} | {n} | {mode} | {r['dtype']} | {launch} | {t_ref:.3f} | "
+                                  f"{t_fused:.3f} | {r['speedup']:.2f}x | {same_l} |", flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

@@ -57,8 +57,9 @@ def random_block(batch: int, n: int, vocab: int, params: SamplingParams, dtype: 
                 u_sample=torch.rand(batch, dtype=torch.float64, generator=g, device=CUDA))
 
 
-def test_kernel_is_selected_on_cuda() -> None:
-    assert kernel_available(CUDA)
+def test_kernel_is_selected_on_cuda_up_to_its_vocabulary_limit() -> None:
+    assert kernel_available(CUDA) and kernel_available(CUDA, 49_152)
+    assert not kernel_available(CUDA, 152_064)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -4,15 +4,50 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+from soaes_core.errors import InvalidArgumentError
+from soaes_specdec.draft import RestrictedLMHead
 from soaes_specdec.kv_cache import StaticKVCache
-from soaes_specdec.runner import CachedCausalLM
+from soaes_specdec.runner import STREAM_MAX_ROWS, CachedCausalLM, default_linear_mode, stream_linear
 
 
-def test_blocks_and_rows_match_full_forward(qwen2_factory: Any) -> None:
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_stream_linear_equals_f_linear(rows: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(300, 64, generator=g)
+    b = torch.randn(300, generator=g) if bias else None
+    x = torch.randn(rows, 64, generator=g)
+    out = stream_linear(x, weight, b)
+    assert out.shape == (rows, 300) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, rows, 64, generator=g)[:, :, :]  # batch x time x hidden, as the runner calls it
+    torch.testing.assert_close(stream_linear(x3, weight, b), F.linear(x3, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_restricted_head_through_stream_linear() -> None:
+    head = RestrictedLMHead(torch.randn(100, 16), [3, 50, 7, 99])
+    x = torch.randn(1, 2, 16)
+    torch.testing.assert_close(head(x, linear=stream_linear), head(x))
+    assert torch.isinf(head(x, linear=stream_linear)[..., 0]).all()
+
+
+def test_linear_mode_choice(qwen2_factory: Any) -> None:
+    assert default_linear_mode(torch.device("cpu"), torch.float32) == "stream"
+    assert default_linear_mode(torch.device("cpu"), torch.bfloat16) == "module"
+    assert default_linear_mode(torch.device("cuda"), torch.float32) == "module"
+    with pytest.raises(InvalidArgumentError, match="linear must be"):
+        CachedCausalLM(qwen2_factory(0, layers=1), linear="fast")
+
+
+@pytest.mark.parametrize("linear", ["auto", "stream", "module"])
+def test_blocks_and_rows_match_full_forward(qwen2_factory: Any, linear: str) -> None:
     model = qwen2_factory(0, layers=2)
-    runner = CachedCausalLM(model)
+    runner = CachedCausalLM(model, linear=linear)
+    assert runner.linear_mode == ("stream" if linear == "auto" else linear)
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         full = model(ids).logits

@@ -137,8 +137,12 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 7, device: str | torc
 
 @torch.inference_mode()
 def measure_costs(target: CachedCausalLM, draft: CachedCausalLM, n: int, context: int,
-                  repeats: int = 15) -> dict[str, float]:
-    """Seconds of one target step, one draft step and one target pass over n+1 tokens at `context` tokens."""
+                  repeats: int = 15, warmup: int = 3) -> dict[str, float]:
+    """Seconds of one target step, one draft step and one target pass over n+1 tokens at `context` tokens.
+
+    The three are timed in interleaved rounds (after `warmup` untimed rounds), so a slow start or a load
+    change shifts all three alike instead of biasing the ratios c and c_v.
+    """
     vocab = min(target.vocab_size, draft.vocab_size)
     prompt = torch.randint(0, vocab, (1, context), device=target.device)
     starts = torch.zeros(1, dtype=torch.long, device=target.device)
@@ -149,14 +153,22 @@ def measure_costs(target: CachedCausalLM, draft: CachedCausalLM, n: int, context
         runner.forward(prompt, starts, need_logits=False)
     one = prompt[:, -1:]
     block = prompt[:, -(n + 1):]
-    t_target = median_time(lambda: target.forward(one, at_end, logits_at=last), repeats)
-    t_draft = median_time(lambda: draft.forward(one, at_end, logits_at=last), repeats)
-    t_verify = median_time(lambda: target.forward(block, at_end), repeats)
-    return {"target_step_s": t_target, "draft_step_s": t_draft, "verify_step_s": t_verify,
-            "c": t_draft / t_target, "c_v": t_verify / t_target}
-
-
-# ----------------------------------------------------------------------------------------- inputs
+    calls = {"target_step_s": lambda: target.forward(one, at_end, logits_at=last),
+             "draft_step_s": lambda: draft.forward(one, at_end, logits_at=last),
+             "verify_step_s": lambda: target.forward(block, at_end)}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for round_ in range(warmup + repeats):
+        for key, fn in calls.items():
+            synchronize()
+            t0 = time.perf_counter()
+            fn()
+            synchronize()
+            if round_ >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["c"] = out["draft_step_s"] / out["target_step_s"]
+    out["c_v"] = out["verify_step_s"] / out["target_step_s"]
+    return out
 
 
 def default_prompts_path() -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,10 @@ class RestrictedLMHead(torch.nn.Module):
     def weight(self) -> torch.Tensor:
         return self._shape
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        sub = torch.nn.functional.linear(hidden, self.sub_weight)
+    def forward(self, hidden: torch.Tensor, linear: Callable[..., torch.Tensor] = torch.nn.functional.linear,
+                ) -> torch.Tensor:
+        """Full-vocabulary logits; `linear(x, weight)` computes the kept rows (the runner passes `stream_linear`)."""
+        sub = linear(hidden, self.sub_weight)
         out = sub.new_full((*sub.shape[:-1], self.vocab_size), float("-inf"))
         return out.index_copy_(-1, self.token_ids, sub)
 

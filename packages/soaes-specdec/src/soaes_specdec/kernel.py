@@ -184,10 +184,12 @@ def _verify_greedy_kernel(logits_ptr, draft_ptr, num_draft_ptr, out_accepted_ptr
 
 def verify_fused(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
                  num_draft: torch.Tensor | None, params: SamplingParams, u_accept: torch.Tensor | None,
-                 u_sample: torch.Tensor | None, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 u_sample: torch.Tensor | None, block: int | None = None, num_warps: int = 16,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `verify.verify_reference`: (num_accepted [B], next_token [B]) for one block.
 
-    `block` is the vocabulary tile per loop step: 4096 on GPUs; the whole vocabulary in one tile under
+    `block` is the vocabulary tile per loop step: 16384 on GPUs, with `num_warps` 16 (the fastest of the launch
+    settings swept on an H200, `benchmarks/specdec/kernel_bench.py`); the whole vocabulary in one tile under
     TRITON_INTERPRET=1, where each step is a numpy call and fewer, larger steps are much faster.
     """
     batch, n = draft_tokens.shape
@@ -199,10 +201,11 @@ def verify_fused(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_
     accepted = torch.empty(batch, dtype=torch.long, device=device)
     token = torch.empty(batch, dtype=torch.long, device=device)
     if block is None:
-        block = triton.next_power_of_2(vocab) if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+        block = triton.next_power_of_2(vocab) if os.environ.get("TRITON_INTERPRET") == "1" else 16384
     block = min(block, triton.next_power_of_2(vocab))
     if not params.do_sample:
-        _verify_greedy_kernel[(batch,)](logits, drafts, nd, accepted, token, n, vocab, BLOCK=block)
+        _verify_greedy_kernel[(batch,)](logits, drafts, nd, accepted, token, n, vocab, BLOCK=block,
+                                        num_warps=num_warps)
         return accepted, token
     assert draft_probs is not None and u_accept is not None and u_sample is not None
     use_top_k = 0 < params.top_k < vocab
@@ -210,5 +213,5 @@ def verify_fused(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_
         logits, draft_probs.contiguous().float(), drafts, nd, u_accept.contiguous().double(),
         u_sample.contiguous().double(), accepted, token, n, vocab, float(params.temperature),
         int(params.top_k) if use_top_k else 1, float(params.top_p),
-        USE_TOP_K=use_top_k, USE_TOP_P=params.top_p < 1.0, BLOCK=block)
+        USE_TOP_K=use_top_k, USE_TOP_P=params.top_p < 1.0, BLOCK=block, num_warps=num_warps)
     return accepted, token

@@ -86,9 +86,15 @@ def verify_reference(target_logits: torch.Tensor, draft_tokens: torch.Tensor, dr
                            num_draft)
 
 
-def kernel_available(device: torch.device) -> bool:
-    """The fused Triton kernel runs on CUDA devices when triton imports."""
-    if device.type != "cuda":
+KERNEL_MAX_VOCAB = 65_536
+"""Auto mode uses the fused kernel up to this vocabulary size: on an H200 it beat this reference by 1.2-2.4x at
+49,152 tokens (greedy, top-p) but lost at 152,064, where its one-program-per-row loops are too long
+(docs/benchmarks.md, "GPU")."""
+
+
+def kernel_available(device: torch.device, vocab_size: int | None = None) -> bool:
+    """Whether auto mode runs the fused Triton kernel: CUDA device, triton importable, vocabulary not too large."""
+    if device.type != "cuda" or (vocab_size is not None and vocab_size > KERNEL_MAX_VOCAB):
         return False
     try:
         import triton  # noqa: F401
@@ -100,7 +106,7 @@ def kernel_available(device: torch.device) -> bool:
 def verify_block(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
                  num_draft: torch.Tensor | None, params: SamplingParams, generator: torch.Generator | None = None,
                  use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw the float64 uniforms and verify one block, with the fused kernel on CUDA (auto) or the reference."""
+    """Draw the float64 uniforms and verify one block with the fused kernel (auto: `kernel_available`) or reference."""
     batch, n = draft_tokens.shape
     u_accept = u_sample = None
     if params.do_sample:
@@ -109,7 +115,7 @@ def verify_block(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_
         u_sample = torch.rand((batch,), dtype=torch.float64, device=gen_device, generator=generator)
         u_accept, u_sample = u_accept.to(target_logits.device), u_sample.to(target_logits.device)
     if use_kernel is None:
-        use_kernel = kernel_available(target_logits.device)
+        use_kernel = kernel_available(target_logits.device, target_logits.shape[-1])
     if use_kernel and n > 0:
         from .kernel import verify_fused
 
