@@ -44,6 +44,11 @@ def test_load_prompts_and_errors(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
     tok = load_tokenizer(tiny_qwen2_dir)
     prompts = load_prompts(None, tok)
     assert len(prompts) >= 8 and all(p.dtype == torch.long and p.numel() > 0 for p in prompts)
+    records = tmp_path / "records.jsonl"  # an SFT record's answer is not part of its prompt
+    records.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                       '{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    with_answer, without = load_prompts(records, tok)
+    assert with_answer.tolist() == without.tolist()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.jsonl:2"):

@@ -58,6 +58,7 @@ class BenchConfig:
     temperature: float = 1.0
     max_new_tokens: int = 128
     max_ngram: int = 3
+    draft_confidence: float = 0.0  # > 0: dynamic draft length (stop a block when the draft's top prob is below)
     warmup: int = 1  # warm-up passes (first prompt only) before the timed repeats
     repeats: int = 3
     seed: int = 0
@@ -76,6 +77,8 @@ class BenchConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.draft_confidence < 1.0:
+            raise ValueError(f"draft_confidence must be in [0, 1), got {self.draft_confidence}")
         if self.max_new_tokens < 1 or self.repeats < 1 or self.warmup < 0 or self.draft_layers < 1:
             raise ValueError("max_new_tokens, repeats and draft_layers must be >= 1 and warmup >= 0")
 
@@ -176,14 +179,20 @@ def default_prompts_path() -> Path:
 
 
 def load_prompts(path: str | os.PathLike[str] | None, tokenizer: Any, limit: int = 0) -> list[torch.Tensor]:
-    """Token ids of each prompt: chat `messages` through the tokenizer's template, or a plain `prompt` string."""
+    """Token ids of each prompt: chat `messages` through the tokenizer's template, or a plain `prompt` string.
+
+    Trailing assistant turns are dropped, so SFT or held-out records (prompt + answer) serve as prompts directly.
+    """
     path = Path(path) if path is not None else default_prompts_path()
     prompts = []
     for record in iter_jsonl(path):
         data = record.data
         if isinstance(data, dict) and isinstance(data.get("messages"), list):
             try:
-                ids = tokenizer.apply_chat_template(data["messages"], add_generation_prompt=True, tokenize=True)
+                messages = list(data["messages"])
+                while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+                    messages.pop()  # SFT / held-out records: the prompt is what precedes the answer
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             except Exception as err:  # template errors come in many types; report the record
                 raise DataError(f"cannot apply the chat template: {err}", path=str(path), line=record.line,
                                 field="messages") from None
@@ -268,7 +277,8 @@ class BenchRunner:
         elif method == "prompt_lookup":
             gen = PromptLookupDecoder(self.target_runner, n, cfg.max_ngram).generate
         else:
-            gen = SpeculativeDecoder(self.target_runner, self.draft_runner, n).generate
+            gen = SpeculativeDecoder(self.target_runner, self.draft_runner, n,
+                                     draft_confidence=self.config.draft_confidence).generate
         sampling = self._sampling(mode)
 
         def run_all(warmup: bool = False) -> tuple[int, Any]:

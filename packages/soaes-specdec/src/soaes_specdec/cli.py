@@ -40,6 +40,8 @@ def _split_ints(text: str) -> list[int]:
 @click.option("--top-p", type=float, help="Top-p for the sampling mode (default 0.7, as in the paper).")
 @click.option("--temperature", type=float, help="Temperature for the sampling mode (default 1.0).")
 @click.option("--max-new-tokens", type=int, help="Tokens per prompt (default 128).")
+@click.option("--draft-confidence", type=float,
+              help="Dynamic draft length: end a block when the draft's top probability is below this (default off).")
 @click.option("--warmup", type=int, help="Warm-up passes over the prompts (default 1).")
 @click.option("--repeats", type=int, help="Timed passes; the median is reported (default 3).")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
