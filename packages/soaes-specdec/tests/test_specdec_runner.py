@@ -35,8 +35,12 @@ def test_restricted_head_through_stream_linear() -> None:
     assert torch.isinf(head(x, linear=stream_linear)[..., 0]).all()
 
 
-def test_linear_mode_choice(qwen2_factory: Any) -> None:
-    assert default_linear_mode(torch.device("cpu"), torch.float32) == "stream"
+def test_linear_mode_choice(qwen2_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_linear_mode(torch.device("cpu"), torch.float32) == (
+        "stream" if torch.backends.mkl.is_available() else "module")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    assert default_linear_mode(torch.device("cpu"), torch.float32) == "module"
+    monkeypatch.undo()
     assert default_linear_mode(torch.device("cpu"), torch.bfloat16) == "module"
     assert default_linear_mode(torch.device("cuda"), torch.float32) == "module"
     with pytest.raises(InvalidArgumentError, match="linear must be"):
@@ -47,7 +51,8 @@ def test_linear_mode_choice(qwen2_factory: Any) -> None:
 def test_blocks_and_rows_match_full_forward(qwen2_factory: Any, linear: str) -> None:
     model = qwen2_factory(0, layers=2)
     runner = CachedCausalLM(model, linear=linear)
-    assert runner.linear_mode == ("stream" if linear == "auto" else linear)
+    assert runner.linear_mode == (default_linear_mode(torch.device("cpu"), torch.float32) if linear == "auto"
+                                  else linear)
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         full = model(ids).logits

@@ -50,8 +50,10 @@ def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def default_linear_mode(device: torch.device, dtype: torch.dtype) -> str:
-    """"stream" (`stream_linear`) on CPU in fp32, where it is measured faster; the modules' own forward elsewhere."""
-    return "stream" if device.type == "cpu" and dtype == torch.float32 else "module"
+    """"stream" (`stream_linear`) on CPU in fp32 with MKL, where it was measured faster; the modules' own forward
+    elsewhere (GPUs, bf16, BLAS libraries it was not measured with)."""
+    mkl = torch.backends.mkl.is_available()
+    return "stream" if device.type == "cpu" and dtype == torch.float32 and mkl else "module"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
