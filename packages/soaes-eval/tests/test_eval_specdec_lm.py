@@ -61,3 +61,24 @@ def test_sampling_args_from_model_args(tiny_qwen2_dir: Path) -> None:
     assert isinstance(text, str)
     stats = lm.spec_stats()
     assert stats["requests"] == 1 and stats["num_speculative_tokens"] == 2 and stats["new_tokens"] >= 1
+
+
+def test_saved_restricted_draft_gets_its_restricted_head(tiny_qwen2_dir: Path, tiny_draft_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """A draft directory with `head_token_ids.json` (as soaes-distill saves it) is loaded with its restricted head."""
+    pytest.importorskip("soaes_specdec")
+    import json
+    import shutil
+
+    from soaes_eval.specdec_lm import SpecDecLM
+    from soaes_specdec.draft import HEAD_IDS_FILE, RestrictedLMHead
+
+    draft_dir = tmp_path / "restricted"
+    shutil.copytree(tiny_draft_dir, draft_dir)
+    (draft_dir / HEAD_IDS_FILE).write_text(json.dumps({"token_ids": list(range(0, 200, 3))}), encoding="utf-8")
+    lm = SpecDecLM(pretrained=str(tiny_qwen2_dir), draft=str(draft_dir), num_speculative_tokens=2, device="cpu",
+                   batch_size=1)
+    head = lm.draft_model.get_output_embeddings()
+    assert isinstance(head, RestrictedLMHead) and head.token_ids.tolist() == list(range(0, 200, 3))
+    text = lm._decode_one("问题：什么是国有资产？\n回答：", {"until": ["\n\n"], "do_sample": False, "max_gen_toks": 6})
+    assert isinstance(text, str) and lm.spec_stats()["proposed"] > 0
