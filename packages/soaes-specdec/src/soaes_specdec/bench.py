@@ -115,18 +115,20 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds, result) of `fn()`, queued GPU work included."""
+    synchronize()
+    t0 = time.perf_counter()
+    result = fn()
+    synchronize()
+    return time.perf_counter() - t0, result
+
+
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median wall seconds of `fn()` over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        t0 = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(fn)[0] for _ in range(repeats))
 
 
 def measure_bandwidth(megabytes: int = 256, repeats: int = 7, device: str | torch.device = "cpu") -> float:
@@ -162,12 +164,9 @@ def measure_costs(target: CachedCausalLM, draft: CachedCausalLM, n: int, context
     times: dict[str, list[float]] = {k: [] for k in calls}
     for round_ in range(warmup + repeats):
         for key, fn in calls.items():
-            synchronize()
-            t0 = time.perf_counter()
-            fn()
-            synchronize()
+            seconds, _ = timed(fn)
             if round_ >= warmup:
-                times[key].append(time.perf_counter() - t0)
+                times[key].append(seconds)
     out = {k: statistics.median(v) for k, v in times.items()}
     out["c"] = out["draft_step_s"] / out["target_step_s"]
     out["c_v"] = out["verify_step_s"] / out["target_step_s"]
@@ -344,11 +343,7 @@ class BenchRunner:
         samples: list[list[tuple[float, int, float, Any]]] = [[] for _ in jobs]
         for _ in progress(range(cfg.repeats), desc="bench repeats"):
             for i, run_all in enumerate(runs):
-                synchronize()
-                t0 = time.perf_counter()
-                tokens, outs = run_all()
-                synchronize()
-                wall = time.perf_counter() - t0
+                wall, (tokens, outs) = timed(run_all)
                 samples[i].append((tokens / wall, tokens, wall, outs))
         results = []
         for (mode, n, method), runs_of_job in zip(jobs, samples, strict=True):

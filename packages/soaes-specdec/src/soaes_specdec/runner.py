@@ -50,8 +50,8 @@ def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def default_linear_mode(device: torch.device, dtype: torch.dtype) -> str:
-    """"stream" (`stream_linear`) on CPU in fp32 with MKL, where it was measured faster; the modules' own forward
-    elsewhere (GPUs, bf16, BLAS libraries it was not measured with)."""
+    """The projection mode for `linear="auto"`: "stream" (`stream_linear`) on CPU in fp32 with MKL, where it was
+    measured faster; "module" (the modules' own forward) elsewhere: GPUs, bf16, BLAS libraries not measured."""
     mkl = torch.backends.mkl.is_available()
     return "stream" if device.type == "cpu" and dtype == torch.float32 and mkl else "module"
 
@@ -105,6 +105,9 @@ class CachedCausalLM:
         if linear not in ("auto", "stream", "module"):
             raise InvalidArgumentError(f"linear must be 'auto', 'stream' or 'module', got {linear!r}")
         self.linear_mode = default_linear_mode(self.device, self.dtype) if linear == "auto" else linear
+        gated = ("gate_proj", "up_proj", "down_proj", "act_fn")  # per layer, decided once (not on every step)
+        self._stream_mlp = [self.linear_mode == "stream" and all(hasattr(layer.mlp, a) for a in gated)
+                            for layer in self.layers]
         self.cache: StaticKVCache | None = None
 
     def _proj(self, module: Any, x: torch.Tensor) -> torch.Tensor:
@@ -113,10 +116,9 @@ class CachedCausalLM:
             return stream_linear(x, module.weight, module.bias)
         return module(x)
 
-    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
-        """Gated MLP down(act(gate(x)) * up(x)) with `_proj`; other MLPs run their own forward."""
-        if self.linear_mode == "stream" and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj",
-                                                                           "act_fn")):
+    def _mlp(self, idx: int, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        """Gated MLP down(act(gate(x)) * up(x)) with `_proj` in stream mode; otherwise the MLP's own forward."""
+        if self._stream_mlp[idx]:
             return self._proj(mlp.down_proj, mlp.act_fn(self._proj(mlp.gate_proj, x)) * self._proj(mlp.up_proj, x))
         return mlp(x)
 
@@ -181,7 +183,7 @@ class CachedCausalLM:
         for idx, layer in enumerate(self.layers):
             h = h + self._attention(layer, idx, layer.input_layernorm(h), cos, sin, common_start, positions,
                                     mask, kv_len)
-            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
+            h = h + self._mlp(idx, layer.mlp, layer.post_attention_layernorm(h))
         if not need_logits:
             return None
         if logits_at is not None:
