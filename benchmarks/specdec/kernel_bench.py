@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from soaes_specdec.kernel import verify_fused
-from soaes_specdec.sampling import SamplingParams, warp_probs
+from soaes_specdec.sampling import SamplingParams
+from soaes_specdec.testing import random_verify_block
 from soaes_specdec.verify import verify_reference
 
 MODES = {"greedy": SamplingParams(False), "top_p=0.7": SamplingParams(True, 1.0, 0.7),
@@ -25,15 +26,10 @@ MODES = {"greedy": SamplingParams(False), "top_p=0.7": SamplingParams(True, 1.0,
 
 
 def inputs(batch: int, n: int, vocab: int, params: SamplingParams, dtype: torch.dtype) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(batch * 7 + n + vocab)
-    logits = (torch.randn(batch, n + 1, vocab, generator=g, device="cuda") * 3).to(dtype)
-    draft_logits = logits[:, :n].float() + torch.randn(batch, n, vocab, generator=g, device="cuda")
-    q = warp_probs(draft_logits, params) if params.do_sample else None
-    drafts = (torch.multinomial(q.reshape(-1, vocab), 1, generator=g).reshape(batch, n) if q is not None
-              else logits[:, :n].float().argmax(-1))
-    return dict(target_logits=logits, draft_tokens=drafts, draft_probs=q, num_draft=None,
-                u_accept=torch.rand(batch, n, dtype=torch.float64, generator=g, device="cuda"),
-                u_sample=torch.rand(batch, dtype=torch.float64, generator=g, device="cuda"))
+    """A full block (every row drafts n tokens; greedy drafts all equal the target's argmax) on the GPU."""
+    block = random_verify_block(batch, n, vocab, params, seed=batch * 7 + n + vocab, device="cuda", dtype=dtype,
+                                agree=1.0)
+    return {**block, "num_draft": None}
 
 
 def cuda_time_ms(fn, repeats: int, warmup: int = 5) -> float:

@@ -19,7 +19,8 @@ triton = pytest.importorskip("triton")
 
 from soaes_specdec import decoding  # noqa: E402
 from soaes_specdec.decoding import SpeculativeDecoder  # noqa: E402
-from soaes_specdec.sampling import SamplingParams, warp_probs  # noqa: E402
+from soaes_specdec.sampling import SamplingParams  # noqa: E402
+from soaes_specdec.testing import random_verify_block  # noqa: E402
 from soaes_specdec.verify import kernel_available, verify_reference  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -39,24 +40,6 @@ CASES = [
 ]
 
 
-def random_block(batch: int, n: int, vocab: int, params: SamplingParams, dtype: torch.dtype,
-                 seed: int) -> dict[str, Any]:
-    g = torch.Generator(device=CUDA).manual_seed(seed)
-    logits = (torch.randn(batch, n + 1, vocab, generator=g, device=CUDA) * 3).to(dtype)
-    draft_logits = logits[:, :n].float() + torch.randn(batch, n, vocab, generator=g, device=CUDA)
-    q = warp_probs(draft_logits, params) if params.do_sample else None
-    if q is not None:
-        drafts = torch.multinomial(q.reshape(-1, vocab), 1, generator=g).reshape(batch, n)
-    else:
-        agree = torch.rand(batch, n, generator=g, device=CUDA) < 0.7
-        drafts = torch.where(agree, logits[:, :n].float().argmax(-1),
-                             torch.randint(0, vocab, (batch, n), generator=g, device=CUDA))
-    return dict(target_logits=logits, draft_tokens=drafts, draft_probs=q,
-                num_draft=torch.randint(1, n + 1, (batch,), generator=g, device=CUDA),
-                u_accept=torch.rand(batch, n, dtype=torch.float64, generator=g, device=CUDA),
-                u_sample=torch.rand(batch, dtype=torch.float64, generator=g, device=CUDA))
-
-
 def test_kernel_is_selected_on_cuda_up_to_its_vocabulary_limit() -> None:
     assert kernel_available(CUDA) and kernel_available(CUDA, 49_152)
     assert not kernel_available(CUDA, 152_064)
@@ -70,7 +53,7 @@ def test_compiled_kernel_equals_reference(case: tuple, seed: int) -> None:
 
     do_sample, temperature, top_p, top_k, batch, n, vocab, dtype = case
     params = SamplingParams(do_sample, temperature, top_p, top_k)
-    block = random_block(batch, n, vocab, params, dtype, seed=vocab + n + 1000 * seed)
+    block = random_verify_block(batch, n, vocab, params, seed=vocab + n + 1000 * seed, device=CUDA, dtype=dtype)
     fused = verify_fused(params=params, **block)
     ref = verify_reference(params=params, **block)
     assert fused[0].tolist() == ref[0].tolist()

@@ -20,28 +20,14 @@ import json, sys
 import torch
 torch.set_num_threads(1)
 from soaes_specdec.kernel import verify_fused
-from soaes_specdec.sampling import SamplingParams, warp_probs
+from soaes_specdec.sampling import SamplingParams
+from soaes_specdec.testing import random_verify_block
 from soaes_specdec.verify import verify_reference
-
-def random_block(batch, n, vocab, params, seed):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch, n + 1, vocab, generator=g) * 3
-    draft_logits = logits[:, :n] + torch.randn(batch, n, vocab, generator=g)
-    q = warp_probs(draft_logits, params) if params.do_sample else None
-    if q is not None:
-        drafts = torch.multinomial(q.reshape(-1, vocab), 1, generator=g).reshape(batch, n)
-    else:
-        agree = torch.rand(batch, n, generator=g) < 0.7
-        drafts = torch.where(agree, logits[:, :n].argmax(-1), torch.randint(0, vocab, (batch, n), generator=g))
-    return dict(target_logits=logits, draft_tokens=drafts, draft_probs=q,
-                num_draft=torch.randint(1, n + 1, (batch,), generator=g),
-                u_accept=torch.rand(batch, n, dtype=torch.float64, generator=g),
-                u_sample=torch.rand(batch, dtype=torch.float64, generator=g))
 
 results = []
 for do_sample, temperature, top_p, top_k, batch, n, vocab in json.loads(sys.argv[1]):
     params = SamplingParams(do_sample, temperature, top_p, top_k)
-    block = random_block(batch, n, vocab, params, seed=vocab + n)
+    block = random_verify_block(batch, n, vocab, params, seed=vocab + n)
     fused = verify_fused(params=params, **block)
     ref = verify_reference(params=params, **block)
     results.append({"fused": [fused[0].tolist(), fused[1].tolist()], "reference": [ref[0].tolist(), ref[1].tolist()],
