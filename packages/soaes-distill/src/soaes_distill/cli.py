@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from soaes_core import DEFAULT_MODEL, load_config, write_jsonl
+from soaes_core import DEFAULT_MODEL, load_config, read_jsonl, write_jsonl
 from soaes_core.clitools import SoaesGroup, setup_logging
 
 from . import __version__
@@ -153,6 +153,32 @@ def magpie(target: str, num_queries: int, system: str | None, language: str, out
     write_jsonl(out_path, res.records)
     write_jsonl(rejects_path or f"{out_path}.rejects.jsonl", res.rejects)
     click.echo(f"generated {res.generated}; kept {len(res.records)}, rejected {len(res.rejects)}")
+
+
+@main.command("domain-queries")
+@click.argument("corpus", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--held-out", "held_out_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSONL of held-out prompts (prompt or messages) that no query may overlap")
+@click.option("--out", "out_path", required=True, help="output prompts JSONL ({id, prompt, source})")
+@click.option("--max-queries", type=int, default=6000, show_default=True, help="template fills")
+@click.option("--num-terms", type=int, default=200, show_default=True, help="jieba keywords used as slots")
+@click.option("--seed", type=int, default=0)
+def domain_queries(corpus: tuple[str, ...], held_out_path: str | None, out_path: str, max_queries: int,
+                   num_terms: int, seed: int) -> None:
+    """Domain prompts from CORPUS JSONL files (`text` or chat `messages`): templates filled with domain terms
+    plus passage instructions, deduplicated and decontaminated; drops go to OUT.rejects.jsonl."""
+    from soaes_data.records import record_text
+
+    from .domain_queries import DomainQueryConfig, build_domain_queries
+    from .experiment import read_prompts
+
+    texts = [record_text(r) for path in corpus for r in read_jsonl(path)]
+    held = [p["prompt"] for p in read_prompts(Path(held_out_path))] if held_out_path else []
+    res = build_domain_queries(texts, held, DomainQueryConfig(num_terms=num_terms, max_queries=max_queries,
+                                                              seed=seed))
+    write_jsonl(out_path, res.prompts)
+    write_jsonl(f"{out_path}.rejects.jsonl", res.rejects)
+    click.echo(f"{len(res.terms)} terms; kept {len(res.prompts)} prompts, rejected {len(res.rejects)}")
 
 
 @main.command()

@@ -42,6 +42,14 @@ def frequent_tokens(sequences: Iterable[Sequence[int]], size: int, always: Itera
     return sorted(chosen | {int(t) for t in always})
 
 
+def freeze_embeddings(model: Any) -> None:
+    """Stop gradients to the input embeddings and output head (tied in most drafts): cheaper steps on CPU."""
+    model.get_input_embeddings().weight.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.device.type != "meta":
+        head.weight.requires_grad_(False)
+
+
 def make_small_draft(target: Any, num_layers: int, hidden_size: int, intermediate_size: int,
                      num_attention_heads: int, num_key_value_heads: int, seed: int = 0) -> Any:
     """A randomly initialised model of the target's architecture and vocabulary, but smaller."""

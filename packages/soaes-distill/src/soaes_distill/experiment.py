@@ -43,10 +43,9 @@ from soaes_train.config import TrainConfig
 from soaes_train.trainer import build_training_arguments
 
 from .acceptance import AcceptanceAccumulator
-from .draft_init import frequent_tokens, restrict_output_head, save_draft
+from .draft_init import freeze_embeddings, frequent_tokens, restrict_output_head, save_draft
 from .dump import DumpConfig, run_dump
 from .online import OnlineConfig, online_distill
-from .recipe import freeze_embeddings
 from .store import TeacherLogitStore
 from .synth import (
     MagpieResult,

@@ -22,7 +22,7 @@ from soaes_train.deepspeed_setup import prepare_deepspeed
 from soaes_train.outputs import loss_curve, write_loss_curve
 from soaes_train.trainer import ProgressCallback, bf16_supported, build_training_arguments, reset_deepspeed_globals
 
-from .draft_init import HEAD_IDS_FILE
+from .draft_init import HEAD_IDS_FILE, freeze_embeddings
 from .store import TeacherLogitStore
 from .token_data import dataset_sha256, load_token_examples, tokenizer_sha256
 from .trainer import KDCollator, KDConfig, KDDataset, KDTrainer
@@ -60,14 +60,6 @@ class DistillResult:
     metrics: dict[str, float]
     kd_history: list[dict[str, float]]
     train_seconds: float
-
-
-def freeze_embeddings(model: Any) -> None:
-    """Stop gradients to the input embeddings and output head (tied in most drafts): cheaper steps on CPU."""
-    model.get_input_embeddings().weight.requires_grad_(False)
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None and head.weight.device.type != "meta":
-        head.weight.requires_grad_(False)
 
 
 def _last_checkpoint(path: Path) -> str | None:
