@@ -79,3 +79,22 @@ def test_tiny_benchmark_writes_reports(tiny_qwen2_dir: Path, tmp_path: Path) -> 
     plain = next(r for r in report["results"] if r["method"] == "plain" and r["mode"] == "greedy")
     assert plain["speedup_vs_plain"] == pytest.approx(1.0) and plain["extra"]["achieved_bandwidth_gb_s"] > 0
     assert "| speculative | 2 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_reference_dtype_adds_an_interleaved_plain_baseline(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    target = load_model(tiny_qwen2_dir, dtype=torch.bfloat16)
+    models: tuple[Any, Any, Any] = (target, make_layer_draft(target, 1), load_tokenizer(tiny_qwen2_dir))
+    config = BenchConfig(target=str(tiny_qwen2_dir), max_new_tokens=5, max_prompts=2, warmup=0, repeats=1,
+                         num_speculative_tokens=[2], modes=["greedy"], methods=["plain", "speculative"],
+                         dtype="bfloat16", reference_dtype="float32")
+    report = run_benchmark(config, tmp_path, models=models)
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"plain", "speculative", "plain_reference"}
+    ref = rows["plain_reference"]
+    assert ref["n"] is None and ref["speedup_vs_reference"] == pytest.approx(1.0)
+    for name in ("plain", "speculative"):
+        assert rows[name]["speedup_vs_reference"] == pytest.approx(rows[name]["tokens_per_s"] / ref["tokens_per_s"])
+    assert "Against plain decoding of the target in float32" in (tmp_path / "bench.md").read_text()
+    same = BenchConfig(**{**config.__dict__, "reference_dtype": "bfloat16"})  # same dtype: no extra baseline
+    assert {r["method"] for r in run_benchmark(same, tmp_path / "same", models=models)["results"]} == {
+        "plain", "speculative"}

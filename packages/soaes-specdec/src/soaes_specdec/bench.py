@@ -27,9 +27,10 @@ import torch
 
 from soaes_core import DEFAULT_MODEL, load_model, load_tokenizer
 from soaes_core.atomic import atomic_write_json, atomic_write_text
-from soaes_core.errors import DataError
+from soaes_core.errors import DataError, InvalidArgumentError
 from soaes_core.jsonl import iter_jsonl
 from soaes_core.manifest import write_manifest
+from soaes_core.models import resolve_dtype
 from soaes_core.progress import progress
 
 from .decoding import PromptLookupDecoder, SpecDecodeOutput, SpeculativeDecoder, autoregressive_generate
@@ -39,6 +40,7 @@ from .runner import CachedCausalLM
 log = logging.getLogger(__name__)
 
 METHODS = ("plain", "prompt_lookup", "speculative", "hf_assisted", "hf_prompt_lookup")
+REFERENCE = "plain_reference"  # plain decoding in `reference_dtype` (added to the jobs when that is set)
 MODES = ("greedy", "top_p")
 
 
@@ -63,6 +65,9 @@ class BenchConfig:
     repeats: int = 3
     seed: int = 0
     dtype: str = "float32"
+    # also time plain decoding of the target loaded in this dtype, interleaved with the rest, so a speedup in
+    # `dtype` can be read against the fastest baseline (e.g. bfloat16 runs against float32 plain decoding)
+    reference_dtype: str | None = None
     threads: int = 0  # 0 = torch's default
 
     def __post_init__(self) -> None:
@@ -231,6 +236,7 @@ class MethodResult:
     mean_accepted_length: float | None = None
     target_calls: int | None = None
     speedup_vs_plain: float | None = None
+    speedup_vs_reference: float | None = None  # over plain decoding in `reference_dtype`, same run and mode
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -254,8 +260,9 @@ class BenchRunner:
     """Holds the loaded models and runs each method over the prompts."""
 
     def __init__(self, config: BenchConfig, target: Any, draft: Any, tokenizer: Any,
-                 prompts: list[torch.Tensor]) -> None:
+                 prompts: list[torch.Tensor], reference: Any | None = None) -> None:
         self.config, self.target, self.draft, self.tokenizer, self.prompts = config, target, draft, tokenizer, prompts
+        self.reference = reference  # the target in `config.reference_dtype`, or None
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
@@ -270,9 +277,11 @@ class BenchRunner:
 
     def _ours(self, method: str, mode: str, n: int) -> Callable[[], tuple[int, Any]]:
         cfg = self.config
-        if method == "plain":
+        if method in ("plain", REFERENCE):
+            runner = self.target_runner if method == "plain" else self.reference_runner
+
             def gen(p: torch.Tensor, **kw: Any) -> SpecDecodeOutput:
-                return autoregressive_generate(self.target_runner, p, **kw)
+                return autoregressive_generate(runner, p, **kw)
         elif method == "prompt_lookup":
             gen = PromptLookupDecoder(self.target_runner, n, cfg.max_ngram).generate
         else:
@@ -321,6 +330,14 @@ class BenchRunner:
         return self._target_runner
 
     @property
+    def reference_runner(self) -> CachedCausalLM:
+        if self.reference is None:
+            raise InvalidArgumentError("no reference target: set reference_dtype")
+        if not hasattr(self, "_reference_runner"):
+            self._reference_runner = CachedCausalLM(self.reference)
+        return self._reference_runner
+
+    @property
     def draft_runner(self) -> CachedCausalLM:
         if not hasattr(self, "_draft_runner"):
             self._draft_runner = CachedCausalLM(self.draft)
@@ -350,7 +367,7 @@ class BenchRunner:
             rates = [s[0] for s in runs_of_job]
             median_rate = statistics.median(rates)
             _, tokens, wall, outs = min(runs_of_job, key=lambda s: abs(s[0] - median_rate))
-            result = MethodResult(method=method, mode=mode, n=None if method == "plain" else n,
+            result = MethodResult(method=method, mode=mode, n=None if method in ("plain", REFERENCE) else n,
                                   tokens_per_s=median_rate, new_tokens=tokens, wall_time_s=wall,
                                   repeats_tokens_per_s=rates)
             if outs is not None and method != "plain":
@@ -380,7 +397,10 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
     t_start = time.perf_counter()
     target, draft, tokenizer = models if models is not None else load_bench_models(config)
     prompts = load_prompts(config.prompts, tokenizer, config.max_prompts)
-    runner = BenchRunner(config, target, draft, tokenizer, prompts)
+    reference = None
+    if config.reference_dtype and resolve_dtype(config.reference_dtype) != target.dtype:
+        reference = load_model(config.target, dtype=config.reference_dtype, device=target.device)
+    runner = BenchRunner(config, target, draft, tokenizer, prompts, reference)
     device = runner.target_runner.device
     bandwidth = measure_bandwidth(megabytes=256 if device.type == "cpu" else 4096, device=device)
     target_bytes = runner.target_runner.num_parameter_bytes()
@@ -389,6 +409,8 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
              for n in config.num_speculative_tokens}
     jobs = [(mode, n, m) for mode in config.modes for n in config.num_speculative_tokens for m in config.methods
             if not (m == "plain" and n != config.num_speculative_tokens[0])]
+    if reference is not None:
+        jobs += [(mode, config.num_speculative_tokens[0], REFERENCE) for mode in config.modes]
     log.info("bench: %d jobs x %d repeats (interleaved) over %d prompts", len(jobs), config.repeats, len(prompts))
     results = runner.run_jobs(jobs)
     rows = []
@@ -396,6 +418,9 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
         plain = next((p for p in results if p.method == "plain" and p.mode == r.mode), None)
         if plain is not None and plain.tokens_per_s > 0:
             r.speedup_vs_plain = r.tokens_per_s / plain.tokens_per_s
+        ref = next((p for p in results if p.method == REFERENCE and p.mode == r.mode), None)
+        if ref is not None and ref.tokens_per_s > 0:
+            r.speedup_vs_reference = r.tokens_per_s / ref.tokens_per_s
         if r.method == "speculative" and r.acceptance_rate is not None and r.n is not None:
             cost = costs[r.n]
             bound = theoretical_speedup(r.acceptance_rate, r.n, cost["c"], cost["c_v"])
@@ -430,6 +455,8 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
             "acceptance_rate": "accepted draft tokens / proposed draft tokens",
             "mean_accepted_length": "new tokens per decode-phase target call (bonus token included)",
             "speedup_vs_plain": "tokens/s divided by plain autoregressive tokens/s of the same target and mode",
+            "speedup_vs_reference": "tokens/s divided by plain decoding of the target in reference_dtype "
+                                    "(same run and mode)",
             "theoretical_speedup": "S = E[L] / (n*c + c_v), E[L] = (1 - a^(n+1)) / (1 - a)",
         },
         "results": rows,
@@ -452,6 +479,10 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["method"] if row["n"] is None else f"{row['method']} n={row['n']}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -488,6 +519,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         if ours and (ours.get("extra") or {}).get("break_even_acceptance") is not None:
             lines += ["", f"Break-even acceptance for n={ours['n']} at the measured c and c_v: "
                           f"{ours['extra']['break_even_acceptance']:.2f} (measured {ours['acceptance_rate']:.3f})."]
+        ref = next((r for r in report["results"] if r["method"] == REFERENCE and r["mode"] == mode), None)
+        if ref is not None:
+            vs = ", ".join(f"{_label(r)} {r['speedup_vs_reference']:.2f}×" for r in report["results"]
+                           if r["mode"] == mode and r["method"] != REFERENCE)
+            lines += ["", f"Against plain decoding of the target in {cfg['reference_dtype']} "
+                          f"({ref['tokens_per_s']:.1f} tokens/s, same run): {vs}."]
         if ours and (ours.get("extra") or {}).get("vs_hf_assisted") is not None:
             lines += ["", f"Our speculative decoder vs transformers assisted generation (same models, n): "
                           f"{ours['extra']['vs_hf_assisted']:.2f}×."]
@@ -510,7 +547,8 @@ def plot_results(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = report["config"]["modes"]
-    labels = sorted({(r["method"], r["n"]) for r in report["results"]}, key=lambda m: (METHODS.index(m[0]), m[1] or 0))
+    order = (*METHODS, REFERENCE)
+    labels = sorted({(r["method"], r["n"]) for r in report["results"]}, key=lambda m: (order.index(m[0]), m[1] or 0))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(modes)), 4))
     width = 0.8 / max(1, len(modes))
     for j, mode in enumerate(modes):
@@ -521,7 +559,9 @@ def plot_results(report: dict[str, Any], path: Path) -> None:
             values.append(r["tokens_per_s"] if r else 0.0)
         ax.bar([i + j * width for i in range(len(labels))], values, width, label=mode)
     ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(labels))])
-    ax.set_xticklabels([m if n is None else f"{m}\nn={n}" for m, n in labels], fontsize=8)
+    ref = report["config"].get("reference_dtype")
+    ax.set_xticklabels([f"plain\n{ref}" if m == REFERENCE else m if n is None else f"{m}\nn={n}" for m, n in labels],
+                       fontsize=8)
     ax.set_ylabel("tokens / s")
     ax.set_title("Decoding speed, batch 1")
     ax.legend()

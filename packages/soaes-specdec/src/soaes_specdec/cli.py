@@ -42,6 +42,9 @@ def _split_ints(text: str) -> list[int]:
 @click.option("--max-new-tokens", type=int, help="Tokens per prompt (default 128).")
 @click.option("--draft-confidence", type=float,
               help="Dynamic draft length: end a block when the draft's top probability is below this (default off).")
+@click.option("--dtype", help="Target and draft dtype: float32 (default), bfloat16, float16.")
+@click.option("--reference-dtype", help="Also time plain decoding of the target in this dtype (e.g. float32), "
+                                        "interleaved, for a speedup against the fastest baseline.")
 @click.option("--warmup", type=int, help="Warm-up passes over the prompts (default 1).")
 @click.option("--repeats", type=int, help="Timed passes; the median is reported (default 3).")
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
