@@ -370,7 +370,7 @@ class BenchRunner:
             result = MethodResult(method=method, mode=mode, n=None if method in ("plain", REFERENCE) else n,
                                   tokens_per_s=median_rate, new_tokens=tokens, wall_time_s=wall,
                                   repeats_tokens_per_s=rates)
-            if outs is not None and method != "plain":
+            if outs is not None and method not in ("plain", REFERENCE):
                 for key, value in _sum_stats(outs).items():
                     setattr(result, key, value)
             results.append(result)
