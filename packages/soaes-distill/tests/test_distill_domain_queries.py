@@ -94,3 +94,12 @@ def test_cli_writes_prompts_and_rejects(tmp_path) -> None:
     assert prompts and rejects and "kept" in res.output
     assert all(r["reason"].startswith("overlaps held-out prompt 0") for r in rejects)
     assert not any("国有资本市场化运作的专业平台" in p["prompt"] for p in prompts)
+
+
+def test_short_held_out_prompt_is_rejected_by_exact_match() -> None:
+    cfg = DomainQueryConfig(num_terms=12, max_queries=400, templates=("什么是{a}？",), decontam_ngram=8)
+    terms = domain_terms(TEXTS, 12)
+    held = [f"什么是{terms[0]}？"]  # shorter than 8 characters after normalisation for short terms
+    res = build_domain_queries(TEXTS, held, cfg)
+    assert held[0] not in {p["prompt"] for p in res.prompts}
+    assert any(r["prompt"] == held[0] and r["reason"] == "overlaps held-out prompt 0" for r in res.rejects)

@@ -104,6 +104,8 @@ def passage_prompts(texts: Iterable[str], chars: int, stride: int,
 
 @dataclass
 class DomainQueries:
+    """Kept prompts (`{id, prompt, source}`), rejects (`{index, prompt, reason}`) and the terms used."""
+
     prompts: list[dict[str, Any]]
     rejects: list[dict[str, Any]]
     terms: list[str]
@@ -121,15 +123,17 @@ def build_domain_queries(texts: Sequence[str], held_out: Sequence[str], cfg: Dom
     for k, h in enumerate(held_out):
         for g in char_ngrams(h, cfg.decontam_ngram):
             held_grams.setdefault(g, k)
-    held_exact = {h.strip() for h in held_out}
+    held_exact = {h.strip(): k for k, h in enumerate(held_out)}
     prompts: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, q in enumerate(candidates):
-        hit = next((held_grams[g] for g in char_ngrams(q, cfg.decontam_ngram) if g in held_grams), None)
+        hit = held_exact.get(q.strip())
+        if hit is None:
+            hit = next((held_grams[g] for g in char_ngrams(q, cfg.decontam_ngram) if g in held_grams), None)
         if q in seen:
             rejects.append({"index": i, "prompt": q, "reason": "exact duplicate"})
-        elif q.strip() in held_exact or hit is not None:
+        elif hit is not None:
             rejects.append({"index": i, "prompt": q, "reason": f"overlaps held-out prompt {hit}"})
         else:
             seen.add(q)
