@@ -27,11 +27,14 @@ def main() -> None:
 
     _, held = sample_prompts(ExperimentConfig())
     base = read_prompts(args.experiment_dir / "train_records.jsonl")  # pool + article + Magpie prompts
-    pool = read_jsonl(sample_path("sft/expert_pool.jsonl")) + read_jsonl(sample_path("sft/dialog_pool.jsonl"))
+    pools = [sample_path("sft/expert_pool.jsonl"), sample_path("sft/dialog_pool.jsonl")]
+    held_prompts = [h["prompt"] for h in held]
     texts = [r["text"] for r in read_jsonl(sample_path("corpus/articles.jsonl")) if r.get("kind") == "domain"]
-    texts += [m["content"] for i, r in enumerate(pool) if i % 4 != 3 for m in r["messages"]]
+    for path in pools:  # the pool records the experiment trains on (not its held-out ones) contribute their text
+        texts += [m["content"] for r, p in zip(read_jsonl(path), read_prompts(path), strict=True)
+                  if p["prompt"] not in held_prompts for m in r["messages"]]
     cfg = DomainQueryConfig(num_terms=args.num_terms, max_queries=args.max_queries)
-    q = build_domain_queries(texts, [h["prompt"] for h in held], cfg)
+    q = build_domain_queries(texts, held_prompts, cfg)
     prompts = [{"id": f"base-{p['id']}", "prompt": p["prompt"]} for p in base] + q.prompts
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out, prompts)

@@ -26,24 +26,17 @@ from soaes_distill.draft_init import freeze_embeddings
 from soaes_distill.losses import distillation_loss
 from soaes_distill.synth import blackbox_sft_records, chat_records_to_examples
 from soaes_distill.token_data import TokenExample
+from soaes_distill.trainer import KDCollator, KDDataset
 from soaes_specdec.draft import make_layer_draft
 
 
 def batches(examples: list[TokenExample], size: int, device: torch.device, pad: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches (labels -100 and attention 0 on padding)."""
+    """Right-padded batches (labels -100 and attention 0 on padding) by the KD trainer's own collator."""
+    items, collate = KDDataset(examples), KDCollator(pad)
     out = []
     for s in range(0, len(examples), size):
-        chunk = examples[s:s + size]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        lab = torch.full((len(chunk), width), -100, dtype=torch.long)
-        att = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, e in enumerate(chunk):
-            n = len(e.input_ids)
-            ids[i, :n] = torch.tensor(e.input_ids)
-            lab[i, :n] = torch.tensor(e.labels if e.labels is not None else e.input_ids)
-            att[i, :n] = 1
-        out.append({"input_ids": ids.to(device), "labels": lab.to(device), "attention_mask": att.to(device)})
+        batch = collate([items[i] for i in range(s, min(s + size, len(examples)))])
+        out.append({k: batch[k].to(device) for k in ("input_ids", "labels", "attention_mask")})
     return out
 
 
@@ -148,7 +141,6 @@ def main() -> None:
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     autocast = dev_type == "cuda"
-    est_steps = args.max_steps
     history, best, best_state = [], -1.0, None
 
     def evaluate(step: int, loss: float) -> None:
@@ -192,15 +184,14 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            running = 0.98 * running + 0.02 * float(loss) if step > 1 else float(loss)
+            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
             if step % args.eval_every == 0:
                 evaluate(step, running)
         else:
             continue
         break
     evaluate(step, running)
-    est_steps = step
-    log.update(steps=est_steps, train_s=time.perf_counter() - t_train, history=history, best_dev_greedy=best)
+    log.update(steps=step, train_s=time.perf_counter() - t_train, history=history, best_dev_greedy=best)
     log["files"] = save_shards(best_state or trained_state(draft), out)
     (out / "gpu_kd.json").write_text(json.dumps(log, indent=1))
     print(json.dumps({k: v for k, v in log.items() if k != "history"}), flush=True)
