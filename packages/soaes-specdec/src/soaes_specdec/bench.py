@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("plain", "prompt_lookup", "speculative", "hf_assisted", "hf_prompt_lookup")
 REFERENCE = "plain_reference"  # plain decoding in `reference_dtype` (added to the jobs when that is set)
+PLAIN = ("plain", REFERENCE)  # no block size, no decoder stats
 MODES = ("greedy", "top_p")
 
 
@@ -277,7 +278,7 @@ class BenchRunner:
 
     def _ours(self, method: str, mode: str, n: int) -> Callable[[], tuple[int, Any]]:
         cfg = self.config
-        if method in ("plain", REFERENCE):
+        if method in PLAIN:
             runner = self.target_runner if method == "plain" else self.reference_runner
 
             def gen(p: torch.Tensor, **kw: Any) -> SpecDecodeOutput:
@@ -367,10 +368,10 @@ class BenchRunner:
             rates = [s[0] for s in runs_of_job]
             median_rate = statistics.median(rates)
             _, tokens, wall, outs = min(runs_of_job, key=lambda s: abs(s[0] - median_rate))
-            result = MethodResult(method=method, mode=mode, n=None if method in ("plain", REFERENCE) else n,
+            result = MethodResult(method=method, mode=mode, n=None if method in PLAIN else n,
                                   tokens_per_s=median_rate, new_tokens=tokens, wall_time_s=wall,
                                   repeats_tokens_per_s=rates)
-            if outs is not None and method not in ("plain", REFERENCE):
+            if outs is not None and method not in PLAIN:
                 for key, value in _sum_stats(outs).items():
                     setattr(result, key, value)
             results.append(result)
