@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def test_info_reports_all_packages_and_extras() -> None:
     result = CliRunner().invoke(main, ["info", "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert all(info["packages"][p] == "0.1.0" for p in PACKAGES)
+    assert all(info["packages"][p] == md.version(p) for p in PACKAGES)
     assert set(info["optional_extras"]) >= {"deepspeed", "flash-attn", "vllm", "triton"}
     assert info["torch"]["device"] in ("cpu",) or info["torch"]["cuda_available"]
     text = CliRunner().invoke(main, ["info"]).output
@@ -31,7 +32,7 @@ def test_info_reports_all_packages_and_extras() -> None:
 def test_each_package_imports_alone(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
                          capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "0.1.0"
+    assert out.stdout.strip() == md.version(module.replace("_", "-"))
 
 
 def test_bad_model_is_one_clear_line(tmp_path: Path) -> None:
@@ -45,6 +46,15 @@ def test_bad_model_is_one_clear_line(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2 and "known: smollm2-135m" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_generate_max_new_tokens_below_one_is_one_clear_line(value: str) -> None:
+    """Issue 15: `soaes generate --max-new-tokens 0 hi` ended in a transformers traceback."""
+    result = subprocess.run([sys.executable, "-m", "soaes.cli", "generate", "--max-new-tokens", value, "hi"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"error: max_new_tokens must be an integer >= 1, got {value}"]
 
 
 @pytest.mark.slow

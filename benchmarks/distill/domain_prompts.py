@@ -11,10 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-from soaes_core import read_jsonl, write_jsonl
+from soaes_core import read_jsonl, read_prompts, write_jsonl
 from soaes_data.samples import sample_path
 from soaes_distill.domain_queries import DomainQueryConfig, build_domain_queries
-from soaes_distill.experiment import ExperimentConfig, read_prompts, sample_prompts
+from soaes_distill.experiment import ExperimentConfig, sample_prompts
 
 
 def main() -> None:

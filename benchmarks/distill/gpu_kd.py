@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from soaes_core import load_model, load_tokenizer, read_jsonl, write_jsonl
+from soaes_data.packing import IGNORE_INDEX
 from soaes_distill.acceptance import AcceptanceAccumulator
 from soaes_distill.draft_init import freeze_embeddings
 from soaes_distill.losses import distillation_loss
@@ -127,7 +128,7 @@ def main() -> None:
     rng.shuffle(examples)
     dev, train = examples[: args.dev], examples[args.dev:]
     log.update(records=len(records), rejected=len(rejects), train_examples=len(train), dev_examples=len(dev),
-               train_answer_tokens=sum(sum(1 for x in e.labels if x != -100) for e in train))
+               train_answer_tokens=sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in train))
 
     torch.backends.cuda.matmul.allow_tf32 = True
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from soaes_core import DEFAULT_MODEL, load_model, load_tokenizer, read_jsonl
+from soaes_core import DEFAULT_MODEL, encode_chat_prompt, load_model, load_tokenizer, read_prompts
 from soaes_distill.acceptance import AcceptanceAccumulator
 from soaes_distill.draft_init import load_draft
-from soaes_distill.synth import chat_prompt_ids, end_of_turn_ids
+from soaes_distill.synth import end_of_turn_ids
 from soaes_distill.token_data import load_token_examples
-from soaes_specdec.decoding import SpeculativeDecoder
+from soaes_specdec.decoding import SpecStats, SpeculativeDecoder
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     tok = load_tokenizer(DEFAULT_MODEL)
     target = load_model(DEFAULT_MODEL, dtype=torch.float32, device="cpu").eval()
     eos = end_of_turn_ids(tok)
-    prompts = [chat_prompt_ids(tok, r["messages"][0]["content"]) for r in read_jsonl(exp / "heldout_records.jsonl")]
+    prompts = [encode_chat_prompt(tok, p["prompt"]) for p in read_prompts(exp / "heldout_records.jsonl")]
     examples = load_token_examples(exp / "heldout_tokens.jsonl")
     with torch.no_grad():
         t_logits = [target(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits for e in examples]
@@ -58,22 +58,15 @@ def main() -> None:
         dec = SpeculativeDecoder(target, draft, num_speculative_tokens=args.n)
         for mode, kw in (("greedy", {"do_sample": False}), ("top_p_0.7", {"do_sample": True, "top_p": 0.7})):
             gen = torch.Generator().manual_seed(1234)
-            proposed = accepted = tokens = 0
-            pos_p = [0] * args.n
-            pos_a = [0] * args.n
             start = time.perf_counter()
-            for p in prompts:
-                s = dec.generate(torch.tensor([p]), max_new_tokens=args.new_tokens, eos_token_id=eos,
-                                 generator=gen, **kw).stats
-                proposed, accepted, tokens = proposed + s.proposed, accepted + s.accepted, tokens + s.new_tokens
-                for i in range(min(args.n, len(s.position_proposed))):
-                    pos_p[i] += s.position_proposed[i]
-                    pos_a[i] += s.position_accepted[i]
-            rate = accepted / proposed if proposed else 0.0
-            rows.append({"draft": name, "mode": mode, "prompts": len(prompts), "new_tokens": tokens,
+            total = SpecStats.merge(dec.generate(torch.tensor([p]), max_new_tokens=args.new_tokens, eos_token_id=eos,
+                                                 generator=gen, **kw).stats for p in prompts)
+            proposed, accepted, rate = total.proposed, total.accepted, total.acceptance_rate
+            by_position = (total.acceptance_by_position + [0.0] * args.n)[:args.n]  # n entries even if none drafted
+            rows.append({"draft": name, "mode": mode, "prompts": len(prompts), "new_tokens": total.new_tokens,
                          "proposed": proposed, "accepted": accepted, "acceptance_rate": rate,
                          "standard_error": math.sqrt(rate * (1 - rate) / proposed) if proposed else None,
-                         "acceptance_by_position": [a / p if p else 0.0 for a, p in zip(pos_a, pos_p, strict=True)],
+                         "acceptance_by_position": by_position,
                          "estimated_alpha_mean": estimates[mode][0], "estimated_rate_block_walk": estimates[mode][1],
                          "seconds": round(time.perf_counter() - start, 1)})
             r = rows[-1]

@@ -31,13 +31,15 @@ from pathlib import Path
 
 
 def make_examples(n: int, max_length: int, vocab: int, seed: int) -> list[dict[str, list[int]]]:
+    from soaes_data.packing import IGNORE_INDEX
+
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         length = int(min(max_length, max(16, rng.lognormvariate(5.4, 0.8))))
         ids = [rng.randrange(100, vocab) for _ in range(length)]
         prompt = max(1, int(0.3 * length))
-        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
     return out
 
 

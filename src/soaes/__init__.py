@@ -1,3 +1,3 @@
 """soaes: the composed toolkit (depends on all six soaes packages, provides the `soaes` CLI)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "distill": "soaes_distill.cli:main",
     "specdec": "soaes_specdec.cli:main",
     "eval": "soaes_eval.cli:main",
+    "pipeline": "soaes.pipeline.cli:pipeline",  # the root's own stage runner (imports every package)
 }
 
 
@@ -56,7 +57,7 @@ def info(as_json: bool) -> None:
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("--model", default="embedded:smollm2-135m", show_default=True, help="Model spec.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Tokens to generate (>= 1).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the chat template.")
 def generate(prompt: str | None, model: str, max_new_tokens: int, chat: bool) -> None:
     """Greedy generation from MODEL for PROMPT (default: a question about state-owned asset supervision)."""

@@ -18,6 +18,7 @@ from soaes_core import (
     Timer,
     atomic_write_json,
     atomic_write_text,
+    encode_chat_prompt,
     load_model,
     load_tokenizer,
     read_jsonl,
@@ -59,11 +60,11 @@ class DemoResult:
 
 
 def _curate(out: Path) -> dict[str, dict[str, Any]]:
-    from soaes_data.pipeline import load_recipe, run_recipe
+    from soaes_data.pipeline import load_curation_config, run_curation
     from soaes_data.samples import sample_path
 
-    cfg = load_recipe(sample_path("recipe.yaml"), overrides={"output_dir": str(out)})
-    return {r.name: dict(r.counts) for r in run_recipe(cfg)}
+    cfg = load_curation_config(sample_path("recipe.yaml"), overrides={"output_dir": str(out)})
+    return {r.name: dict(r.counts) for r in run_curation(cfg)}
 
 
 def _prompts(n: int) -> list[dict[str, Any]]:
@@ -76,15 +77,15 @@ def _prompts(n: int) -> list[dict[str, Any]]:
 
 
 def _summarise(stats: list[Any]) -> dict[str, float]:
-    proposed = sum(s.proposed for s in stats)
-    accepted = sum(s.accepted for s in stats)
-    calls = sum(s.target_calls for s in stats)
-    tokens = sum(s.new_tokens for s in stats)
-    secs = sum(s.wall_time_s for s in stats)
-    return {"new_tokens": tokens, "target_calls": calls, "seconds": round(secs, 3),
-            "tokens_per_s": round(tokens / secs, 2) if secs else 0.0,
-            "acceptance_rate": round(accepted / proposed, 4) if proposed else 0.0,
-            "mean_accepted_length": round(tokens / calls, 3) if calls else 0.0}
+    """One method's runs summed by `SpecStats.merge`; "mean accepted length" here is new tokens per target call
+    (prefill included), what the report's "tokens per target call" column shows."""
+    from soaes_specdec import SpecStats
+
+    t = SpecStats.merge(stats)
+    return {"new_tokens": t.new_tokens, "target_calls": t.target_calls, "seconds": round(t.wall_time_s, 3),
+            "tokens_per_s": round(t.new_tokens / t.wall_time_s, 2) if t.wall_time_s else 0.0,
+            "acceptance_rate": round(t.acceptance_rate, 4) if t.proposed else 0.0,
+            "mean_accepted_length": round(t.new_tokens / t.target_calls, 3) if t.target_calls else 0.0}
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -109,8 +110,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     predictions, references = [], []
     with timer("decode"):
         for row in _prompts(cfg.num_prompts):
-            ids = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
-                                          return_dict=True, return_tensors="pt")["input_ids"]
+            ids = torch.tensor([encode_chat_prompt(tok, row["prompt"])])
             kw = {"max_new_tokens": cfg.max_new_tokens, "eos_token_id": tok.eos_token_id}
             plain = autoregressive_generate(target, ids, **kw)
             pl = lookup.generate(ids, **kw)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from soaes_core import load_model, load_tokenizer
+from soaes_core import encode_chat_prompt, load_model, load_tokenizer
+from soaes_core.errors import InvalidArgumentError
 
 
 @dataclass
@@ -26,15 +27,14 @@ class GenerationResult:
 def encode_prompt(tokenizer: object, prompt: str, chat: bool) -> torch.Tensor:
     """Token ids (1, T) of `prompt`, wrapped in the chat template when `chat` and the tokenizer has one."""
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_dict=True, return_tensors="pt")["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    return ids
+        return torch.tensor([encode_chat_prompt(tokenizer, prompt)])
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
 def generate_text(spec: str, prompt: str, max_new_tokens: int = 64, chat: bool = True) -> GenerationResult:
     """Load `spec`, greedily generate up to `max_new_tokens` for `prompt`, return the decoded text."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     tokenizer = load_tokenizer(spec)
     model = load_model(spec)
     ids = encode_prompt(tokenizer, prompt, chat).to(model.device)

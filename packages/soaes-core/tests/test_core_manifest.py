@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def test_manifest_records_everything_and_detects_tampering(tmp_path: Path) -> No
     assert m is not None and m["stage"] == "unit" and m["config"] == {"k": 3}
     assert m["inputs"]["corpus"]["size"] == 5 and len(m["inputs"]["corpus"]["sha256"]) == 64
     assert set(m["outputs"]) == {"data.jsonl"} and "work" in m["timings_s"]
-    assert m["versions"]["soaes-core"] == "0.1.0" and "torch" in m["versions"]
+    assert m["versions"]["soaes-core"] == md.version("soaes-core") and "torch" in m["versions"]
     assert verify_outputs(out) == []
     (out / "data.jsonl").write_text('{"x": 2}\n')
     assert verify_outputs(out) == ["data.jsonl"]

@@ -22,6 +22,7 @@ from soaes_core.models import (
     resolve_model_dir,
 )
 from soaes_core.testing import make_tiny_qwen2
+from soaes_core.testing.killed import killed_atomic_writer
 
 
 def one_line(err: pytest.ExceptionInfo[BaseException]) -> str:
@@ -127,3 +128,20 @@ def test_cache_is_reused_and_corruption_is_rebuilt(embedded_model_dir: Path, tmp
     assert _cache_problem(cache_dir, verify=False).startswith("model.safetensors truncated")
     model = load_model(DEFAULT_MODEL)  # rebuilt again, loads
     assert model.config.num_hidden_layers == 30 and _cache_problem(cache_dir, verify=True) is None
+
+
+def test_model_cache_temps_of_killed_builds_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build killed inside `atomic_dir` leaves `$SOAES_CACHE/models/.NAME.….tmp` (a whole model each): the
+    next load removes it, for its own entry and for any other (issue 15, defect 9)."""
+    monkeypatch.setenv("SOAES_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF-not-really")
+    cache_dir = models._gguf_cache_dir(gguf)
+    killed_atomic_writer(cache_dir)
+    killed_atomic_writer(cache_dir.with_name("other-model-0123456789ab"))
+    root = cache_dir.parent
+    assert len([p for p in root.iterdir() if p.name.endswith(".tmp")]) == 2
+    cache_dir.mkdir()  # a finished cache entry, so no rebuild is needed
+    (cache_dir / models.CACHE_META).write_text(json.dumps({"format": models.CACHE_FORMAT, "files": {}}))
+    assert models.ensure_gguf_cache(gguf) == cache_dir
+    assert sorted(p.name for p in root.iterdir()) == [cache_dir.name]

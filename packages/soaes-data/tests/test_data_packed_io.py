@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from soaes_core import read_manifest, verify_outputs
+from soaes_core import read_manifest, tokenizer_fingerprint, verify_outputs
 from soaes_core.errors import DataError, IntegrityError
-from soaes_data.packed_io import read_packed_dataset, read_packed_meta, tokenizer_sha256, write_packed_dataset
+from soaes_data.packed_io import read_packed_dataset, read_packed_meta, write_packed_dataset
 from soaes_data.packing import pack_examples
 
 META = {"tokenizer_sha256": "abc", "chat_template": None, "max_length": 16, "packed": True}
@@ -55,10 +55,44 @@ def test_bad_input(tmp_path: Path) -> None:
 
 
 def test_tokenizer_hash_checked(tmp_path: Path, embedded_tokenizer: Any, qwen25_tokenizer: Any) -> None:
-    h = tokenizer_sha256(embedded_tokenizer)
-    assert h == tokenizer_sha256(copy.deepcopy(embedded_tokenizer))
-    assert h != tokenizer_sha256(qwen25_tokenizer)  # different chat template
+    """Packed rows are token ids: the check compares the id mapping (another chat template still fits)."""
+    h = tokenizer_fingerprint(embedded_tokenizer, ids_only=True)
+    assert h == tokenizer_fingerprint(copy.deepcopy(embedded_tokenizer), ids_only=True)
     out = write_packed_dataset(tmp_path / "ds", _examples(), meta={**META, "tokenizer_sha256": h})
     assert read_packed_dataset(out, tokenizer=embedded_tokenizer).num_rows > 0
+    assert read_packed_dataset(out, tokenizer=qwen25_tokenizer).num_rows > 0  # same ids, other template
+    other = copy.deepcopy(embedded_tokenizer)
+    other.add_tokens(["<soaes_extra_token>"])
     with pytest.raises(IntegrityError, match="different tokenizer"):
-        read_packed_dataset(out, tokenizer=qwen25_tokenizer)
+        read_packed_dataset(out, tokenizer=other)
+    # a dataset packed by an older soaes (unversioned hash): one clear line saying so
+    old = write_packed_dataset(tmp_path / "old", _examples(), meta={**META, "tokenizer_sha256": "ab" * 32})
+    with pytest.raises(IntegrityError, match=r"old.*older soaes with another hashing algorithm"):
+        read_packed_dataset(old, tokenizer=embedded_tokenizer)
+
+
+def test_never_replaces_what_it_did_not_write(tmp_path: Path) -> None:
+    """Writing replaces the directory: only a new, empty or previous packed output may be replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me", encoding="utf-8")
+    with pytest.raises(DataError, match="not a previous `soaes-data pack` output"):
+        write_packed_dataset(mine, _examples(), meta=META)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = write_packed_dataset(empty, _examples(), meta=META)
+    again = write_packed_dataset(out, _examples()[:1], meta=META)  # a previous output: replaced
+    assert read_packed_meta(again)["rows"] == 1
+    (out / "extra.txt").write_text("user file", encoding="utf-8")
+    with pytest.raises(DataError, match=r"did not write \(extra.txt\)"):
+        write_packed_dataset(out, _examples(), meta=META)
+    assert (out / "extra.txt").read_text(encoding="utf-8") == "user file"
+    src = tmp_path / "in" / "deep" / "train.jsonl"
+    src.parent.mkdir(parents=True)
+    src.write_text("{}\n", encoding="utf-8")
+    with pytest.raises(DataError, match="is, or contains, the input"):
+        write_packed_dataset(tmp_path / "in", _examples(), meta=META, inputs={"sft": src})
+    with pytest.raises(DataError, match="not a directory"):
+        write_packed_dataset(src, _examples(), meta=META)
+    assert src.read_text(encoding="utf-8") == "{}\n"

@@ -43,8 +43,9 @@ def test_pack_sft_unpacked_and_rejects(tmp_path: Path, embedded_tokenizer: Any) 
         pack_sft_file(src, tmp_path / "o", embedded_tokenizer, 64)
     out = pack_sft_file(src, tmp_path / "o", embedded_tokenizer, 64, packed=False, on_error="skip")
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
-    assert sorted(r["line"] for r in rejects) == [2, 3, 4]
-    assert read_manifest(out)["counts"] == {"in": 4, "kept": 1, "dropped": 3, "rows": 1, "rejected": 3}
+    assert [r["line"] for r in rejects] == [2, 3, 4] and {r["kind"] for r in rejects} == {"invalid"}
+    assert read_manifest(out)["counts"] == {"in": 4, "kept": 1, "dropped": 3, "truncated": 0,
+                                            "dropped_by_reason": {"invalid": 3}, "rows": 1, "rejected": 3}
     ds = read_packed_dataset(out)
     assert ds[0]["position_ids"] == list(range(len(ds[0]["input_ids"])))
 

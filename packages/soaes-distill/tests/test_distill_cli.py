@@ -92,3 +92,35 @@ def test_estimate_command(token_dataset, tiny_qwen2_dir, student_dir) -> None:
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.stdout)
     assert metrics["acceptance_greedy"] == 1.0 and metrics["accepted_length_greedy_n3"] > 3.0
+
+
+def test_negative_token_id_is_a_one_line_error(tmp_path, token_dataset, student_dir) -> None:
+    """Issue 15: a negative id used to reach the embedding and end in an IndexError traceback."""
+    rows = Path(token_dataset).read_text(encoding="utf-8").splitlines()
+    bad = json.loads(rows[2])
+    bad["input_ids"][3] = -5
+    data = tmp_path / "neg.jsonl"
+    data.write_text("\n".join([*rows[:2], json.dumps(bad), *rows[3:]]) + "\n", encoding="utf-8")
+    res = CliRunner().invoke(main, ["dump", "--model", str(student_dir), "--dataset", str(data), "--out",
+                                    str(tmp_path / "d")])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output
+    assert f"{data}:3: field 'input_ids'" in lines[0] and "-5" in lines[0] and "negative" in lines[0]
+
+
+def test_estimate_refuses_a_draft_with_another_tokenizer(tmp_path, token_dataset, tiny_qwen2_dir,
+                                                         student_dir) -> None:
+    """Issue 15: a same-size draft with another tokenizer was estimated as if it were compatible."""
+    import shutil
+
+    from soaes_specdec.testing import swap_tokenizer_ids
+
+    draft = tmp_path / "foreign"
+    shutil.copytree(student_dir, draft)
+    swap_tokenizer_ids(draft)
+    res = CliRunner().invoke(main, ["estimate", "--target", str(tiny_qwen2_dir), "--draft", str(draft),
+                                    "--data", str(token_dataset)])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(draft) in errors[0] and str(tiny_qwen2_dir) in errors[0]

@@ -13,6 +13,7 @@ from safetensors.torch import save as st_save
 
 from soaes_core import sha256_bytes
 from soaes_core.errors import IntegrityError, InvalidArgumentError
+from soaes_core.testing.killed import killed_file_write
 from soaes_data.packing import build_packed_example
 from soaes_distill.dump import DumpConfig, capture_example, run_dump
 from soaes_distill.losses import TopKLogits, distillation_loss
@@ -104,6 +105,7 @@ def test_killed_dump_resumes_without_duplicates(tmp_path, token_dataset, tiny_qw
         run_dump(cfg, model=tiny_qwen2, tokenizer=embedded_tokenizer, on_batch=crash)
     with pytest.raises(IntegrityError, match="incomplete"):
         TeacherLogitStore(cfg.output_dir)
+    leftover = killed_file_write(Path(cfg.output_dir) / "shard-00002.safetensors")  # a kill during a shard write
     calls: list[int] = []
     res = run_dump(cfg, model=tiny_qwen2, tokenizer=embedded_tokenizer, on_batch=lambda s, b: calls.append(s))
     assert res.shards_skipped == 2 and res.shards_written == 2 and set(calls) == {2, 3}
@@ -117,6 +119,7 @@ def test_killed_dump_resumes_without_duplicates(tmp_path, token_dataset, tiny_qw
     # no leftover temp files and exactly one file per shard
     assert sorted(p.name for p in Path(cfg.output_dir).glob("shard-*")) == [f"shard-{i:05d}.safetensors"
                                                                             for i in range(4)]
+    assert not leftover.exists() and not list(Path(cfg.output_dir).glob(".*.tmp"))  # issue 15, defect 9
 
 
 def test_corrupted_shard_is_named(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:

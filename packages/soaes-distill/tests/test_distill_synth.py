@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from soaes_core import encode_chat_prompt
 from soaes_distill.synth import (
     QueryFilter,
     blackbox_sft_records,
-    chat_prompt_ids,
     chat_records_to_examples,
     filter_queries,
     magpie_generate,
@@ -26,7 +26,7 @@ def test_blackbox_records_are_target_greedy_outputs(tiny_qwen2, embedded_tokeniz
     prompts = [{"id": "a", "prompt": "什么是国有资产？"}, {"id": "b", "prompt": "Explain dividends."}]
     records = blackbox_sft_records(tiny_qwen2, embedded_tokenizer, prompts, max_new_tokens=8)
     assert [r["id"] for r in records] == ["a", "b"]
-    ids = chat_prompt_ids(embedded_tokenizer, "什么是国有资产？")
+    ids = encode_chat_prompt(embedded_tokenizer, "什么是国有资产？")
     ref = autoregressive_generate(tiny_qwen2, torch.tensor([ids]), max_new_tokens=8, eos_token_id=[2])
     assert records[0]["messages"][1]["content"] == embedded_tokenizer.decode(
         [t for t in ref.new_tokens(0) if t != 2], skip_special_tokens=True).strip()

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from soaes_core import load_model
+from soaes_core import load_model, tokenizer_fingerprint
 from soaes_core.errors import IntegrityError
 from soaes_core.testing import make_tiny_qwen2
 from soaes_distill.dump import DumpConfig, run_dump
 from soaes_distill.store import TeacherLogitStore
-from soaes_distill.token_data import dataset_sha256, load_token_examples, tokenizer_sha256
+from soaes_distill.token_data import dataset_sha256, load_token_examples
 from soaes_distill.trainer import KDCollator, KDConfig, KDDataset, KDTrainer
 
 
@@ -42,7 +42,7 @@ def test_offline_kd_matches_online_kd(tmp_path, token_dataset, tiny_qwen2, embed
     store = TeacherLogitStore(store_dir)
     online = _train(tmp_path / "on", student_dir, token_dataset, teacher_model=tiny_qwen2)
     offline = _train(tmp_path / "off", student_dir, token_dataset, teacher_store=store,
-                     expected_tokenizer_sha256=tokenizer_sha256(embedded_tokenizer),
+                     expected_tokenizer_sha256=tokenizer_fingerprint(embedded_tokenizer, ids_only=True),
                      expected_dataset_sha256=dataset_sha256(token_dataset))
     a = [h["loss"] for h in online.kd_history]
     b = [h["loss"] for h in offline.kd_history]

@@ -92,8 +92,11 @@ def test_domain_records(tmp_path: Path) -> None:
 def test_data_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("SOAES_CMMLU_DIR", "SOAES_EVAL_DATA_DIR"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(ConfigError, match="no cmmlu data directory"):
+    monkeypatch.setenv("SOAES_CACHE", str(tmp_path / "cache"))  # nothing fetched: the error says how to get it
+    with pytest.raises(ConfigError, match=r"no cmmlu data directory.*or run `soaes-eval fetch cmmlu`"):
         resolve_data_dir("cmmlu", {"version": 1.0})
+    with pytest.raises(ConfigError, match=r"no domain data directory: .* set SOAES_DOMAIN_DIR; samples"):
+        resolve_data_dir("domain", {})
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_data_dir("cmmlu", {"cmmlu_dir": str(tmp_path / "nope")})
     monkeypatch.setenv("SOAES_EVAL_DATA_DIR", str(SAMPLES_DIR))

@@ -82,3 +82,22 @@ def test_saved_restricted_draft_gets_its_restricted_head(tiny_qwen2_dir: Path, t
     assert isinstance(head, RestrictedLMHead) and head.token_ids.tolist() == list(range(0, 200, 3))
     text = lm._decode_one("问题：什么是国有资产？\n回答：", {"until": ["\n\n"], "do_sample": False, "max_gen_toks": 6})
     assert isinstance(text, str) and lm.spec_stats()["proposed"] > 0
+
+
+def test_draft_with_a_foreign_tokenizer_of_the_same_size_is_refused(tiny_qwen2_dir: Path, tiny_draft_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    """Issue 15: only vocabulary sizes were compared, so such a draft decoded with ~0 % acceptance."""
+    pytest.importorskip("soaes_specdec")
+    import shutil
+
+    from soaes_eval.specdec_lm import SpecDecLM
+    from soaes_specdec.draft import DraftTokenizerMismatchError
+    from soaes_specdec.testing import swap_tokenizer_ids
+
+    draft_dir = tmp_path / "foreign"
+    shutil.copytree(tiny_draft_dir, draft_dir)
+    swap_tokenizer_ids(draft_dir)
+    with pytest.raises(DraftTokenizerMismatchError, match="different tokenizers") as info:
+        SpecDecLM(pretrained=str(tiny_qwen2_dir), draft=str(draft_dir), num_speculative_tokens=2, device="cpu",
+                  batch_size=1)
+    assert str(draft_dir) in str(info.value) and str(tiny_qwen2_dir) in str(info.value)

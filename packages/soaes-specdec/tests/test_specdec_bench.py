@@ -12,6 +12,7 @@ import torch
 from soaes_core import load_model, load_tokenizer
 from soaes_core.config import from_dict
 from soaes_core.errors import ConfigError, DataError
+from soaes_specdec import bench as bench_mod
 from soaes_specdec.bench import (
     BenchConfig,
     break_even_acceptance,
@@ -36,8 +37,19 @@ def test_cost_model_formulas() -> None:
     assert break_even_acceptance(3, 1.0, 1.5) is None  # a draft as slow as the target never pays off
 
 
-def test_bandwidth_is_positive() -> None:
-    assert measure_bandwidth(megabytes=16, repeats=2) > 0
+def test_bandwidth_is_matrix_bytes_over_timed_mv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GB/s = bytes of the fp32 matrix (`megabytes` of it) / median seconds of the timed matrix-vector product."""
+    timed: dict[str, Any] = {}
+
+    def fake_median_time(fn: Any, repeats: int, warmup: int = 0) -> float:
+        out = fn()  # the timed call must be the product itself: one fp32 value per matrix row
+        timed.update(shape=tuple(out.shape), dtype=out.dtype, repeats=repeats)
+        return 0.004
+
+    monkeypatch.setattr(bench_mod, "median_time", fake_median_time)
+    n = int((16e6 / 4) ** 0.5)  # a 16 MB fp32 matrix is 2000 x 2000
+    assert measure_bandwidth(megabytes=16, repeats=3) == pytest.approx(n * n * 4 / 0.004 / 1e9)  # 4 GB/s
+    assert timed == {"shape": (n,), "dtype": torch.float32, "repeats": 3}
 
 
 def test_load_prompts_and_errors(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
@@ -99,3 +111,53 @@ def test_reference_dtype_adds_an_interleaved_plain_baseline(tiny_qwen2_dir: Path
     same = BenchConfig(**{**config.__dict__, "reference_dtype": "bfloat16"})  # same dtype: no extra baseline
     assert {r["method"] for r in run_benchmark(same, tmp_path / "same", models=models)["results"]} == {
         "plain", "speculative"}
+
+
+def test_compare_greedy_counts_prompts_and_first_differences() -> None:
+    same = bench_mod.compare_greedy([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]])
+    assert same == {"exact_match": True, "mismatch_rate": 0.0, "first_difference": None}
+    # prompt 0 differs at token 2, prompt 2 stops early (differs where it ends), prompt 1 equal
+    diff = bench_mod.compare_greedy([[1, 2, 3, 4], [5], [6, 7, 8]], [[1, 2, 9, 4], [5], [6]])
+    assert diff["exact_match"] is False and diff["mismatch_rate"] == pytest.approx(2 / 3)
+    assert diff["first_difference"] == {"min": 1, "median": 1.5, "max": 2, "prompts": [0, 2]}
+
+
+def test_bench_records_greedy_exactness_per_method(tiny_qwen2_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every greedy row carries exact_match / mismatch_rate against plain decoding; sampling rows say N/A; a
+    decoder whose output differs is reported as such (the bench really compares, per prompt)."""
+    target = load_model(tiny_qwen2_dir, dtype=torch.float32)
+    models: tuple[Any, Any, Any] = (target, make_layer_draft(target, 1), load_tokenizer(tiny_qwen2_dir))
+    config = BenchConfig(target=str(tiny_qwen2_dir), max_new_tokens=6, max_prompts=3, warmup=0, repeats=1,
+                         num_speculative_tokens=[2], methods=["plain", "prompt_lookup", "speculative", "hf_assisted"])
+    report = run_benchmark(config, tmp_path / "exact", models=models)
+    saved = json.loads((tmp_path / "exact" / "bench.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    for r in saved["results"]:
+        if r["mode"] == "greedy" and r["method"] != "plain":
+            assert (r["exact_match"], r["mismatch_rate"], r["first_difference"]) == (True, 0.0, None), r["method"]
+        else:  # sampling rows and the baseline itself
+            assert r["exact_match"] is None and r["mismatch_rate"] is None
+    md = (tmp_path / "exact" / "bench.md").read_text()
+    assert "output = plain" in md and "| yes |" in md and "N/A (sampling)" in md
+
+    class OffByOne(bench_mod.SpeculativeDecoder):  # changes the last new token of the second prompt only
+        calls, changed_at = 0, -1
+
+        def generate(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().generate(*args, **kwargs)
+            OffByOne.calls += 1
+            if OffByOne.calls % 3 == 2:
+                out.sequences = out.sequences.clone()
+                out.sequences[0, out.sequence_lengths[0] - 1] += 1
+                OffByOne.changed_at = out.sequence_lengths[0] - 1 - out.prompt_lengths[0]
+            return out
+
+    monkeypatch.setattr(bench_mod, "SpeculativeDecoder", OffByOne)
+    greedy = BenchConfig(**{**config.__dict__, "modes": ["greedy"], "methods": ["speculative"]})
+    row = run_benchmark(greedy, tmp_path / "off", models=models)["results"][0]
+    assert row["exact_match"] is False and row["mismatch_rate"] == pytest.approx(1 / 3)
+    at = OffByOne.changed_at
+    assert row["first_difference"] == {"min": at, "median": at, "max": at, "prompts": [1]}
+    assert f"no: 33% of prompts (1), first difference at new token {at}–{at}" in (tmp_path / "off" / "bench.md"
+                                                                                   ).read_text()

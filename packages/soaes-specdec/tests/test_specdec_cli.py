@@ -34,3 +34,54 @@ def test_bench_command(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (out / "bench.json").exists() and (out / "bench.png").exists()
     assert "| speculative | 2 |" in result.output
+
+
+def test_bench_bad_block_sizes_are_one_error_line() -> None:
+    """Issue 15 defect 8: `-n 3,abc` ended in a ValueError traceback."""
+    result = CliRunner().invoke(main, ["bench", "-n", "3,abc"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: --num-speculative-tokens[1]: expected int, got str 'abc'"]
+
+
+def test_bench_max_prompts_zero_is_an_error_not_all() -> None:
+    """Issue 15 defect 8: `--max-prompts 0` silently meant every prompt; unset means all, 0 is refused."""
+    result = CliRunner().invoke(main, ["bench", "--max-prompts", "0"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: command line: max_prompts must be >= 1 (or null for all prompts), got 0"]
+    assert "Use only the first N prompts; unset = all. (default: none)" in " ".join(
+        CliRunner().invoke(main, ["bench", "--help"]).output.split())
+
+
+def test_a_field_added_to_bench_config_reaches_bench_options(monkeypatch, tmp_path: Path) -> None:
+    """Acceptance (issue 17): a new BenchConfig field appears in `bench --help`, as an option and in --set."""
+    import dataclasses
+    import importlib
+
+    from soaes_specdec import bench as bench_module
+    from soaes_specdec import cli as cli_module
+
+    @dataclasses.dataclass
+    class WithNewField(bench_module.BenchConfig):
+        cooldown_s: float = dataclasses.field(default=0.5, metadata={"help": "Pause between timed repeats."})
+
+    seen = []
+
+    def fake_run(config: WithNewField, out_dir: str) -> dict:
+        seen.append(config)
+        Path(out_dir, "bench.md").write_text("table\n", encoding="utf-8")
+        return {"wall_time_s": 0.0}
+
+    monkeypatch.setattr(bench_module, "BenchConfig", WithNewField)
+    monkeypatch.setattr(bench_module, "run_benchmark", fake_run)
+    try:
+        fresh = importlib.reload(cli_module).main
+        text = " ".join(CliRunner().invoke(fresh, ["bench", "--help"]).output.split())
+        assert "--cooldown-s FLOAT Pause between timed repeats. (default: 0.5)" in text
+        for args in (["--cooldown-s", "2"], ["--set", "cooldown_s=2"]):
+            result = CliRunner().invoke(fresh, ["bench", *args, "-n", "1,2", "-o", str(tmp_path)])
+            assert result.exit_code == 0, result.output
+        assert [(c.cooldown_s, c.num_speculative_tokens) for c in seen] == [(2.0, [1, 2]), (2.0, [1, 2])]
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cli_module)

@@ -168,3 +168,52 @@ def test_embedded_target_with_derived_draft_is_exact(embedded_model: Any, embedd
     out = SpeculativeDecoder(embedded_model, make_layer_draft(embedded_model, 20), 3).generate(batch, new)
     assert [out.new_tokens(i) for i in range(3)] == reference
     assert out.stats.accepted > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_decoders_equal_plain_batch_one_decoding(qwen2_factory: Any, dtype: torch.dtype) -> None:
+    """With `batch_invariant`, every row of a batch equals plain batch-1 decoding of its prompt, for speculative,
+    prompt-lookup and plain decoding, in float32 and bfloat16 (bit-identical logits, so no near-tie can flip)."""
+    target = qwen2_factory(0, layers=3).to(dtype)
+    draft = make_layer_draft(target, 1)
+    batch = prompts((5, 9, 3, 12))
+    reference = [autoregressive_generate(target, p, NEW).new_tokens() for p in batch]
+    for n in (1, 3):
+        out = SpeculativeDecoder(target, draft, n, batch_invariant=True).generate(batch, NEW)
+        assert [out.new_tokens(i) for i in range(len(batch))] == reference
+        assert out.stats.proposed > 0
+    out = PromptLookupDecoder(target, 3, batch_invariant=True).generate(batch, NEW)
+    assert [out.new_tokens(i) for i in range(len(batch))] == reference
+    out = autoregressive_generate(target, batch, NEW, batch_invariant=True)
+    assert [out.new_tokens(i) for i in range(len(batch))] == reference
+
+
+# Held-out Chinese domain prompts (soaes_data's SFT pools, every 4th held out by soaes_distill.experiment.
+# sample_prompts: ids exp-007, exp-019, dlg-013, never trained on). In bfloat16 the default (batched) verify rounds
+# a near-tie on each the other way than a one-row step: with a 4-layer draft, speculative output left plain
+# decoding at new token 8 / 5 (n = 1 / 3) of exp-007, 22 / 9 of exp-019, 28 / 28 of dlg-013 (2-core x86, torch 2.13).
+HELD_OUT_DOMAIN = ["员工持股试点对持股比例有什么限制？", "请撰写一份关于混合所有制改革进展的简要报告。",
+                   "政府工作报告一般包括哪些内容？"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embedded_greedy_equals_plain_on_held_out_domain_prompts(embedded_model_dir: Any, embedded_tokenizer: Any,
+                                                                 dtype: str) -> None:
+    """Speculative greedy output equals plain greedy decoding of the same target in the same dtype, token for
+    token, on the held-out domain prompts: float32 through the default (fast, batched) verify, bfloat16 through
+    the batch-invariant verify (the default verify is not bit-exact in bfloat16: README, "Exactness")."""
+    from soaes_core import DEFAULT_MODEL, encode_chat_prompt, load_model
+
+    target = load_model(DEFAULT_MODEL, dtype=dtype, device="cpu")
+    draft = make_layer_draft(target, 20)  # accepted often enough to exercise multi-token blocks
+    batch = [torch.tensor(encode_chat_prompt(embedded_tokenizer, p)) for p in HELD_OUT_DOMAIN]
+    new = 32
+    reference = [autoregressive_generate(target, p, new).new_tokens() for p in batch]
+    invariant = dtype == "bfloat16"
+    for n in (1, 3):
+        for p, ref in zip(batch, reference, strict=True):
+            out = SpeculativeDecoder(target, draft, n, batch_invariant=invariant).generate(p, new)
+            assert out.new_tokens() == ref, (n, embedded_tokenizer.decode(p))
+    out = SpeculativeDecoder(target, draft, 3, batch_invariant=invariant).generate(batch, new)
+    assert [out.new_tokens(i) for i in range(len(batch))] == reference and out.stats.accepted > 0

@@ -71,3 +71,102 @@ def test_load_draft_applies_recorded_restricted_head(qwen2_factory: Any, tmp_pat
     (tmp_path / "d" / HEAD_IDS_FILE).write_text("{")
     with pytest.raises(ModelLoadError, match="unreadable restricted-head token ids"):
         load_draft(tmp_path / "d")
+
+
+# --- the draft's tokenizer must be the target's (issue 15: equal vocabulary sizes alone were accepted) ---------
+
+
+@pytest.fixture(scope="module")
+def own_draft_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
+    """A one-layer tiny Qwen2 saved with the target's (embedded SmolLM2) tokenizer."""
+    from soaes_core.testing import make_tiny_qwen2
+
+    return make_tiny_qwen2(tmp_path_factory.mktemp("own-draft"), seed=1, num_hidden_layers=1)
+
+
+@pytest.fixture(scope="module")
+def foreign_draft_dir(tmp_path_factory: pytest.TempPathFactory, own_draft_dir: Path) -> Path:
+    """The same draft with a tokenizer of the same size in which two tokens trade ids."""
+    import shutil
+
+    from soaes_specdec.testing import swap_tokenizer_ids
+
+    out = tmp_path_factory.mktemp("foreign-draft") / "draft"
+    shutil.copytree(own_draft_dir, out)
+    swap_tokenizer_ids(out, 1000, 1001)
+    return out
+
+
+def test_same_size_foreign_tokenizer_is_refused(tiny_qwen2_dir: Path, foreign_draft_dir: Path) -> None:
+    from soaes_core import load_tokenizer
+    from soaes_core.errors import SoaesError
+    from soaes_specdec.draft import DraftTokenizerMismatchError, load_draft
+
+    target_tok, draft_tok = load_tokenizer(tiny_qwen2_dir), load_tokenizer(foreign_draft_dir)
+    assert len(target_tok) == len(draft_tok)  # what the old size-only check compared
+    assert draft_tok.convert_ids_to_tokens(1000) == target_tok.convert_ids_to_tokens(1001)
+    with pytest.raises(DraftTokenizerMismatchError) as info:
+        load_draft(foreign_draft_dir, target=tiny_qwen2_dir)
+    message = str(info.value)
+    assert isinstance(info.value, SoaesError) and "\n" not in message
+    assert str(foreign_draft_dir) in message and str(tiny_qwen2_dir) in message and "different tokenizers" in message
+
+
+def test_draft_with_the_targets_ids_is_accepted(tiny_qwen2_dir: Path, own_draft_dir: Path) -> None:
+    from soaes_specdec.draft import check_draft_tokenizer, load_draft
+
+    draft = load_draft(own_draft_dir, target=tiny_qwen2_dir, dtype=torch.float32, device="cpu")
+    assert draft.config.num_hidden_layers == 1
+    # the embedded GGUF tokenizer and its copy reloaded into a Qwen2 directory normalise text differently, but map
+    # ids to the same tokens: for a draft, which only sees ids, that is the same tokenizer
+    check_draft_tokenizer("embedded:smollm2-135m", own_draft_dir)
+
+
+def test_other_special_tokens_are_refused(tiny_qwen2_dir: Path, own_draft_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from soaes_specdec.draft import DraftTokenizerMismatchError, check_draft_tokenizer
+
+    draft = tmp_path / "draft"
+    shutil.copytree(own_draft_dir, draft)
+    config_file = draft / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    assert config["eos_token"] != "<|endoftext|>"
+    config["eos_token"] = "<|endoftext|>"
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(DraftTokenizerMismatchError, match="different tokenizers"):
+        check_draft_tokenizer(tiny_qwen2_dir, draft)
+
+
+def test_draft_without_a_tokenizer_cannot_be_checked(tiny_qwen2_dir: Path, own_draft_dir: Path,
+                                                     tmp_path: Path) -> None:
+    import shutil
+
+    from soaes_specdec.draft import DraftTokenizerMismatchError, load_draft
+
+    draft = tmp_path / "draft"
+    shutil.copytree(own_draft_dir, draft, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+    with pytest.raises(DraftTokenizerMismatchError, match="no loadable tokenizer"):
+        load_draft(draft, target=tiny_qwen2_dir)
+    assert load_draft(draft).config.num_hidden_layers == 1  # without a target nothing is compared
+
+
+def test_cli_refuses_a_foreign_draft_in_one_line(tiny_qwen2_dir: Path, foreign_draft_dir: Path,
+                                                 tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from soaes_specdec.cli import main
+
+    runs = {"bench": ["bench", "--target", str(tiny_qwen2_dir), "--draft", str(foreign_draft_dir), "--max-prompts",
+                      "1", "--max-new-tokens", "4", "-o", str(tmp_path / "bench")],
+            "generate": ["generate", "Hi", "--target", str(tiny_qwen2_dir), "--draft", str(foreign_draft_dir),
+                         "--max-new-tokens", "4"]}
+    for name, args in runs.items():
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (name, result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in result.output, (name, result.output)
+        assert str(foreign_draft_dir) in errors[0] and str(tiny_qwen2_dir) in errors[0]
+        if name == "bench":  # refused before any model is loaded: nothing else is printed
+            assert result.output.strip().splitlines() == errors

@@ -1,13 +1,66 @@
-"""The package installs and imports on its own and exposes its CLI."""
+"""soaes-specdec as installed: its version is the distribution's, its CLI entry point works, and the decoders keep
+the contract of design.md."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import inspect
 
 from click.testing import CliRunner
 
 import soaes_specdec
-from soaes_specdec.cli import main
+from soaes_specdec import (
+    PromptLookupDecoder,
+    SpecDecodeOutput,
+    SpecStats,
+    SpeculativeDecoder,
+    autoregressive_generate,
+)
+
+SAMPLING = ["do_sample", "temperature", "top_p", "top_k", "eos_token_id", "generator"]
+SAMPLING_DEFAULTS = [False, 1.0, 1.0, 0, None, None]
 
 
-def test_version_and_cli() -> None:
-    assert soaes_specdec.__version__ == "0.1.0"
-    result = CliRunner().invoke(main, ["--version"])
-    assert result.exit_code == 0, result.output
-    assert "0.1.0" in result.output
+def test_version_is_the_installed_distributions() -> None:
+    assert soaes_specdec.__version__ == md.version("soaes-specdec")
+
+
+def test_console_script_runs_help_for_every_command() -> None:
+    (entry,) = md.entry_points(group="console_scripts", name="soaes-specdec")
+    main = entry.load()
+    runner = CliRunner()
+    version = runner.invoke(main, ["--version"])
+    assert version.exit_code == 0 and soaes_specdec.__version__ in version.output.split()
+    assert {"bench", "generate"} <= set(main.commands)
+    for name in main.commands:
+        result = runner.invoke(main, [name, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, (name, result.output)
+
+
+def _params(fn: object) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(fn).parameters)  # type: ignore[arg-type]
+
+
+def test_decoder_signatures() -> None:
+    spec = _params(SpeculativeDecoder)
+    assert list(spec)[:3] == ["target", "draft", "num_speculative_tokens"]
+    assert spec["num_speculative_tokens"].default == 3
+    lookup = _params(PromptLookupDecoder)
+    assert list(lookup)[:3] == ["target", "num_speculative_tokens", "max_ngram"]
+    assert [lookup[k].default for k in ("num_speculative_tokens", "max_ngram")] == [3, 3]
+    for generate, head in ((SpeculativeDecoder.generate, ["self", "input_ids", "max_new_tokens"]),
+                           (PromptLookupDecoder.generate, ["self", "input_ids", "max_new_tokens"]),
+                           (autoregressive_generate, ["model", "input_ids", "max_new_tokens"])):
+        params = _params(generate)
+        assert list(params)[: len(head) + len(SAMPLING)] == head + SAMPLING, generate
+        assert [params[k].default for k in SAMPLING] == SAMPLING_DEFAULTS, generate
+
+
+def test_stats_definitions() -> None:
+    assert {"sequences", "stats"} <= set(SpecDecodeOutput.__dataclass_fields__)
+    stats = SpecStats(proposed=12, accepted=9, target_calls=5, new_tokens=14, decode_row_calls=4, decode_tokens=13,
+                      wall_time_s=2.0)
+    assert stats.acceptance_rate == 9 / 12
+    # new tokens per row per decode-phase target call (the prefill call is not counted)
+    assert stats.mean_accepted_length == 13 / 4
+    assert stats.tokens_per_s == 14 / 2.0

@@ -68,6 +68,60 @@ def test_cases_exercise_acceptance_and_rejection(results: list[dict]) -> None:
     assert 0 < accepted < proposed
 
 
+BOUNDARY_SCRIPT = r'''
+import json
+import torch
+torch.set_num_threads(1)
+from soaes_specdec.kernel import verify_fused
+from soaes_specdec.sampling import SamplingParams, apply_top_p, warp_probs
+from soaes_specdec.testing import TOP_P_BOUNDARY_CASES, support_probe_block
+from soaes_specdec.verify import verify_reference
+
+def kept(logits, params, tokens):
+    block = support_probe_block(logits, tokens)
+    return verify_fused(params=params, **block)[0].tolist(), verify_reference(params=params, **block)[0].tolist()
+
+out = []
+for top_p, probs, expected in TOP_P_BOUNDARY_CASES:
+    logits = torch.log(torch.tensor(probs))
+    fused, ref = kept(logits, SamplingParams(True, 1.0, top_p, 0), torch.arange(len(probs)))
+    out.append({"case": [top_p, probs], "fused": fused, "reference": ref, "expected": expected,
+                "apply_top_p": torch.isfinite(apply_top_p(logits, top_p)).int().tolist()})
+# exact-sum ties on random rows: top_p = float64 mass of the j most probable warped tokens, and 3e-6 either side
+g = torch.Generator().manual_seed(5)
+for temperature, top_k in ((1.0, 0), (0.7, 0), (1.3, 40)):
+    for _ in range(2):
+        logits = torch.randn(1000, generator=g) * 2
+        probs = warp_probs(logits, SamplingParams(True, temperature, 1.0, top_k))
+        order = torch.argsort(probs, descending=True)
+        for j in (1, 3, 12):
+            tie = float(probs[order[:j]].double().sum())
+            for top_p, n_kept in ((tie, j), (tie - 3e-6, j), (tie + 3e-6, j + 1)):
+                fused, ref = kept(logits, SamplingParams(True, temperature, top_p, top_k), order[: j + 3])
+                out.append({"case": [temperature, top_k, j, top_p], "fused": fused, "reference": ref,
+                            "expected": [1] * n_kept + [0] * (j + 3 - n_kept)})
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def boundary_results() -> list[dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", BOUNDARY_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_top_p_boundary_kernel_equals_reference(boundary_results: list[dict]) -> None:
+    """Nucleus boundaries where the kept mass equals top_p exactly are decided alike by kernel and reference
+    (issue 15: top_p=0.8 on [0.6, 0.2, 0.1, 0.05, 0.05] kept 2 tokens in the reference and 3 in the kernel)."""
+    assert len(boundary_results) > 50
+    for r in boundary_results:
+        assert r["fused"] == r["reference"] == r["expected"], r["case"]
+        assert r.get("apply_top_p", r["expected"]) == r["expected"], r["case"]
+
+
 COMPILE_SCRIPT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
@@ -76,7 +130,7 @@ from soaes_specdec import kernel as k
 target = GPUTarget("cuda", 90, 32)
 sampling = {"logits_ptr": "*fp32", "q_ptr": "*fp32", "draft_ptr": "*i64", "num_draft_ptr": "*i64",
             "u_accept_ptr": "*fp64", "u_sample_ptr": "*fp64", "out_accepted_ptr": "*i64", "out_token_ptr": "*i64",
-            "n": "i32", "V": "i32", "temperature": "fp32", "top_k": "i32", "top_p": "fp32",
+            "n": "i32", "V": "i32", "temperature": "fp32", "top_k": "i32", "top_p_limit": "fp32",
             "USE_TOP_K": "constexpr", "USE_TOP_P": "constexpr", "BLOCK": "constexpr"}
 greedy = {"logits_ptr": "*bf16", "draft_ptr": "*i64", "num_draft_ptr": "*i64", "out_accepted_ptr": "*i64",
           "out_token_ptr": "*i64", "n": "i32", "V": "i32", "BLOCK": "constexpr"}

@@ -72,10 +72,65 @@ def test_cache_reuse_and_rollback() -> None:
     cache = StaticKVCache.allocate(2, 3, 2, 16, 4, torch.float32, torch.device("cpu"))
     assert cache.fits(3, 10, torch.float32, torch.device("cpu")) and not cache.fits(3, 17, torch.float32,
                                                                                        torch.device("cpu"))
-    cache.lengths = torch.tensor([9, 5, 7])
+    cache.set_lengths(torch.tensor([9, 5, 7]))
     keys_before = cache.keys[0].clone()
     cache.rollback(torch.tensor([6, 6, 6]))
     assert cache.lengths.tolist() == [6, 5, 6]
     assert torch.equal(cache.keys[0], keys_before)
     cache.reset()
     assert cache.lengths.tolist() == [0, 0, 0]
+    with pytest.raises(AttributeError):  # the pointers move only through the cache's methods
+        cache.lengths = torch.tensor([1, 1, 1])  # type: ignore[misc]
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        cache.set_lengths(torch.tensor([1, 1]))
+    src = torch.tensor([4, 4, 4])
+    cache.set_lengths(src)
+    src += 1  # the cache keeps its own copy
+    assert cache.lengths.tolist() == [4, 4, 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("linear", ["stream", "module"])
+def test_batch_invariant_block_logits_are_bit_identical_to_one_token_steps(qwen2_factory: Any, dtype: torch.dtype,
+                                                                           linear: str) -> None:
+    """A verify block through a batch-invariant runner gives, at every position and row, exactly (torch.equal) the
+    logits plain decoding computes one token at a time at batch 1, and leaves the same K/V in the cache."""
+    model = qwen2_factory(0, layers=2).to(dtype)
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        block_runner = CachedCausalLM(model, linear=linear, batch_invariant=True)
+        block_runner.start(2, 32)
+        block_runner.forward(ids[:, :10], torch.tensor([0, 0]), need_logits=False)
+        block = torch.stack([ids[0, 10:15], ids[1, 7:12]])  # row 1 rolled back to 7
+        out = block_runner.forward(block, torch.tensor([10, 7]))
+        at = block_runner.forward(block[:, :3], torch.tensor([10, 7]), logits_at=torch.tensor([2, 0]))
+        for row, start in ((0, 10), (1, 7)):
+            step = CachedCausalLM(model, linear=linear)
+            step.start(1, 32)
+            step.forward(ids[row:row + 1, :10], torch.tensor([0]), need_logits=False)
+            for i in range(5):
+                logits = step.forward(block[row:row + 1, i:i + 1], torch.tensor([start + i]),
+                                      logits_at=torch.zeros(1, dtype=torch.long))
+                assert torch.equal(out[row, i], logits[0]), (row, i)
+            for layer in range(2):
+                end = start + 5
+                assert torch.equal(block_runner.cache.keys[layer][row, :, :end], step.cache.keys[layer][0, :, :end])
+        assert torch.equal(at[0], out[0, 2]) and torch.equal(at[1], out[1, 0])
+    assert block_runner.with_batch_invariance() is block_runner
+    plain = CachedCausalLM(model, linear=linear)
+    assert plain.with_batch_invariance().batch_invariant and not plain.batch_invariant
+
+
+def test_a_block_wider_than_the_cache_is_refused_in_one_line(qwen2_factory: Any) -> None:
+    runner = CachedCausalLM(qwen2_factory(0, layers=1))
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(InvalidArgumentError, match="before start"):
+        runner.forward(ids, torch.tensor([0]))
+    runner.start(1, 10)
+    with pytest.raises(InvalidArgumentError) as err:
+        runner.forward(ids, torch.tensor([0]))
+    assert "a block of 12 tokens at position 0 needs 12 cache slots but the cache holds 10" in str(err.value)
+    assert "\n" not in str(err.value)
+    runner.forward(ids[:, :8], torch.tensor([0]), need_logits=False)
+    with pytest.raises(InvalidArgumentError, match="needs 11 cache slots"):
+        runner.forward(ids[:, :3], torch.tensor([8]))  # a verify of 3 rows at 8 runs past the 10-slot cache

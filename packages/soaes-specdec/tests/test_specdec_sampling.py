@@ -13,8 +13,10 @@ from soaes_specdec.sampling import (
     apply_top_p,
     sample_inverse_cdf,
     sample_next,
+    top_p_limit,
     warp_probs,
 )
+from soaes_specdec.testing import TOP_P_BOUNDARY_CASES
 
 
 def hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -40,6 +42,36 @@ def test_ties_at_the_cut_off_are_kept() -> None:
     # p = [.757, .102, .102, .038]: mass strictly above each tied token is .757 < .8, so both stay.
     assert torch.isfinite(apply_top_p(logits, 0.8)).tolist() == [[True, True, True, False]]
     assert torch.isfinite(apply_top_p(logits, 0.5)).tolist() == [[True, False, False, False]]
+
+
+@pytest.mark.parametrize("top_p,probs,kept", TOP_P_BOUNDARY_CASES, ids=[str(c[:2]) for c in TOP_P_BOUNDARY_CASES])
+def test_top_p_boundary_cases(top_p: float, probs: list[float], kept: list[int]) -> None:
+    """A prefix whose mass equals top_p exactly completes the nucleus, whatever the fp32 rounding (issue 15)."""
+    logits = torch.log(torch.tensor([probs]))
+    assert torch.isfinite(apply_top_p(logits, top_p)).int().tolist() == [kept]
+    if len(set(probs)) == len(probs) or top_p == 0.8:  # no tie across the cut-off: transformers agrees
+        assert torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone())).int().tolist() == [kept]
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.3, 40)])
+def test_top_p_exact_sum_ties_on_random_distributions(temperature: float, top_k: int) -> None:
+    """top_p set to the exact float64 mass of the j most probable tokens keeps j; a hair (3e-6) more keeps j+1."""
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(3)) * 2
+    params = SamplingParams(True, temperature, 1.0, top_k)
+    probs = warp_probs(logits, params)  # after temperature and top-k, before top-p
+    ranked = torch.sort(probs, dim=-1, descending=True).values.double()
+    for row in range(logits.shape[0]):
+        for j in (1, 2, 5, 17):
+            tie = float(ranked[row, :j].sum())
+            for top_p, expected in ((tie, j), (tie - 3e-6, j), (tie + 3e-6, j + 1)):
+                warped = warp_probs(logits[row], SamplingParams(True, temperature, top_p, top_k))
+                assert int((warped > 0).sum()) == expected, (row, j, top_p)
+
+
+def test_top_p_limit_is_fp32_and_below_top_p() -> None:
+    for top_p in (0.1, 0.7, 0.8, 0.95, 0.999):
+        limit = top_p_limit(top_p)
+        assert limit == float(torch.tensor(limit, dtype=torch.float32)) and top_p - 2e-6 < limit < top_p
 
 
 def test_inverse_cdf_picks_the_right_bucket() -> None:

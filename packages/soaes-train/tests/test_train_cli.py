@@ -39,3 +39,24 @@ def test_run_bad_recipe_exits_with_one_line(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "offload_param needs ZeRO stage 3" in res.output
     assert "Traceback" not in res.output
+
+
+def test_run_help_lists_every_settable_key() -> None:
+    """`--set` keys come from the dataclasses: the soaes settings and the TrainingArguments passed through."""
+    res = CliRunner().invoke(main, ["run", "--help"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    for key in ("output_dir", "train.learning_rate float, default 1e-05: Peak learning rate",
+                "train.label_smoothing_factor", "data.max_length int, default 2048", "deepspeed.stage"):
+        assert key in text, key
+
+
+def test_run_bad_set_is_one_line(tmp_path: Path) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text("name: r\nstages:\n  - {name: a, kind: sft}\n")
+    res = CliRunner().invoke(main, ["run", str(p), "--set", "train.max_steps"])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        "error: --set: expected KEY=VALUE, got 'train.max_steps'"]
+    res = CliRunner().invoke(main, ["run", str(p), "--set", "train.save_stepz=3"])
+    assert res.exit_code == 2 and "r.yaml: stages[0].train.save_stepz: unknown key (did you mean 'save_steps'?)" in (
+        res.output)

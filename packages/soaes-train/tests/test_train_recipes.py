@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from soaes_core.errors import ConfigError
-from soaes_train.curriculum import load_recipe
 from soaes_train.recipes import list_recipes, resolve_recipe
+from soaes_train.stage_runner import load_train_recipe
 
 PAPER_GPUS = 8
 
@@ -16,12 +16,12 @@ def test_every_shipped_recipe_parses() -> None:
     assert {"qwen2.5-7b-paper", "qwen2.5-72b-paper", "qwen2.5-72b-ablations", "tiny-qwen2-cpu",
             "smollm2-135m-cpu"} <= set(names)
     for name in names:
-        assert load_recipe(name).stages
+        assert load_train_recipe(name).stages
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b-paper", "qwen2.5-72b-paper"])
 def test_paper_recipe_settings(name: str) -> None:
-    r = load_recipe(name)
+    r = load_train_recipe(name)
     cpt, s1, s2 = (r.stage(n) for n in ("cpt", "sft_stage1", "sft_stage2"))
     for s in (cpt, s1, s2):
         assert s.train.warmup_ratio == 0.05 and s.train.num_train_epochs == 1
@@ -37,7 +37,7 @@ def test_paper_recipe_settings(name: str) -> None:
 
 
 def test_ablation_branches() -> None:
-    r = load_recipe("qwen2.5-72b-ablations")
+    r = load_train_recipe("qwen2.5-72b-ablations")
     assert r.stage("stage2_only").model == "hf:Qwen/Qwen2.5-72B"
     assert r.stage("instruct_stage2").model == "hf:Qwen/Qwen2.5-72B-Instruct"
     assert r.stage("cpt_joint_sft").model == "stage:cpt" and len(r.stage("cpt_joint_sft").data.paths) == 2

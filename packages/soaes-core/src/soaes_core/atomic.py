@@ -3,13 +3,105 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# A temp entry is named `.<target>.p<pid>-<host>-<random>.tmp`, so the next run can tell a live writer's temp from
+# one a killed process left behind. Temps of another host (shared filesystem) or of the pre-tag naming
+# (`.<target>.<random>.tmp`) are judged by age alone.
+STALE_TEMP_AGE_S = 24 * 3600.0
+LEGACY_TEMP_AGE_S = 3600.0
+_TAGGED = re.compile(r"^\.(?P<target>.+)\.p(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]+\.tmp$")
+_LEGACY = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.p{os.getpid()}-{_host_tag()}-"
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """A fresh temp name beside `path` (`.<name>.p<pid>-<host>-<random>.tmp`), for writers that rename into
+    place themselves: a temp a kill leaves under this name is one `remove_stale_temps` can clean up."""
+    path = Path(path)
+    return path.with_name(f"{_temp_prefix(path.name)}{secrets.token_hex(4)}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _is_stale(entry: Path, now: float, max_age_s: float) -> bool:
+    try:
+        age = now - entry.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    m = _TAGGED.match(entry.name)
+    if m is not None:
+        if int(m["pid"]) == os.getpid() and m["host"] == _host_tag():
+            return False  # ours (e.g. a nested writer in this process)
+        if m["host"] == _host_tag() and not _pid_alive(int(m["pid"])):
+            return True
+        return age > max_age_s  # a live pid may have been reused; another host's pid cannot be checked
+    return _LEGACY.match(entry.name) is not None and age > min(max_age_s, LEGACY_TEMP_AGE_S)
+
+
+def remove_stale_temps(directory: str | os.PathLike[str], target: str | None = None,
+                       max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Delete the temp files/dirs that killed writers left in `directory` (only those of `target` if given).
+
+    A temp is stale when its writer (pid in the name, same host) is dead, or it is older than `max_age_s`;
+    a live writer's temp is never touched. Returns what was removed.
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for e in entries:
+        if not (e.name.startswith(".") and e.name.endswith(".tmp")):
+            continue
+        if target is not None and not e.name.startswith(f".{target}."):
+            continue
+        m = _TAGGED.match(e.name) or _LEGACY.match(e.name)
+        if m is None or (target is not None and m["target"] != target):
+            continue
+        path = Path(e.path)
+        if not _is_stale(path, now, max_age_s):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if not path.exists():
+            removed.append(path)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -29,7 +121,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` via a temp file in the same directory and `os.replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -60,7 +152,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     The old directory (if any) is moved aside first and deleted only after the new one is in place, so a
     kill at any point leaves either the old or the new complete directory under `path` (or the old one
-    under its `.old` name, which the next call cleans up).
+    under its `.old` name, which the next call cleans up). Temps of `path` left by killed writers are removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +161,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(old, path)  # a previous swap was interrupted between the two renames
     elif old.exists():
         shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path.parent, target=path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
     except BaseException:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -25,8 +26,20 @@ T = TypeVar("T")
 _MISSING = dataclasses.MISSING
 
 
+# Bounds on what a config file may cost to read: configs are small, so anything past these is a mistake or an
+# attack (a "billion laughs" YAML of nested aliases is a few hundred bytes and expands to billions of nodes).
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
+MAX_CONFIG_NODES = 1_000_000
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 50
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """Type and a short repr of `value`, in bounded time and size whatever its size or depth."""
+    text = _REPR.repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"
@@ -184,14 +197,67 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>") -> T:
         raise ConfigError(where + err.message) from None
 
 
+def _expanded_size(node: yaml.Node, source: str) -> int:
+    """Nodes in `node` once every alias is expanded, computed on the composed graph (each node visited once).
+
+    Raises ConfigError past MAX_CONFIG_NODES, or for a recursive alias (a collection that contains itself)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while stack:
+        current, done = stack.pop()
+        key = id(current)
+        if done:
+            children = _children(current)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            active.discard(key)
+            if sizes[key] > MAX_CONFIG_NODES:
+                raise ConfigError(f"{source}: YAML expands to more than {MAX_CONFIG_NODES} values once its "
+                                  "aliases are expanded; refusing to load it (an alias bomb, or data that belongs "
+                                  "in a data file)")
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            raise ConfigError(f"{source}: YAML has a recursive alias (a collection that contains itself)")
+        active.add(key)
+        stack.append((current, True))
+        stack.extend((c, False) for c in _children(current) if id(c) not in sizes)
+    return sizes[id(node)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _safe_load_bounded(text: str, source: str) -> Any:
+    """`yaml.safe_load`, refusing documents whose aliases expand past MAX_CONFIG_NODES before building them."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | os.PathLike[str]) -> Any:
     """Parse a YAML file, with a one-line `ConfigError` for a missing file or a syntax error."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
     try:
         with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+            return _safe_load_bounded(fh.read(MAX_CONFIG_BYTES + 1), str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -227,10 +293,25 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
+# Field metadata key: leave the field out of `to_dict` while it holds its default. For settings passed through
+# from another library (e.g. every `TrainingArguments` field), so that dumps, manifests and fingerprints list
+# what was chosen, and do not change when that library adds a setting.
+OMIT_IF_DEFAULT = "omit_if_default"
+
+
+def _is_default(f: dataclasses.Field[Any], value: Any) -> bool:
+    if f.default is not _MISSING:
+        return bool(value == f.default)
+    if f.default_factory is not _MISSING:
+        return bool(value == f.default_factory())
+    return False
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclass (nested) → plain YAML/JSON-able structure (Paths and Enums as strings)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get(OMIT_IF_DEFAULT) and _is_default(f, getattr(obj, f.name)))}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

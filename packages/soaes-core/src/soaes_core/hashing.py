@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 8 << 20
 
@@ -31,3 +33,73 @@ def sha256_tree(root: str | os.PathLike[str], exclude: tuple[str, ...] = ()) -> 
         if p.is_file() and p.name not in exclude:
             out[p.relative_to(root).as_posix()] = sha256_file(p)
     return out
+
+
+TOKENIZER_FINGERPRINT_VERSION = "tokfp1"
+# Backend settings that are per-call state (transformers sets them on every encode), not the tokenizer.
+_VOLATILE_BACKEND_KEYS = ("truncation", "padding")
+# Special tokens that decide ids or sequence boundaries; the pad token only fills batches, so it is left out
+# (trainers often set pad = eos, and that must not make a dataset or a draft model look foreign).
+_FINGERPRINT_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "cls_token", "mask_token",
+                         "additional_special_tokens")
+
+
+def tokenizer_fingerprint(tokenizer: Any, *, with_chat_template: bool = True, ids_only: bool = False) -> str:
+    """The one tokenizer hash of soaes: equal fingerprints mean identical token ids for identical text.
+
+    Covers the vocabulary with merges, normaliser, pre-tokenizer, post-processor and added tokens (the fast
+    backend's JSON, or the vocabulary for slow tokenizers), the special tokens with their ids, the
+    `add_bos_token`/`add_eos_token` switches and, unless `with_chat_template=False` (e.g. comparing a draft
+    model with its target, where only ids matter), the chat template. Returns `"tokfp1:<sha256 hex>"`; the
+    version prefix lets a reader tell a hash made by an older algorithm from a different tokenizer.
+
+    `ids_only=True` hashes only the token <-> id mapping (vocabulary with added tokens) and the special tokens,
+    as `"tokids1:<sha256 hex>"`: what a speculative draft must share with its target, which only ever sees ids
+    (a copy reloaded with another normaliser or pre-tokenizer class is still a valid draft).
+    """
+    if ids_only:
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        ids_payload = {"vocab": vocab, "special": _special_tokens(tokenizer)}
+        data = json.dumps(ids_payload, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return f"tokids1:{hashlib.sha256(data).hexdigest()}"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body: Any = json.loads(backend.to_str())
+        for key in _VOLATILE_BACKEND_KEYS:
+            body.pop(key, None)
+    else:
+        body = {"vocab": sorted(tokenizer.get_vocab().items())}
+    specials = _special_tokens(tokenizer)
+    settings = {k: getattr(tokenizer, k) for k in ("add_bos_token", "add_eos_token")
+                if isinstance(getattr(tokenizer, k, None), bool)}
+    payload = {"backend": body, "special": specials, "settings": settings}
+    if with_chat_template:
+        payload["chat_template"] = getattr(tokenizer, "chat_template", None)
+    data = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return f"{TOKENIZER_FINGERPRINT_VERSION}:{hashlib.sha256(data).hexdigest()}"
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, Any]:
+    """The fingerprinted special tokens of `tokenizer` with their ids."""
+    specials: dict[str, Any] = {}
+    for name in _FINGERPRINT_SPECIALS:
+        value = getattr(tokenizer, "special_tokens_map", {}).get(name)
+        if value is None:
+            continue
+        tokens = [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
+        specials[name] = [tokens, tokenizer.convert_tokens_to_ids(tokens)]
+    return specials
+
+
+def tokenizer_mismatch(stored: str | None, tokenizer: Any, *, with_chat_template: bool = True,
+                       ids_only: bool = False) -> str | None:
+    """None when `tokenizer` has the fingerprint `stored`; otherwise one sentence saying how they differ
+    (a different tokenizer, or a hash from an older soaes whose algorithm cannot be compared)."""
+    current = tokenizer_fingerprint(tokenizer, with_chat_template=with_chat_template, ids_only=ids_only)
+    if stored == current:
+        return None
+    prefix = current.split(":", 1)[0]
+    if not isinstance(stored, str) or not stored.startswith(f"{prefix}:"):
+        return (f"tokenizer hash {str(stored)[:16]!r}… was made by an older soaes with another hashing algorithm "
+                f"and cannot be compared with {current[:19]}…; rebuild it with this version")
+    return f"made with a different tokenizer (fingerprint {stored[:19]}…, this tokenizer {current[:19]}…)"

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_dir, atomic_write_json
+from .atomic import atomic_dir, atomic_write_json, remove_stale_temps
 from .cache import cache_root, file_lock
 from .errors import CacheError, ModelLoadError
 from .hashing import sha256_file
@@ -176,6 +176,8 @@ def ensure_gguf_cache(gguf: Path, rebuild: bool = False, verify: bool | None = N
     """Return the cached HF directory for `gguf`, building (or rebuilding a corrupt one) under a lock."""
     verify = _verify_cache_default() if verify is None else verify
     cache_dir = _gguf_cache_dir(gguf)
+    for stale in remove_stale_temps(cache_dir.parent):  # half-built caches of killed runs (up to a model each)
+        log.info("removed stale model-cache temp %s", stale)
     if not rebuild and _cache_problem(cache_dir, verify) is None:
         return cache_dir
     with file_lock(cache_dir.with_name(cache_dir.name + ".lock")):

@@ -1,3 +1,3 @@
 """soaes-data: Domain corpus curation: parse, clean, dedup, filter, curriculum, split, chat masks, packing."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

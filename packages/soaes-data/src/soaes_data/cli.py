@@ -27,27 +27,49 @@ def _tokenizer(spec: str, template: str | None) -> Any:
     from .templates import TEMPLATES, chat_template
 
     tok = load_tokenizer(spec)
-    if template:
-        tok.chat_template = chat_template(template) if template in TEMPLATES else Path(template).read_text("utf-8")
+    if template in TEMPLATES:
+        tok.chat_template = chat_template(template)
+    elif template:
+        from soaes_core.errors import InvalidArgumentError
+
+        try:
+            tok.chat_template = Path(template).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InvalidArgumentError(f"--chat-template {template!r}: neither a shipped template "
+                                       f"({', '.join(sorted(TEMPLATES))}) nor a readable Jinja file "
+                                       f"({type(err).__name__})") from None
     return tok
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output-dir", default=None, help="Override the recipe's output_dir.")
-@click.option("--num-proc", type=int, default=None, help="Override num_proc (datasets worker processes).")
+@click.option("--executor", type=click.Choice(["local", "slurm", "ray"]), default=None,
+              help="Where to run (datatrove executor); default: the recipe's, else local.")
+@click.option("--tasks", type=click.IntRange(min=1), default=None,
+              help="Shards the corpus is split into (>= 1); the kept documents do not depend on it.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Tasks run at the same time (>= 1).")
+@click.option("--num-proc", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Deprecated: same as --workers N (and --tasks N when the recipe has 1 task).")
 @click.option("--force", is_flag=True, help="Re-run every stage even if unchanged.")
-def curate(recipe: str, output_dir: str | None, num_proc: int | None, force: bool) -> None:
-    """Run a curation RECIPE (YAML): read → clean → … → final/ with manifest.json and rejects."""
-    from .pipeline import load_recipe, run_recipe
+def curate(recipe: str, output_dir: str | None, executor: str | None, tasks: int | None, workers: int | None,
+           num_proc: int | None, force: bool) -> None:
+    """Run a curation RECIPE (YAML) on datatrove: read → clean → … → final/ with manifest.json and rejects."""
+    from .pipeline import load_curation_config, run_curation
 
     overrides: dict[str, Any] = {}
     if output_dir:
         overrides["output_dir"] = output_dir
-    if num_proc:
+    if num_proc is not None:
         overrides["num_proc"] = num_proc
-    cfg = load_recipe(recipe, overrides)
-    reports = run_recipe(cfg, force=force)
+    for key, value in (("executor", executor), ("tasks", tasks), ("workers", workers)):
+        if value is not None:
+            overrides[key] = value
+    cfg = load_curation_config(recipe, overrides)
+    reports = run_curation(cfg, force=force)
+    if cfg.executor == "slurm":
+        click.echo(f"submitted Slurm jobs: {Path(cfg.output_dir) / 'work' / 'slurm_jobs.json'}")
+        return
     click.echo(f"{'stage':<14}{'in':>8}{'kept':>8}{'dropped':>9}  reasons")
     for r in reports:
         reasons = ", ".join(f"{k}={v}" for k, v in r.counts.get("dropped_by_reason", {}).items())
@@ -62,31 +84,49 @@ def curate(recipe: str, output_dir: str | None, num_proc: int | None, force: boo
 @click.option("--mode", type=click.Choice(["sft", "cpt"]), default="sft", show_default=True)
 @click.option("--tokenizer", "tokenizer_spec", default="embedded:smollm2-135m", show_default=True)
 @click.option("--chat-template", default=None, help="Shipped template name (qwen2.5) or a Jinja file.")
-@click.option("--max-length", type=int, default=8192, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=1), default=8192, show_default=True)
+@click.option("--overlong", type=click.Choice(["drop", "truncate", "error"]), default=None,
+              help="SFT: a conversation longer than --max-length is dropped (default; reason in rejects.jsonl), "
+                   "truncated (counted in the manifest) or an error.")
 @click.option("--no-pack", is_flag=True, help="SFT: one example per row instead of FFD packing.")
 @click.option("--join-documents", is_flag=True, help="CPT: let documents in a window attend to each other.")
 @click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True)
 @click.option("--field", default=None, help="messages field (sft) or text field (cpt).")
 def pack(inputs: tuple[str, ...], output_dir: str, mode: str, tokenizer_spec: str, chat_template: str | None,
-         max_length: int, no_pack: bool, join_documents: bool, on_error: str, field: str | None) -> None:
-    """Tokenize once and pack SFT chat JSONL or a CPT corpus into Parquet shards + manifest."""
+         max_length: int, overlong: str | None, no_pack: bool, join_documents: bool, on_error: str,
+         field: str | None) -> None:
+    """Tokenize once and pack SFT chat JSONL or a CPT corpus into Parquet shards + manifest.
+
+    OUTPUT_DIR is replaced as a whole, so it must be new, empty or a previous pack output, never hold an input.
+    """
     from soaes_core import read_manifest
 
+    from .packed_io import check_output_dir
     from .tokenize_pack import pack_cpt_corpus, pack_sft_file
 
+    if mode == "cpt" and overlong is not None:
+        raise click.UsageError("--overlong applies to sft mode (cpt cuts documents into --max-length windows)")
+    if mode == "sft" and len(inputs) != 1:
+        raise click.UsageError("sft mode takes one JSONL file")
+    check_output_dir(output_dir, {f"input{i}": p for i, p in enumerate(inputs)})  # before loading a tokenizer
     tok = _tokenizer(tokenizer_spec, chat_template)
     if mode == "sft":
-        if len(inputs) != 1:
-            raise click.UsageError("sft mode takes one JSONL file")
         out = pack_sft_file(inputs[0], output_dir, tok, max_length, packed=not no_pack, tokenizer_spec=tokenizer_spec,
-                            messages_field=field or "messages", on_error=on_error)  # type: ignore[arg-type]
+                            messages_field=field or "messages", on_error=on_error,  # type: ignore[arg-type]
+                            overlong=overlong or "drop")  # type: ignore[arg-type]
     else:
         out = pack_cpt_corpus(list(inputs), output_dir, tok, max_length, separate_documents=not join_documents,
                               tokenizer_spec=tokenizer_spec, text_field=field or "text",
                               on_error=on_error)  # type: ignore[arg-type]
-    info = read_manifest(out)["packed_dataset"]  # type: ignore[index]
+    manifest = read_manifest(out) or {}
+    info, counts = manifest["packed_dataset"], manifest["counts"]
+    reasons = ", ".join(f"{k}={v}" for k, v in counts.get("dropped_by_reason", {}).items())
     click.echo(f"{out}: {info['rows']} rows, {info['sequences']} sequences, {info['tokens']} tokens, "
                f"utilisation {info['utilisation']:.2%}")
+    click.echo(f"records: in {counts['in']}, kept {counts['kept']}, dropped {counts['dropped']}"
+               + (f" ({reasons})" if reasons else "")
+               + (f", truncated {counts['truncated']}" if "truncated" in counts else "")
+               + (f"; reasons in {out / 'rejects.jsonl'}" if counts["dropped"] else ""))
 
 
 @main.command()
@@ -202,26 +242,41 @@ def stats(path: str, output_dir: str | None, tokenizer_spec: str | None, field: 
 
 @main.command()
 @click.argument("input_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--eval", "eval_files", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--eval", "eval_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluation file (JSONL/JSON/CSV/TXT); repeat for several (CMMLU, C-Eval, test split).")
+@click.option("--eval-dir", "eval_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of subject CSVs (CMMLU / C-Eval release layout, or a parent of cmmlu/ and ceval/).")
+@click.option("--fetched/--no-fetched", default=True, show_default=True,
+              help="Also the CMMLU / C-Eval releases `soaes-eval fetch` put in the cache, when present.")
 @click.option("-o", "--output-dir", required=True)
 @click.option("--ngram", type=int, default=13, show_default=True)
-def decontaminate(input_file: str, eval_files: tuple[str, ...], output_dir: str, ngram: int) -> None:
-    """Drop training records sharing long n-grams with evaluation sets; overlaps go to overlaps.jsonl."""
-    from soaes_core import read_jsonl, write_jsonl, write_manifest
+def decontaminate(input_file: str, eval_files: tuple[str, ...], eval_dirs: tuple[str, ...], fetched: bool,
+                  output_dir: str, ngram: int) -> None:
+    """Drop training records sharing long n-grams with evaluation sets; overlaps go to overlaps.jsonl and, per
+    benchmark and subject, to overlap_report.json."""
+    from soaes_core import atomic_write_json, read_jsonl, write_jsonl, write_manifest
+    from soaes_core.errors import InvalidArgumentError
 
-    from .decontam import NgramIndex, decontaminate_records
+    from .decontam import DecontamConfig, NgramIndex, OverlapReport, decontaminate_records
 
+    cfg = DecontamConfig(eval_files=list(eval_files), eval_dirs=list(eval_dirs), use_fetched=fetched, ngram=ngram)
+    dirs = cfg.benchmark_dirs()
+    if not eval_files and not dirs:
+        raise InvalidArgumentError("nothing to decontaminate against: give --eval FILE or --eval-dir DIR, "
+                                   "or fetch CMMLU / C-Eval with `soaes-eval fetch`")
+    index = NgramIndex(cfg.eval_files, ngram, dirs)
     records = read_jsonl(input_file)
-    kept, rejects, report = decontaminate_records(records, NgramIndex(eval_files, ngram))
+    summary = OverlapReport(index.describe())
+    kept, rejects, report = decontaminate_records(records, index, summary=summary)
     out = Path(output_dir)
     write_jsonl(out / "kept.jsonl", kept)
     write_jsonl(out / "rejects.jsonl", rejects)
     write_jsonl(out / "overlaps.jsonl", report)
+    atomic_write_json(out / "overlap_report.json", summary.to_dict())
     counts = {"in": len(records), "kept": len(kept), "dropped": len(rejects)}
-    write_manifest(out, "decontaminate", inputs={"records": input_file, **{f"eval{i}": f for i, f in
-                                                                         enumerate(eval_files)}},
-                   counts=counts, extra={"ngram": ngram})
+    inputs = {"records": input_file, **{f"eval{i}": f for i, f in enumerate(eval_files)},
+              **{f"benchmark:{name}": str(path) for name, path in dirs.items()}}
+    write_manifest(out, "decontaminate", inputs=inputs, counts=counts, extra={"ngram": ngram})
     click.echo(json.dumps(counts))
 
 

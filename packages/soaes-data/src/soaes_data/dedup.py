@@ -17,14 +17,53 @@ import numpy as np
 _STRIP_RE = re.compile(r"[\s\W_]+", re.UNICODE)
 
 
+# Chinese full-width punctuation has no NFKC quick-check "yes", so NFKC over a whole Chinese text is slow;
+# normalising the pieces between those marks (and each mark alone: none composes with a neighbour) is the
+# same string, and pieces that are already normalised (cleaned text) pass the quick check.
+_NFKC_SPLIT_RE = re.compile("([" + re.escape("，。！？：；（）【】《》、“”‘’…—～「」『』") + "])")
+
+
 def normalise_for_dedup(text: str) -> str:
     """NFKC, lower-case, drop whitespace and punctuation: formatting differences do not hide a duplicate."""
-    return _STRIP_RE.sub("", unicodedata.normalize("NFKC", text).lower())
+    nfkc = "".join(unicodedata.normalize("NFKC", p) for p in _NFKC_SPLIT_RE.split(text))
+    return _STRIP_RE.sub("", nfkc.lower())
+
+
+# Texts longer than this are normalised and hashed piece by piece, so memory per document stays bounded
+# (issue 15, defect 3: a 21 MB one-line document took 7.5 GB in near-dedup).
+CHUNK_CHARS = 1 << 20
+
+
+def iter_normalised_chunks(text: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
+    """`normalise_for_dedup(text)` in pieces of about `chunk_chars` input characters (one piece for a normal
+    document); pieces are cut before a non-combining character, so NFKC sees whole character sequences."""
+    if len(text) <= chunk_chars:
+        yield normalise_for_dedup(text)
+        return
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        while end < len(text) and unicodedata.combining(text[end]):
+            end += 1
+        yield normalise_for_dedup(text[start:end])
+        start = end
+
+
+def exact_digest(text: str, pieces: Iterable[str] | None = None) -> bytes:
+    """16-byte blake2b digest of the normalised text (computed in bounded memory); `pieces`: the text's
+    `iter_normalised_chunks`, when already computed."""
+    h = hashlib.blake2b(digest_size=16)
+    for piece in iter_normalised_chunks(text) if pieces is None else pieces:
+        h.update(piece.encode("utf-8"))
+    return h.digest()
 
 
 def exact_key(text: str) -> str:
     """sha256 of the normalised text."""
-    return hashlib.sha256(normalise_for_dedup(text).encode("utf-8")).hexdigest()
+    h = hashlib.sha256()
+    for piece in iter_normalised_chunks(text):
+        h.update(piece.encode("utf-8"))
+    return h.hexdigest()
 
 
 def shingles(text: str, n: int = 5) -> set[str]:
@@ -50,12 +89,19 @@ class DedupConfig:
     ngram: int = 5
     num_perm: int = 128
     seed: int = 1
+    # a document is compared with at most this many earlier documents sharing an LSH band (bounds the work
+    # on boilerplate that thousands of documents share)
+    max_candidates: int = 100
+    # exact-dedup keys, and each LSH band, are spread over this many bucket files (tasks of the buckets phase)
+    buckets: int = 4
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError("threshold must be in (0, 1]")
         if self.ngram < 1 or self.num_perm < 16:
             raise ValueError("need ngram >= 1 and num_perm >= 16")
+        if self.max_candidates < 1 or self.buckets < 1:
+            raise ValueError("need max_candidates >= 1 and buckets >= 1")
 
 
 _P = np.uint64(0x100000001B3)  # FNV-64 prime: multiplier of the polynomial n-gram hash
@@ -68,7 +114,29 @@ def _identity(x: int) -> int:
 def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
     """Distinct 32-bit hashes of the character n-grams of the normalised text, computed vectorised
     (polynomial hash over code points + a murmur3 finaliser), so MinHash costs no Python call per shingle."""
-    s = normalise_for_dedup(text)
+    return np.unique(_shingle_hashes_normalised(normalise_for_dedup(text), n))
+
+
+def iter_shingle_hashes(text: str, n: int = 5, chunk_chars: int = CHUNK_CHARS,
+                        pieces: Iterable[str] | None = None) -> Iterator[np.ndarray]:
+    """The 32-bit shingle hashes of `shingle_hashes` (not deduplicated), in arrays of at most about
+    `chunk_chars` values: n-grams spanning two pieces are included (each piece carries the last n-1
+    characters of the one before), so the set of values is the same as `shingle_hashes`."""
+    carry = ""
+    produced = False
+    for piece in iter_normalised_chunks(text, chunk_chars) if pieces is None else pieces:
+        s = carry + piece
+        if len(s) >= n:
+            yield _shingle_hashes_normalised(s, n)
+            produced = True
+            carry = s[-(n - 1):] if n > 1 else ""
+        else:
+            carry = s
+    if not produced and carry:
+        yield _shingle_hashes_normalised(carry, n)
+
+
+def _shingle_hashes_normalised(s: str, n: int) -> np.ndarray:
     if not s:
         return np.zeros(0, dtype=np.uint64)
     cps = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
@@ -88,7 +156,7 @@ def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
         h ^= h >> np.uint64(33)
         h *= np.uint64(0xC4CEB9FE1A85EC53)
         h ^= h >> np.uint64(33)
-    return np.unique(h & np.uint64(0xFFFFFFFF))
+    return h & np.uint64(0xFFFFFFFF)
 
 
 @lru_cache(maxsize=8)
@@ -99,14 +167,63 @@ def minhash_template(num_perm: int, seed: int) -> Any:
     return MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity, scheme="affine32")
 
 
-def minhash_signature(text: str, config: DedupConfig) -> np.ndarray:
-    """MinHash hash values (uint64 array of `num_perm`) of the text's character n-gram shingles
-    (datasketch MinHash with its affine32 permutations over `shingle_hashes`)."""
-    m = minhash_template(config.num_perm, config.seed).copy()  # permutations are drawn once per (num_perm, seed)
-    hv = shingle_hashes(text, config.ngram)
-    if hv.size:
-        m.update_batch(hv.tolist())
-    return m.hashvalues
+_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
+_MINHASH_BLOCK = 4096  # shingles per block: block × num_perm uint32 values (2 MB at 128 permutations)
+
+
+@lru_cache(maxsize=8)
+def _permutations32(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    a, b = minhash_template(num_perm, seed).permutations
+    return a.astype(np.uint32)[None, :], b.astype(np.uint32)[None, :]
+
+
+def minhash_signature(text: str, config: DedupConfig, pieces: Iterable[str] | None = None) -> np.ndarray:
+    """MinHash hash values (uint32 array of `num_perm`) of the text's character n-gram shingles: datasketch's
+    affine32 scheme (same permutations, same values as `MinHash.update_batch` over `shingle_hashes`), computed
+    block by block so memory stays bounded whatever the document's length. `pieces`: the text's
+    `iter_normalised_chunks`, when already computed."""
+    a, b = _permutations32(config.num_perm, config.seed)
+    sig = np.full(config.num_perm, np.uint32(0xFFFFFFFF), dtype=np.uint32)
+    s1, m1, s2, m2, s3 = _FMIX32
+    for hv in iter_shingle_hashes(text, config.ngram, pieces=pieces):
+        for k in range(0, hv.size, _MINHASH_BLOCK):
+            h = hv[k:k + _MINHASH_BLOCK].astype(np.uint32)
+            h ^= h >> s1
+            h *= m1
+            h ^= h >> s2
+            h *= m2
+            h ^= h >> s3
+            phv = h[:, None] * a + b  # uint32 arithmetic wraps: the modulo 2^32 of affine32
+            np.minimum(sig, phv.min(axis=0), out=sig)
+    return sig
+
+
+@lru_cache(maxsize=16)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's MinHashLSH picks for this threshold (equal FP/FN weights)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)  # type: ignore[no-any-return]
+
+
+@lru_cache(maxsize=8)
+def _band_weights(rows: int) -> np.ndarray:
+    w = np.ones(rows, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(rows - 2, -1, -1):
+            w[j] = w[j + 1] * _P
+    return w
+
+
+def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 per LSH band: a hash of the band's `rows` signature values (equal bands, equal hashes)."""
+    block = sig[:bands * rows].astype(np.uint64).reshape(bands, rows)
+    with np.errstate(over="ignore"):
+        h = (block * _band_weights(rows)).sum(axis=1, dtype=np.uint64)  # polynomial hash, wrapping mod 2^64
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+    return h
 
 
 def find_exact_duplicates(keys: Sequence[str], ids: Sequence[str]) -> dict[int, str]:

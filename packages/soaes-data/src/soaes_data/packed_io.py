@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from soaes_core import atomic_dir, read_manifest, sha256_bytes, write_manifest
+from soaes_core import atomic_dir, read_manifest, tokenizer_mismatch, write_manifest
 from soaes_core.errors import DataError, IntegrityError
+from soaes_core.manifest import MANIFEST_NAME
 
 from .packing import IGNORE_INDEX
 
@@ -25,14 +26,43 @@ REQUIRED_META = ("tokenizer_sha256", "chat_template", "max_length", "packed")
 REJECTS_NAME = "rejects.jsonl"
 
 
-def tokenizer_sha256(tokenizer: Any) -> str:
-    """Content hash of a tokenizer: vocabulary/merges/normaliser (fast backend JSON or vocab), special
-    tokens and chat template. Equal hashes mean identical token ids for identical text."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps({"special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-                        "chat_template": getattr(tokenizer, "chat_template", None)}, ensure_ascii=False)
-    return sha256_bytes((body + "\n" + extra).encode("utf-8"))
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_output_dir(out_dir: str | os.PathLike[str],
+                     inputs: Mapping[str, str | os.PathLike[str]] | None = None) -> Path:
+    """Refuse an output directory whose replacement could lose data; returns it resolved.
+
+    Writing replaces the whole directory, so it must be new, empty, or a previous `soaes-data pack` output
+    (its manifest says stage `pack` and lists every file in it); it must not be, or hold, an input or the
+    current directory. Raises `DataError` naming the directory and the reason.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise DataError("output exists and is not a directory", path=str(out_dir))
+    for p in (inputs or {}).values():
+        if _within(Path(p).resolve(), out):
+            raise DataError(f"output directory is, or contains, the input {p}; choose another directory",
+                            path=str(out_dir))
+    if _within(Path.cwd().resolve(), out):
+        raise DataError("output directory is, or contains, the current directory; give a new subdirectory "
+                        "(e.g. -o packed)", path=str(out_dir))
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("stage") != "pack" or "packed_dataset" not in manifest:
+        raise DataError("output directory is not empty and is not a previous `soaes-data pack` output "
+                        "(no pack manifest.json); refusing to replace it: choose a new or empty directory",
+                        path=str(out_dir))
+    ours = set(manifest.get("outputs") or {}) | {MANIFEST_NAME}
+    foreign = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_file() and p.relative_to(out).as_posix() not in ours)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise DataError(f"output directory holds file(s) that `soaes-data pack` did not write ({', '.join(foreign[:3])}"
+                        f"{more}); refusing to replace it: move them or choose another directory", path=str(out_dir))
+    return out
 
 
 def _schema() -> Any:
@@ -65,6 +95,7 @@ def write_packed_dataset(out_dir: str | os.PathLike[str], examples: Iterable[Map
     `meta` must hold `tokenizer_sha256`, `chat_template`, `max_length`, `packed` (more keys are kept).
     `rejects` (records dropped upstream, with a `reason`) go to `rejects.jsonl` beside the shards; both it
     and `counts` (a mapping, or a callable returning one) are read after `examples` is consumed.
+    `out_dir` is replaced as a whole, so `check_output_dir` must accept it (no foreign files, no input).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -73,7 +104,7 @@ def write_packed_dataset(out_dir: str | os.PathLike[str], examples: Iterable[Map
     if missing:
         raise DataError(f"packed dataset meta lacks {', '.join(missing)}", field=missing[0])
     max_length = int(meta["max_length"])
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, inputs)
     schema = _schema()
     totals = {"rows": 0, "tokens": 0, "supervised_tokens": 0, "sequences": 0}
     with atomic_dir(out_dir) as tmp:
@@ -134,8 +165,10 @@ def read_packed_dataset(path: str | os.PathLike[str], *, tokenizer: Any = None) 
 
     path = Path(path)
     meta = read_packed_meta(path)
-    if tokenizer is not None and tokenizer_sha256(tokenizer) != meta["tokenizer_sha256"]:
-        raise IntegrityError(f"{path}: packed with a different tokenizer (hash {meta['tokenizer_sha256'][:12]}…)")
+    # ids only: the rows are token ids, so a reloaded tokenizer class that normalises text differently still fits
+    problem = tokenizer_mismatch(meta["tokenizer_sha256"], tokenizer, ids_only=True) if tokenizer is not None else None
+    if problem:
+        raise IntegrityError(f"{path}: packed dataset {problem}")
     files = [path / s for s in meta["shards"]]
     lost = [str(f) for f in files if not f.is_file()]
     if lost:

@@ -1,58 +1,53 @@
-"""`soaes-data curate RECIPE.yaml`: a YAML recipe of curation stages over raw documents.
+"""`soaes-data curate RECIPE.yaml`: a YAML curation config compiled into datatrove pipelines.
 
-Each stage reads the previous stage's `docs.jsonl` and writes, atomically, `stages/NN_name/` with
-`docs.jsonl` (kept), `rejects.jsonl` (dropped, with reasons) and `manifest.json` (counts: in = kept +
-dropped, reasons, a fingerprint of its input and config). A re-run skips stages whose fingerprint is
-unchanged and whose outputs verify; an interrupted run resumes at the first unfinished stage.
+The stages (read, clean, pii, length, language, quality, dedup_exact, dedup_near, relevance, decontaminate)
+are datatrove `PipelineStep`s streamed one document at a time in each of `tasks` shards. A run is a chain of
+phases, each one datatrove executor run (`executor: local | slurm | ray`):
+
+    segment (tasks):  read or read-back → [dedup filters] → per-document stages → [dedup signatures] → shard
+    buckets (bucket files over ≤ tasks) → cluster (one task)      per dedup stage, between two segments
+    finalize (one task): stages/NN_name/{rejects.jsonl, manifest.json}, final/{docs.jsonl, docs.parquet, ...}
+
+Each phase lives in `work/PP_name/` (datatrove's logs, stats and completion markers, plus its outputs) with a
+fingerprint of its settings and of the phases before it: an unchanged phase is skipped, a killed run resumes
+at the first unfinished task, and a changed setting re-runs that phase and everything after it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import Counter
-from collections.abc import Callable, Iterator
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from soaes_core import (
-    Timer,
-    load_config,
-    progress,
-    read_manifest,
-    sha256_bytes,
-    sha256_file,
-    to_dict,
-    verify_outputs,
-    write_manifest,
-)
-from soaes_core.atomic import atomic_dir
+from soaes_core import load_config, read_manifest, sha256_bytes, to_dict, verify_outputs
+from soaes_core.atomic import remove_stale_temps
 from soaes_core.errors import ConfigError, DataError
 
 from . import __version__
-from .cleaning import CleanConfig, clean_text
-from .decontam import DecontamConfig, NgramIndex
-from .dedup import DedupConfig, exact_key, find_exact_duplicates, find_near_duplicates, minhash_signature
-from .filters import (
-    LanguageConfig,
-    LengthConfig,
-    PiiConfig,
-    QualityConfig,
-    RelevanceConfig,
-    check_language,
-    check_length,
-    check_quality,
-    mask_pii,
-    relevance_scorer,
+from .cleaning import CleanConfig
+from .decontam import DecontamConfig
+from .dedup import DedupConfig
+from .dedup_steps import (
+    DedupBuckets,
+    DedupCluster,
+    DedupSignature,
+    ExactDedupFilter,
+    NearDedupFilter,
+    dedup_layout,
 )
-from .readers import FieldMap, iter_documents
+from .executors import ExecutorKind, ensure_ray, make_executor, quiet_datatrove_logs
+from .filters import LanguageConfig, LengthConfig, PiiConfig, QualityConfig, RelevanceConfig
+from .finalize import FinalizeStep, StageOutputs
+from .readers import FieldMap
+from .steps import STAGE_REGISTRY, ReadStep, ShardReader, ShardWriter, list_input_files, plan_read_units
 
-STAGES = ("read", "clean", "pii", "length", "language", "quality", "dedup_exact", "dedup_near", "relevance",
-          "decontaminate")
-DEFAULT_STAGES = ["read", "clean", "pii", "length", "language", "quality", "dedup_exact", "dedup_near", "relevance"]
-Record = dict[str, Any]
-Result = tuple[Record | None, str | None]
+DEDUP_STAGES = {"dedup_exact": ("exact", ExactDedupFilter), "dedup_near": ("near", NearDedupFilter)}
+STAGES = ("read", *STAGE_REGISTRY, *DEDUP_STAGES)
+DEFAULT_STAGES = ["read", "clean", "pii", "length", "language", "quality", "dedup_exact", "dedup_near", "relevance",
+                  "decontaminate"]
 
 
 @dataclass
@@ -65,14 +60,20 @@ class ReadConfig:
 
 
 @dataclass
-class RecipeConfig:
-    """A curation recipe: inputs (files/dirs, relative to the recipe), output dir, stage order and settings."""
+class CurationConfig:
+    """A curation recipe: inputs (files/dirs, relative to the recipe), output dir, stage order, where it runs
+    (`executor`, `tasks` shards, `workers` at a time, `engine` options of that executor) and each stage's
+    settings. `decontaminate` runs only when it has benchmark data (eval files/dirs or fetched benchmarks)."""
 
     inputs: list[str]
     output_dir: str
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     on_error: Literal["raise", "skip"] = "skip"
-    num_proc: int = 1
+    executor: ExecutorKind = "local"
+    tasks: int = 1
+    workers: int = 1
+    engine: dict[str, Any] = field(default_factory=dict)
+    num_proc: int | None = None  # deprecated: sets `workers` (and `tasks`, when that is 1)
     output_format: Literal["jsonl", "parquet", "both"] = "both"
     read: ReadConfig = field(default_factory=ReadConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
@@ -83,33 +84,46 @@ class RecipeConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
     decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
+    options: dict[str, Any] = field(default_factory=dict)  # settings of plug-in stages, by stage name
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
+        known = ("read", *STAGE_REGISTRY, *DEDUP_STAGES)  # read now: plug-in stages register at import time
+        unknown = [s for s in self.stages if s not in known]
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+            raise ValueError(f"unknown stage(s) {unknown}; known: {', '.join(known)}")
         if not self.stages or self.stages[0] != "read":
             raise ValueError("stages must start with 'read'")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError("a stage is listed twice")
-        if self.num_proc < 1:
-            raise ValueError("num_proc must be >= 1")
+        if self.num_proc is not None:
+            if self.num_proc < 1:
+                raise ValueError("num_proc must be >= 1")
+            self.workers = self.num_proc
+            self.tasks = max(self.tasks, self.num_proc)
+            self.num_proc = None
+        if self.tasks < 1 or self.workers < 1:
+            raise ValueError("tasks and workers must be >= 1")
+        if self.executor not in ("local", "slurm", "ray"):
+            raise ValueError(f"executor must be local, slurm or ray, not {self.executor!r}")
         if not self.inputs:
             raise ValueError("inputs is empty")
 
 
 @dataclass
 class StageReport:
+    """One stage's outcome: counts (in, kept, dropped, dropped_by_reason), whether this run skipped it
+    (finished before, unchanged) and its folder."""
+
     name: str
     counts: dict[str, Any]
     skipped: bool
     dir: Path
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> RecipeConfig:
-    """Load a recipe; relative `inputs`, eval files and lexicon are resolved against the recipe's folder,
-    `output_dir` against the working directory."""
-    cfg = load_config(path, RecipeConfig, overrides)
+def load_curation_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> CurationConfig:
+    """Load a curation recipe; relative `inputs`, eval files/dirs and lexicon are resolved against the recipe's
+    folder, `output_dir` against the working directory."""
+    cfg = load_config(path, CurationConfig, overrides)
     base = Path(path).resolve().parent
 
     def res(p: str) -> str:
@@ -118,268 +132,239 @@ def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     cfg.inputs = [res(p) for p in cfg.inputs]
     cfg.output_dir = str(Path(cfg.output_dir).resolve())  # relative to the working directory
     cfg.decontaminate.eval_files = [res(p) for p in cfg.decontaminate.eval_files]
+    cfg.decontaminate.eval_dirs = [res(p) for p in cfg.decontaminate.eval_dirs]
     if cfg.relevance.lexicon:
         cfg.relevance.lexicon = res(cfg.relevance.lexicon)
     return cfg
 
 
-# ---- per-document stage functions (pure, picklable through datasets' dill) -------------------------------
-def _clean(cfg: CleanConfig) -> Callable[[Record], Result]:
-    def fn(rec: Record) -> Result:
-        text = clean_text(rec["text"], cfg)
-        if not text:
-            return None, "empty_after_cleaning"
-        return {**rec, "text": text}, None
-    return fn
-
-
-def _pii(cfg: PiiConfig) -> Callable[[Record], Result]:
-    def fn(rec: Record) -> Result:
-        text, counts = mask_pii(rec["text"], cfg)
-        meta = {**rec.get("meta", {}), "pii_masked": dict(counts)} if counts else rec.get("meta", {})
-        return {**rec, "text": text, "meta": meta}, None
-    return fn
-
-
-def _check(check: Callable[..., str | None], cfg: Any) -> Callable[[Record], Result]:
-    def fn(rec: Record) -> Result:
-        reason = check(rec["text"], cfg)
-        return (None, reason) if reason else (rec, None)
-    return fn
-
-
-def _relevance(cfg: RelevanceConfig) -> Callable[[Record], Result]:
-    scorer = relevance_scorer(cfg)
-
-    def fn(rec: Record) -> Result:
-        score = float(scorer(rec["text"]))
-        out = {**rec, "meta": {**rec.get("meta", {}), "relevance": round(score, 4)}}
-        return (None, f"relevance:<{cfg.min_score}") if score < cfg.min_score else (out, None)
-    return fn
-
-
-def map_records(records: list[Record], fn: Callable[[Record], Result], num_proc: int,
-                desc: str) -> list[Result]:
-    """Apply `fn` to every record, in order; with num_proc > 1 through `datasets.map` worker processes."""
-    if num_proc <= 1 or len(records) < 1000:
-        return [fn(r) for r in progress(records, desc=desc, unit="doc")]
-    import datasets
-
-    ds = datasets.Dataset.from_dict({"rec": [json.dumps(r, ensure_ascii=False) for r in records]})
-
-    def batch(b: dict[str, list[str]]) -> dict[str, list[str]]:
-        return {"out": [json.dumps(fn(json.loads(x)), ensure_ascii=False) for x in b["rec"]]}
-
-    from soaes_core.progress import progress_enabled
-
-    bars = datasets.utils.logging.is_progress_bar_enabled()
-    if not progress_enabled():
-        datasets.disable_progress_bars()  # honour SOAES_PROGRESS=0 for datasets' own bars too
-    try:
-        out = ds.map(batch, batched=True, batch_size=500, num_proc=num_proc, remove_columns=["rec"], desc=desc,
-                     load_from_cache_file=False, keep_in_memory=True)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    return [tuple(json.loads(x)) for x in out["out"]]  # type: ignore[misc]
-
-
-# ---- the runner -------------------------------------------------------------------------------------------
-def _read_docs(path: Path) -> list[Record]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def _write_lines(path: Path, rows: Iterator[Record] | list[Record]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-
-
-def _reject(rec: Record, stage: str, reason: str) -> Record:
-    return {"stage": stage, "reason": reason, "id": rec.get("id"), "source": rec.get("source"),
-            "line": rec.get("meta", {}).get("line"), "text": rec.get("text", "")[:200]}
-
-
-def _input_fingerprint(cfg: RecipeConfig) -> dict[str, str]:
-    files: dict[str, str] = {}
+def check_output_location(cfg: CurationConfig) -> None:
+    """Refuse an output folder inside an input folder (a later run would read its own outputs back as
+    documents) or an input inside the output folder (a run may replace it)."""
+    out = Path(cfg.output_dir).resolve()
     for p in cfg.inputs:
-        path = Path(p)
-        if not path.exists():
-            raise DataError("no such file or directory", path=str(path))
-        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if f.is_file() and not any(part.startswith(".") for part in f.parts[len(path.parts):]):
-                files[str(f)] = sha256_file(f)
+        ip = Path(p).resolve()
+        if ip == out or (ip.is_dir() and ip in out.parents):
+            raise ConfigError(f"output_dir {out} is inside input {ip}: the next run would read its own outputs "
+                              "as documents; choose an output_dir outside the inputs")
+        if out in ip.parents:
+            raise ConfigError(f"input {ip} is inside output_dir {out}; choose an output_dir that holds no input")
+
+
+# ---- planning: the recipe as a chain of datatrove phases -------------------------------------------------------
+@dataclass
+class Phase:
+    """One executor run: its folder, number of tasks, pipeline steps, the stages it does work for, and the
+    settings its fingerprint covers."""
+
+    name: str
+    dir: Path
+    tasks: int
+    steps: list[Any]
+    stages: list[str]
+    spec: dict[str, Any]
+
+
+def effective_stages(cfg: CurationConfig) -> list[str]:
+    """The stages that run: `decontaminate` only when there is benchmark data to check against."""
+    return [s for s in cfg.stages if s != "decontaminate" or cfg.decontaminate.has_sources()]
+
+
+def stage_config(cfg: CurationConfig, name: str) -> Any:
+    if name in DEDUP_STAGES:
+        return cfg.dedup
+    if name == "read":
+        return cfg.read
+    if hasattr(cfg, name) and name != "options":
+        return getattr(cfg, name)
+    return cfg.options.get(name, {})
+
+
+def _files_fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:
+    """(path, size, modification time) of each file: a changed input re-runs the phases it feeds (cheap for
+    any corpus size, unlike hashing the contents)."""
+    return [(str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
+
+
+def _benchmark_files(cfg: DecontamConfig) -> list[Path]:
+    files = [Path(f) for f in cfg.eval_files]
+    for d in cfg.benchmark_dirs().values():
+        files += sorted(f for f in Path(d).rglob("*") if f.is_file())
     return files
 
 
-def _stage_config(cfg: RecipeConfig, name: str) -> Any:
-    key = {"dedup_exact": "dedup", "dedup_near": "dedup"}.get(name, name)
-    return to_dict(getattr(cfg, key))
+def plan_curation(cfg: CurationConfig) -> list[Phase]:
+    """Compile the recipe into phases (see the module docstring)."""
+    out = Path(cfg.output_dir)
+    work = out / "work"
+    stages = effective_stages(cfg)
+    labels = [f"{k:02d}_{name}" for k, name in enumerate(stages)]
+    files = list_input_files(cfg.inputs)
+    tasks = cfg.tasks
+    phases: list[Phase] = []
+    stage_parts: dict[str, tuple[str, int, dict[str, str]]] = {}
 
+    def phase_dir(name: str) -> Path:
+        return work / f"{len(phases):02d}_{name}"
 
-def run_stage(name: str, cfg: RecipeConfig, docs: list[Record]) -> tuple[list[Record], list[Record],
-                                                                          dict[str, Any]]:
-    """Run one non-read stage over `docs`; returns (kept, rejects, extra outputs to write)."""
-    kept: list[Record] = []
-    rejects: list[Record] = []
-    extra: dict[str, Any] = {}
-    fns: dict[str, Callable[[], Callable[[Record], Result]]] = {
-        "clean": lambda: _clean(cfg.clean), "pii": lambda: _pii(cfg.pii),
-        "length": lambda: _check(check_length, cfg.length), "language": lambda: _check(check_language, cfg.language),
-        "quality": lambda: _check(check_quality, cfg.quality), "relevance": lambda: _relevance(cfg.relevance)}
-    if name in fns:
-        # length and language checks cost less than shipping records to worker processes: run them here
-        num_proc = 1 if name in ("length", "language") and not cfg.language.detector else cfg.num_proc
-        for rec, (out, reason) in zip(docs, map_records(docs, fns[name](), num_proc, name), strict=True):
-            if out is None:
-                rejects.append(_reject(rec, name, reason or "dropped"))
-            else:
-                kept.append(out)
-    elif name == "dedup_exact":
-        keys = [exact_key(r["text"]) for r in progress(docs, desc="dedup_exact", unit="doc")]
-        dup = find_exact_duplicates(keys, [r["id"] for r in docs])
-        clusters: dict[str, list[str]] = {}
-        for i, rec in enumerate(docs):
-            if i in dup:
-                rejects.append(_reject(rec, name, f"exact_duplicate_of:{dup[i]}"))
-                clusters.setdefault(dup[i], []).append(rec["id"])
-            else:
-                kept.append(rec)
-        extra["clusters.json"] = clusters
-    elif name == "dedup_near":
-        sig_fn = _signature(cfg.dedup)
-        sigs = [x[0]["sig"] for x in map_records(docs, sig_fn, cfg.num_proc, "minhash")]  # type: ignore[index]
-        import numpy as np
-
-        clusters = {}
-        pairs = find_near_duplicates((np.asarray(s, dtype=np.uint64) for s in sigs), [r["id"] for r in docs],
-                                     cfg.dedup)
-        for (_i, kept_key, sim), rec in zip(pairs, docs, strict=True):
-            if kept_key is None:
-                kept.append(rec)
-                continue
-            kept_id = kept_key.split(":", 1)[1]
-            rejects.append({**_reject(rec, name, f"near_duplicate_of:{kept_id}"), "similarity": round(sim, 4)})
-            clusters.setdefault(kept_id, []).append(rec["id"])
-        extra["clusters.json"] = clusters
-    elif name == "decontaminate":
-        index = NgramIndex(cfg.decontaminate.eval_files, cfg.decontaminate.ngram)
-        overlaps = []
-        for rec in progress(docs, desc="decontaminate", unit="doc"):
-            found = index.overlaps(rec["text"])
-            total = sum(o.count for o in found)
-            if total >= cfg.decontaminate.min_overlaps:
-                rejects.append(_reject(rec, name, f"contaminated:{Path(found[0].eval_file).name}"))
-                overlaps += [{"id": rec["id"], "eval_file": o.eval_file, "eval_item": o.eval_item,
-                              "ngrams": o.count, "example": o.example} for o in found]
-            else:
-                kept.append(rec)
-        extra["overlaps.jsonl"] = overlaps
-    else:  # pragma: no cover - guarded by RecipeConfig
-        raise ConfigError(f"unknown stage {name}")
-    return kept, rejects, extra
-
-
-def _signature(dcfg: DedupConfig) -> Callable[[Record], Result]:
-    def fn(rec: Record) -> Result:
-        return {"sig": [int(x) for x in minhash_signature(rec["text"], dcfg)]}, None
-    return fn
-
-
-def _read_stage(cfg: RecipeConfig) -> tuple[list[Record], list[Record]]:
+    seg_dir = phase_dir("segment")
     fields = FieldMap(cfg.read.text_field, cfg.read.id_field, tuple(cfg.read.meta_fields))
-    kept: list[Record] = []
-    rejects: list[Record] = []
-    seen: Counter[str] = Counter()
-    for item in progress(iter_documents(list(cfg.inputs), fields, cfg.on_error), desc="read", unit="doc"):
-        if isinstance(item, DataError):
-            rejects.append({"stage": "read", "reason": str(item), "id": None, "source": item.path, "line": item.line})
-        else:
-            seen[item.id] += 1
-            if seen[item.id] > 1:  # identical content: keep ids unique (and stable) by occurrence number
-                item.id = f"{item.id}-{seen[item.id]}"
-            kept.append(item.to_dict())
-    return kept, rejects
+    steps: list[Any] = [ReadStep(plan_read_units(files, tasks), fields, cfg.on_error, str(seg_dir / "parts"))]
+    seg_stages = [labels[0]]
+    spec: dict[str, Any] = {"inputs": _files_fingerprint([Path(f.path) for f in files]), "read": to_dict(cfg.read),
+                            "on_error": cfg.on_error}
+    stage_parts[labels[0]] = (str(seg_dir / "parts" / labels[0]), tasks, {})
+    k = 1
+    while k < len(stages):
+        name, label = stages[k], labels[k]
+        if name in DEDUP_STAGES:
+            # consecutive dedup stages share one signature pass (one normalisation of each text); the later
+            # one ignores what the earlier one removed, as if it ran on its output
+            group = [k]
+            while group[-1] + 1 < len(stages) and stages[group[-1] + 1] in DEDUP_STAGES:
+                group.append(group[-1] + 1)
+            kinds = [DEDUP_STAGES[stages[j]][0] for j in group]
+            sig_dir = seg_dir / "dedup"
+            steps += [DedupSignature(kinds, cfg.dedup, str(sig_dir)), ShardWriter(str(seg_dir / "docs"))]
+            phases.append(Phase(seg_dir.name, seg_dir, tasks, steps, seg_stages,
+                                {**spec, "dedup": to_dict(cfg.dedup), "kinds": kinds}))
+            clusters: list[Path] = []
+            for j, kind in zip(group, kinds, strict=True):
+                n_files = dedup_layout(kind, cfg.dedup)[2]
+                bdir = phase_dir(f"{stages[j]}_buckets")
+                buckets = DedupBuckets(kind, cfg.dedup, str(sig_dir), str(bdir),
+                                       exclude=str(clusters[-1]) if clusters else None)
+                phases.append(Phase(bdir.name, bdir, min(n_files, tasks), [buckets], [labels[j]],
+                                    {"dedup": to_dict(cfg.dedup)}))
+                cdir = phase_dir(f"{stages[j]}_cluster")
+                phases.append(Phase(cdir.name, cdir, 1, [DedupCluster(kind, str(sig_dir), str(bdir), str(cdir), tasks)],
+                                    [labels[j]], {}))
+                clusters.append(cdir)
+            prev_docs = seg_dir / "docs"
+            seg_dir = phase_dir("segment")
+            steps = [ShardReader(str(prev_docs))]
+            seg_stages, spec = [], {}
+            for j, cdir in zip(group, clusters, strict=True):
+                steps.append(DEDUP_STAGES[stages[j]][1](j, cfg.dedup, str(seg_dir / "parts"), str(cdir)))
+                seg_stages.append(labels[j])
+                spec[labels[j]] = to_dict(cfg.dedup)
+                stage_parts[labels[j]] = (str(seg_dir / "parts" / labels[j]), tasks,
+                                          {"clusters.json": str(cdir / "clusters.json")})
+            k = group[-1] + 1
+            continue
+        conf = stage_config(cfg, name)
+        steps.append(STAGE_REGISTRY[name](k, conf, str(seg_dir / "parts")))
+        seg_stages.append(label)
+        spec[label] = to_dict(conf)
+        extra = {}
+        if name == "decontaminate":
+            part = str(seg_dir / "parts" / label)
+            extra = {"overlaps.jsonl": part, "decontamination.json": part}
+            spec["benchmarks"] = _files_fingerprint(_benchmark_files(cfg.decontaminate))
+        stage_parts[label] = (str(seg_dir / "parts" / label), tasks, extra)
+        k += 1
+    steps.append(ShardWriter(str(seg_dir / "docs")))
+    phases.append(Phase(seg_dir.name, seg_dir, tasks, steps, seg_stages, spec))
+    fdir = phase_dir("finalize")
+    outputs = [StageOutputs(label, parts, n, extra, to_dict(stage_config(cfg, label.split("_", 1)[1])))
+               for label, (parts, n, extra) in stage_parts.items()]
+    final = FinalizeStep(str(out), outputs, str(seg_dir / "docs"), tasks, cfg.output_format, list(cfg.inputs),
+                         to_dict(cfg))
+    phases.append(Phase(fdir.name, fdir, 1, [final], list(labels),
+                        {"output_format": cfg.output_format, "stages": labels}))
+    return phases
 
 
-def _is_done(stage_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    manifest = read_manifest(stage_dir)
-    if manifest is None or manifest.get("fingerprint") != fingerprint or verify_outputs(stage_dir):
-        return None
-    return manifest
+# ---- running -----------------------------------------------------------------------------------------------------
+def _fingerprints(phases: list[Phase]) -> list[str]:
+    fps, prev = [], ""
+    for ph in phases:
+        prev = sha256_bytes(json.dumps({"prev": prev, "name": ph.name, "tasks": ph.tasks, "spec": ph.spec,
+                                        "version": __version__}, sort_keys=True, default=str).encode())
+        fps.append(prev)
+    return fps
 
 
-def run_recipe(cfg: RecipeConfig, force: bool = False) -> list[StageReport]:
-    """Run the recipe's stages in order, skipping finished ones; writes `final/` and a run manifest."""
+def _prepare(phase: Phase, fp: str, force: bool) -> bool:
+    """Clear the phase's folder when its fingerprint changed (or `force`); True when all its tasks had
+    finished before."""
+    marker = phase.dir / "fingerprint.json"
+    same = marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") == fp
+    if force or not same:
+        shutil.rmtree(phase.dir, ignore_errors=True)
+        phase.dir.mkdir(parents=True)
+        marker.write_text(json.dumps({"fingerprint": fp, "phase": phase.name}), encoding="utf-8")
+        return False
+    return all((phase.dir / "completions" / f"{r:05d}").is_file() for r in range(phase.tasks))
+
+
+def _final_intact(out: Path, labels: list[str]) -> bool:
+    dirs = [out / "final", *(out / "stages" / label for label in labels)]
+    return all(read_manifest(d) is not None and not verify_outputs(d) for d in dirs)
+
+
+def run_curation(cfg: CurationConfig, force: bool = False) -> list[StageReport]:
+    """Run the curation recipe with its executor; returns one report per stage (for `executor: slurm`, the
+    jobs are submitted and an empty list is returned: `work/slurm_jobs.json` lists them)."""
+    check_output_location(cfg)
+    phases = plan_curation(cfg)  # before creating anything: a missing input is one clear error
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reports: list[StageReport] = []
-    prev_fp = sha256_bytes(json.dumps(_input_fingerprint(cfg), sort_keys=True).encode())
-    prev_docs_path: Path | None = None
-    timer = Timer()
-    for k, name in enumerate(cfg.stages):
-        stage_dir = out / "stages" / f"{k:02d}_{name}"
-        conf = {"inputs": cfg.inputs, "read": to_dict(cfg.read), "on_error": cfg.on_error} if name == "read" \
-            else _stage_config(cfg, name)
-        fp = sha256_bytes(json.dumps({"stage": name, "config": conf, "input": prev_fp, "version": __version__},
-                                     sort_keys=True, default=str).encode())
-        done = None if force else _is_done(stage_dir, fp)
-        if done is None:
-            with timer(name):
-                if name == "read":
-                    kept, rejects = _read_stage(cfg)
-                    extra: dict[str, Any] = {}
-                    n_in = len(kept) + len(rejects)
-                else:
-                    assert prev_docs_path is not None
-                    docs = _read_docs(prev_docs_path)
-                    n_in = len(docs)
-                    kept, rejects, extra = run_stage(name, cfg, docs)
-                    del docs
-            if n_in != len(kept) + len(rejects):
-                raise DataError(f"stage {name} lost records: in {n_in} != kept {len(kept)} + dropped {len(rejects)}")
-            counts = {"in": n_in, "kept": len(kept), "dropped": len(rejects),
-                      "dropped_by_reason": dict(Counter(r["reason"].split(":")[0] if name != "read" else "read_error"
-                                                        for r in rejects))}
-            with atomic_dir(stage_dir) as tmp:
-                _write_lines(tmp / "docs.jsonl", kept)
-                _write_lines(tmp / "rejects.jsonl", rejects)
-                for fname, obj in extra.items():
-                    if fname.endswith(".jsonl"):
-                        _write_lines(tmp / fname, obj)
-                    else:
-                        (tmp / fname).write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-                write_manifest(tmp, f"curate:{name}", inputs={"docs": prev_docs_path} if prev_docs_path else
-                               {f"input{i}": p for i, p in enumerate(cfg.inputs)}, config=None, counts=counts,
-                               timings={name: timer.timings.get(name, 0.0)},
-                               extra={"fingerprint": fp, "stage_config": conf})
-            reports.append(StageReport(name, counts, False, stage_dir))
-        else:
-            reports.append(StageReport(name, done["counts"], True, stage_dir))
-        prev_fp, prev_docs_path = fp, stage_dir / "docs.jsonl"
-    assert prev_docs_path is not None
-    _write_final(cfg, out, prev_docs_path, reports)
+    # temps a killed earlier run left (stages/.01_clean.p<pid>-….tmp, .final.….tmp); a live run's are kept
+    if (out / "stages").is_dir():
+        remove_stale_temps(out / "stages")
+    if (out / "work").is_dir():  # shard/report temps of killed tasks (work/PP_phase/…/.00003.jsonl.p<pid>-….tmp)
+        for d in [out / "work", *(p for p in (out / "work").rglob("*") if p.is_dir())]:
+            remove_stale_temps(d)
+    for target in ("final", "manifest.json"):
+        remove_stale_temps(out, target=target)
+    fps = _fingerprints(phases)
+    quiet_datatrove_logs(os.environ.get("SOAES_DATATROVE_LOG_LEVEL", "CRITICAL"))  # failures raise here
+    labels = phases[-1].stages
+    stale = False
+    done_before: dict[str, bool] = {}
+    for ph, fp in zip(phases, fps, strict=True):
+        done = _prepare(ph, fp, force or stale)
+        if ph is phases[-1] and done and not _final_intact(out, labels):
+            done = _prepare(ph, fp, True)
+        stale = stale or not done
+        done_before[ph.name] = done
+    if cfg.executor == "slurm":
+        _submit_slurm(cfg, phases, out)
+        return []
+    stop = ensure_ray(cfg.engine) if cfg.executor == "ray" else (lambda: None)
+    try:
+        for ph in phases:
+            if done_before[ph.name]:
+                continue
+            executor = make_executor(cfg.executor, ph.steps, tasks=ph.tasks, workers=cfg.workers, logging_dir=ph.dir,
+                                     engine=cfg.engine, job_name=f"curate-{ph.name}")
+            executor.run()
+            failed = [r for r in range(ph.tasks) if not (ph.dir / "completions" / f"{r:05d}").is_file()]
+            if failed:
+                raise DataError(f"curation phase {ph.name}: task(s) {failed} did not finish; see "
+                                f"{ph.dir / 'logs'}; re-run to resume")
+    finally:
+        stop()
+    reports = []
+    for label in labels:
+        manifest = read_manifest(out / "stages" / label) or {}
+        skipped = all(done_before[ph.name] for ph in phases[:-1] if label in ph.stages)  # finalize merges all
+        reports.append(StageReport(label.split("_", 1)[1], manifest.get("counts", {}), skipped,
+                                   out / "stages" / label))
     return reports
 
 
-def _write_final(cfg: RecipeConfig, out: Path, docs_path: Path, reports: list[StageReport]) -> None:
-    docs = _read_docs(docs_path)
-    with atomic_dir(out / "final") as tmp:
-        if cfg.output_format in ("jsonl", "both"):
-            _write_lines(tmp / "docs.jsonl", docs)
-        if cfg.output_format in ("parquet", "both"):
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            table = pa.table({"id": [d["id"] for d in docs], "source": [d["source"] for d in docs],
-                              "text": [d["text"] for d in docs],
-                              "meta": [json.dumps(d.get("meta", {}), ensure_ascii=False) for d in docs]})
-            pq.write_table(table, tmp / "docs.parquet", compression="zstd")
-        _write_lines(tmp / "rejects.jsonl", (r for rep in reports
-                                              for r in _read_docs(rep.dir / "rejects.jsonl")))
-        stages = [{"name": r.name, "skipped": r.skipped, **r.counts} for r in reports]
-        write_manifest(tmp, "curate", inputs={f"input{i}": p for i, p in enumerate(cfg.inputs)}, config=cfg,
-                       counts={"in": reports[0].counts["in"], "kept": len(docs),
-                               "dropped": sum(r.counts["dropped"] for r in reports)},
-                       extra={"stages": stages})
+def _submit_slurm(cfg: CurationConfig, phases: list[Phase], out: Path) -> None:
+    """One Slurm job array per phase, each depending on the one before (datatrove's `depends`)."""
+    prev = None
+    executors = []
+    for ph in phases:
+        prev = make_executor("slurm", ph.steps, tasks=ph.tasks, workers=cfg.workers, logging_dir=ph.dir,
+                             engine=cfg.engine, job_name=f"curate-{ph.name}", depends=prev)
+        executors.append(prev)
+    assert prev is not None
+    prev.run()
+    jobs = [{"phase": ph.name, "job_id": ex.job_id, "launch_script": str(ph.dir / "launch_script.slurm")}
+            for ph, ex in zip(phases, executors, strict=True)]
+    (out / "work" / "slurm_jobs.json").write_text(json.dumps(jobs, indent=1), encoding="utf-8")

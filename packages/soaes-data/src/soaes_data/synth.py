@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from soaes_core import atomic_write_text, progress
+from soaes_core import atomic_write_text, encode_chat_prompt, progress
 from soaes_core.errors import DataError, SoaesError
 
 from .dedup import exact_key
@@ -63,9 +63,7 @@ class LocalHFGenerator:
 
         out = []
         for conv in conversations:
-            ids = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
-                                                     return_tensors="pt", return_dict=True)["input_ids"]
-            ids = ids.to(self.model.device)
+            ids = torch.tensor([encode_chat_prompt(self.tokenizer, conv)], device=self.model.device)
             torch.manual_seed(self.seed)
             kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
                                       "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}

@@ -1,3 +1,3 @@
 """soaes-distill: Offline teacher logits, KD losses and trainer, and draft-model training methods."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -8,19 +8,24 @@ from pathlib import Path
 import click
 
 from soaes_core import DEFAULT_MODEL, load_config, read_jsonl, write_jsonl
+from soaes_core.cli_options import KeysHelpCommand, build_config
 from soaes_core.clitools import SoaesGroup, setup_logging
 
 from . import __version__
 
 
-def _overrides(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
-        out[key] = value
-    return out
+def _recipe_keys() -> list[tuple[str, type, str, tuple[str, ...]]]:
+    """The keys `train --set` accepts, for its --help (imported only when help is shown)."""
+    from .recipe import DistillRecipe
+
+    return [("Recipe keys (--set KEY=VALUE)", DistillRecipe, "", ())]
+
+
+def _experiment_keys() -> list[tuple[str, type, str, tuple[str, ...]]]:
+    """The keys `experiment --set` accepts, for its --help."""
+    from .experiment import ExperimentConfig
+
+    return [("Experiment keys (--set KEY=VALUE)", ExperimentConfig, "", ())]
 
 
 @click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,14 +103,15 @@ def make_draft_cmd(target: str, out_dir: str, layers: int, head_tokens: int, dom
     click.echo(f"draft written to {out}")
 
 
-@main.command()
+@main.command(cls=KeysHelpCommand, set_keys=_recipe_keys)
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "sets", multiple=True, help="override a recipe field, e.g. --set kd.alpha=0.8")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a recipe field, e.g. --set kd.alpha=0.8 (keys below)")
 def train(recipe: str, sets: tuple[str, ...]) -> None:
     """Distil a draft as RECIPE.yaml says (offline logits or online teacher)."""
     from .recipe import DistillRecipe, run_distill
 
-    cfg = load_config(recipe, DistillRecipe, _overrides(sets))
+    cfg = build_config(DistillRecipe, recipe, sets=sets)
     res = run_distill(cfg)
     click.echo(f"draft saved to {res.model_dir} after {len(res.kd_history)} steps ({res.train_seconds:.0f}s)")
     if res.metrics:
@@ -121,9 +127,8 @@ def train(recipe: str, sets: tuple[str, ...]) -> None:
 @click.option("--system", default=None, help="system prompt")
 def blackbox(target: str, prompts_path: str, out_path: str, max_new_tokens: int, system: str | None) -> None:
     """Black-box distillation data: the target's greedy answers to a prompt set."""
-    from soaes_core import load_model, load_tokenizer
+    from soaes_core import load_model, load_tokenizer, read_prompts
 
-    from .experiment import read_prompts
     from .synth import blackbox_sft_records
 
     prompts = read_prompts(Path(prompts_path))
@@ -167,10 +172,10 @@ def domain_queries(corpus: tuple[str, ...], held_out_path: str | None, out_path:
                    num_terms: int, seed: int) -> None:
     """Domain prompts from CORPUS JSONL files (`text` or chat `messages`): templates filled with domain terms
     plus passage instructions, deduplicated and decontaminated; drops go to OUT.rejects.jsonl."""
+    from soaes_core import read_prompts
     from soaes_data.records import record_text
 
     from .domain_queries import DomainQueryConfig, build_domain_queries
-    from .experiment import read_prompts
 
     texts = [record_text(r) for path in corpus for r in read_jsonl(path)]
     held = [p["prompt"] for p in read_prompts(Path(held_out_path))] if held_out_path else []
@@ -198,29 +203,22 @@ def estimate(target: str, draft_spec: str, data_path: str, top_p: float) -> None
     ds = KDDataset(load_token_examples(data_path))
     coll = KDCollator()
     batches = [coll([ds[j] for j in range(i, min(i + 8, len(ds)))]) for i in range(0, len(ds), 8)]
-    est = estimate_acceptance(load_model(target), load_draft(draft_spec), batches, top_p=top_p)
+    est = estimate_acceptance(load_model(target), load_draft(draft_spec, target=target), batches, top_p=top_p)
     click.echo(json.dumps(est.as_metrics(), indent=2))
 
 
-@main.command()
+@main.command(cls=KeysHelpCommand, set_keys=_experiment_keys)
 @click.option("--out", "out_dir", default="runs/distill-experiment", show_default=True)
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML ExperimentConfig (sizes of the run)")
-@click.option("--set", "sets", multiple=True, help="override a field, e.g. --set steps=40 --set grid=false")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a field, e.g. --set steps=40 --set grid=false (keys below)")
 @click.option("--quick", is_flag=True, help="tiny smoke run (few prompts, few steps)")
 def experiment(out_dir: str, config_path: str | None, sets: tuple[str, ...], quick: bool) -> None:
     """The draft-training experiment (benchmark): acceptance and speedup of each method."""
-    from soaes_core import from_dict
-
     from .experiment import ExperimentConfig, run_experiment
 
-    over = {"output_dir": out_dir, **_overrides(sets)}
-    if config_path:
-        cfg = load_config(config_path, ExperimentConfig, over)
-    else:
-        from soaes_core.config import apply_overrides
-
-        cfg = from_dict(ExperimentConfig, apply_overrides({}, over), source="--set")
+    cfg = build_config(ExperimentConfig, config_path, {"output_dir": out_dir}, sets)
     if quick:
         cfg = cfg.quick()
     report = run_experiment(cfg)

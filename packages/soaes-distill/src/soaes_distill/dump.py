@@ -20,12 +20,21 @@ from typing import Any
 
 import torch
 
-from soaes_core import DEFAULT_MODEL, load_model, load_tokenizer, progress_bar, sha256_file, write_manifest
+from soaes_core import (
+    DEFAULT_MODEL,
+    load_model,
+    load_tokenizer,
+    progress_bar,
+    sha256_file,
+    tokenizer_fingerprint,
+    write_manifest,
+)
+from soaes_core.atomic import remove_stale_temps
 from soaes_core.errors import IntegrityError, InvalidArgumentError
 
 from .losses import sample_tail_ids
 from .store import CaptureSettings, read_state, settings_mismatch, write_shard, write_state
-from .token_data import TokenExample, dataset_sha256, load_token_examples, tokenizer_sha256
+from .token_data import TokenExample, dataset_sha256, load_token_examples
 
 log = logging.getLogger(__name__)
 TAIL_SEED = 20250601  # fixed: the tail samples of an example depend only on its id and its logits
@@ -160,8 +169,10 @@ def run_dump(config: DumpConfig, model: Any = None, tokenizer: Any = None,
     """
     if not config.dataset or not config.output_dir:
         raise InvalidArgumentError("dump needs both dataset and output_dir")
+    examples = load_token_examples(config.dataset)  # bad data fails fast, before a model is loaded
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # half-written shards of a killed dump (up to a shard each); a live dump's are kept
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model)
     if model is None:
@@ -171,14 +182,16 @@ def run_dump(config: DumpConfig, model: Any = None, tokenizer: Any = None,
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if config.top_k > vocab:
         raise InvalidArgumentError(f"top-k k={config.top_k} exceeds the teacher's vocabulary size {vocab}")
-    examples = load_token_examples(config.dataset)
-    bad = [ex.example_id for ex in examples if max(ex.input_ids) >= vocab]
+    bad = [ex.example_id for ex in examples if not 0 <= min(ex.input_ids) <= max(ex.input_ids) < vocab]
     if bad:
-        raise InvalidArgumentError(f"{config.dataset}: example {bad[0]} has token ids ≥ the teacher's vocabulary "
-                                   f"size {vocab} (tokenized with another tokenizer?)")
+        raise InvalidArgumentError(f"{config.dataset}: example {bad[0]} has token ids outside the teacher's "
+                                   f"vocabulary [0, {vocab}) (tokenized with another tokenizer?)")
     settings = CaptureSettings(
         model=config.model if isinstance(config.model, str) else str(config.model),
-        model_fingerprint=model_fingerprint(model), tokenizer_sha256=tokenizer_sha256(tokenizer),
+        model_fingerprint=model_fingerprint(model),
+        # ids only: the store holds logits over token ids of a pre-tokenized dataset; a student whose tokenizer
+        # class re-tokenizes text differently (e.g. a Qwen2 folder of the same vocabulary) still shares them
+        tokenizer_sha256=tokenizer_fingerprint(tokenizer, ids_only=True),
         dataset_sha256=dataset_sha256(config.dataset), vocab_size=vocab, top_k=config.top_k, dtype=config.dtype,
         temperatures=list(config.temperatures), compression=config.compression,
         examples_per_shard=config.examples_per_shard, tail_samples=config.tail_samples,

@@ -29,15 +29,16 @@ from soaes_core import (
     DEFAULT_MODEL,
     atomic_write_json,
     atomic_write_text,
+    encode_chat_prompt,
     load_model,
     load_tokenizer,
     read_jsonl,
+    read_prompts,
     seed_everything,
     write_jsonl,
 )
-from soaes_core.errors import DataError
 from soaes_data.samples import sample_path
-from soaes_specdec.decoding import SpeculativeDecoder, autoregressive_generate
+from soaes_specdec.decoding import SpecStats, SpeculativeDecoder, autoregressive_generate
 from soaes_specdec.draft import make_layer_draft
 from soaes_train.config import TrainConfig
 from soaes_train.trainer import build_training_arguments
@@ -51,7 +52,6 @@ from .synth import (
     MagpieResult,
     QueryFilter,
     blackbox_sft_records,
-    chat_prompt_ids,
     chat_records_to_examples,
     end_of_turn_ids,
     magpie_generate,
@@ -107,21 +107,6 @@ class ExperimentReport:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def read_prompts(path: Path) -> list[dict[str, Any]]:
-    """`{"id", "prompt"}` from JSONL rows with `prompt` or chat `messages` (first user turn)."""
-    out = []
-    for i, rec in enumerate(read_jsonl(path)):
-        if isinstance(rec.get("prompt"), str):
-            prompt = rec["prompt"]
-        else:
-            users = [m.get("content") for m in rec.get("messages") or [] if m.get("role") == "user"]
-            if not users or not isinstance(users[0], str):
-                raise DataError("row has neither `prompt` nor a user message", path=str(path), line=i + 1)
-            prompt = users[0]
-        out.append({"id": rec.get("id", i), "prompt": prompt})
-    return out
-
-
 def sample_prompts(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train prompts, held-out prompts): pool prompts with every 4th held out, plus article prompts."""
     pool = read_prompts(sample_path("sft/expert_pool.jsonl")) + read_prompts(sample_path("sft/dialog_pool.jsonl"))
@@ -162,10 +147,9 @@ def _estimate(target_logits: list[torch.Tensor], draft: Any, eval_examples: list
 def _speed(target: Any, draft: Any | None, prompts: list[list[int]], new_tokens: int, eos: list[int],
            do_sample: bool) -> dict[str, float]:
     """Tokens/s and acceptance over `prompts` (batch 1 each, like a latency benchmark)."""
-    proposed = accepted = tokens = 0
-    wall = 0.0
     gen = torch.Generator().manual_seed(1234)
     kwargs = {"do_sample": do_sample, "top_p": 0.7 if do_sample else 1.0, "eos_token_id": eos, "generator": gen}
+    runs = []
     for p in prompts:
         ids = torch.tensor([p])
         if draft is None:
@@ -173,12 +157,10 @@ def _speed(target: Any, draft: Any | None, prompts: list[list[int]], new_tokens:
         else:
             out = SpeculativeDecoder(target, draft, num_speculative_tokens=3).generate(ids, max_new_tokens=new_tokens,
                                                                                        **kwargs)
-        proposed += out.stats.proposed
-        accepted += out.stats.accepted
-        tokens += out.stats.new_tokens
-        wall += out.stats.wall_time_s
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
-            "acceptance_rate": accepted / proposed if proposed else 0.0}
+        runs.append(out.stats)
+    total = SpecStats.merge(runs)
+    return {"tokens": total.new_tokens, "wall_s": total.wall_time_s, "tokens_per_s": total.tokens_per_s,
+            "acceptance_rate": total.acceptance_rate}
 
 
 def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
@@ -230,7 +212,7 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
     with torch.no_grad():
         target_eval_logits = [target(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits
                               for ex in eval_examples]
-    speed_prompts = [chat_prompt_ids(tok, p["prompt"]) for p in held_prompts[: cfg.speed_prompts]]
+    speed_prompts = [encode_chat_prompt(tok, p["prompt"]) for p in held_prompts[: cfg.speed_prompts]]
     base_greedy = _speed(target, None, speed_prompts, cfg.speed_new_tokens, eos, do_sample=False)
 
     draft0 = make_layer_draft(target, cfg.draft_layers)
@@ -281,8 +263,8 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentReport:
     draft = copy.deepcopy(draft0)
     if not cfg.train_embeddings:
         freeze_embeddings(draft)
-    stream = [chat_prompt_ids(tok, p["prompt"]) for p in (train_prompts + [{"prompt": r["messages"][0]["content"]}
-                                                                           for r in magpie.records])]
+    stream = [encode_chat_prompt(tok, p["prompt"]) for p in (train_prompts + [{"prompt": r["messages"][0]["content"]}
+                                                                              for r in magpie.records])]
     online = online_distill(target, draft, stream[: cfg.online_prompts],
                             OnlineConfig(max_new_tokens=cfg.online_new_tokens, buffer_threshold=48, update_steps=4,
                                          learning_rate=cfg.learning_rate, kd=KDConfig(alpha=0.5, temperature=2.0)),

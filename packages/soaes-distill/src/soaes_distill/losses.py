@@ -41,8 +41,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from soaes_core.errors import InvalidArgumentError
+from soaes_data.packing import IGNORE_INDEX as IGNORE_INDEX  # the label losses skip; defined once, re-exported
 
-IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "total_variation", "acceptance")
 TAIL_FLOOR = 1e-12
 # fp32 elements per chunk (positions × vocab): 2^25 floats = 128 MiB per intermediate

@@ -15,8 +15,17 @@ from typing import Any
 import torch
 from transformers import EarlyStoppingCallback
 
-from soaes_core import atomic_write_json, load_model, load_tokenizer, seed_everything, write_jsonl, write_manifest
+from soaes_core import (
+    atomic_write_json,
+    load_model,
+    load_tokenizer,
+    seed_everything,
+    tokenizer_fingerprint,
+    write_jsonl,
+    write_manifest,
+)
 from soaes_core.errors import ConfigError
+from soaes_train.checkpoints import resumable_checkpoint
 from soaes_train.config import DeepSpeedConfig, TrainConfig
 from soaes_train.deepspeed_setup import prepare_deepspeed
 from soaes_train.outputs import loss_curve, write_loss_curve
@@ -24,7 +33,7 @@ from soaes_train.trainer import ProgressCallback, bf16_supported, build_training
 
 from .draft_init import HEAD_IDS_FILE, freeze_embeddings
 from .store import TeacherLogitStore
-from .token_data import dataset_sha256, load_token_examples, tokenizer_sha256
+from .token_data import dataset_sha256, load_token_examples
 from .trainer import KDCollator, KDConfig, KDDataset, KDTrainer
 
 
@@ -33,16 +42,20 @@ class DistillRecipe:
     """A KD run: `student` (draft spec/dir), `train_data` (tokenized JSONL/Parquet), exactly one of
     `teacher` (online) or `teacher_logits` (a dump directory), and where to write."""
 
-    student: str
-    train_data: str
-    output_dir: str
-    teacher: str | None = None
-    teacher_logits: str | None = None
-    eval_data: str | None = None
-    eval_steps: int | None = None
-    early_stopping_patience: int | None = None
-    early_stopping_metric: str = "acceptance_top_p"
-    train_embeddings: bool = True  # False: freeze the (tied) embeddings/head, train the decoder layers only
+    student: str = field(metadata={"help": "Draft to train: a model spec or directory (e.g. from make-draft)."})
+    train_data: str = field(metadata={"help": "Tokenized JSONL/Parquet (input_ids [, labels, position_ids, id])."})
+    output_dir: str = field(metadata={"help": "Where model/, kd_history.jsonl, metrics and the manifest go."})
+    teacher: str | None = field(default=None, metadata={"help": "Online KD: the teacher model spec."})
+    teacher_logits: str | None = field(default=None, metadata={
+        "help": "Offline KD: a `soaes-distill dump` store of the teacher's logits on train_data."})
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out tokenized data (online KD only)."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_data)."})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "Stop after N evaluations without improvement (needs eval_data and eval_steps)."})
+    early_stopping_metric: str = field(default="acceptance_top_p", metadata={
+        "help": "Evaluation metric early stopping and the best checkpoint follow (higher is better)."})
+    train_embeddings: bool = field(default=True, metadata={
+        "help": "false: freeze the (tied) embeddings/head and train the decoder layers only."})
     kd: KDConfig = field(default_factory=KDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -63,12 +76,10 @@ class DistillResult:
 
 
 def _last_checkpoint(path: Path) -> str | None:
-    """The newest complete HF checkpoint under `path`, to resume a killed run (None: start fresh)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not path.is_dir():
-        return None
-    return get_last_checkpoint(str(path))
+    """The newest complete checkpoint under `path` that KDTrainer wrote, verified against its manifest (resuming
+    unpickles it), to resume a killed run (None: start fresh)."""
+    ckpt = resumable_checkpoint(path)
+    return str(ckpt) if ckpt is not None else None
 
 
 def run_distill(recipe: DistillRecipe, student_model: Any = None, teacher_model: Any = None,
@@ -98,8 +109,8 @@ def _run_distill(recipe: DistillRecipe, student_model: Any, teacher_model: Any,
     eval_examples = load_token_examples(recipe.eval_data) if recipe.eval_data else None
     if recipe.teacher_logits is not None:
         store = store or TeacherLogitStore(recipe.teacher_logits)
-        store.require(tokenizer_sha256=tokenizer_sha256(tokenizer), dataset_sha256=dataset_sha256(recipe.train_data),
-                      temperature=recipe.kd.temperature)
+        store.require(tokenizer_sha256=tokenizer_fingerprint(tokenizer, ids_only=True),
+                      dataset_sha256=dataset_sha256(recipe.train_data), temperature=recipe.kd.temperature)
         if eval_examples is not None:
             raise ConfigError("offline KD evaluates against stored logits of train_data only; "
                               "drop eval_data or use an online teacher for evaluation")

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from soaes_core import encode_chat_prompt
 from soaes_core.errors import DataError, InvalidArgumentError
 from soaes_data.chat import encode_chat
 from soaes_specdec.decoding import autoregressive_generate
@@ -20,13 +21,6 @@ from soaes_specdec.decoding import autoregressive_generate
 from .token_data import TokenExample
 
 _SENTINEL = "\u2063SOAES_QUERY\u2063"
-
-
-def chat_prompt_ids(tokenizer: Any, user: str, system: str | None = None) -> list[int]:
-    """Token ids of a chat prompt (system + user turn + generation prompt), rendered by the chat template."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def pre_query_prefix(tokenizer: Any, system: str | None = None) -> str:
@@ -70,7 +64,7 @@ def blackbox_sft_records(model: Any, tokenizer: Any, prompts: Sequence[dict[str,
                          batch_size: int = 8, system: str | None = None) -> list[dict[str, Any]]:
     """Black-box distillation data: for each `{"id", "prompt"}` the target's greedy answer, as chat records
     `{"id", "messages": [user, assistant], "source": "target-greedy"}`."""
-    ids = [chat_prompt_ids(tokenizer, p["prompt"], system) for p in prompts]
+    ids = [encode_chat_prompt(tokenizer, p["prompt"], system) for p in prompts]
     answers = generate_texts(model, tokenizer, ids, max_new_tokens, batch_size)
     return [{"id": p["id"], "messages": [{"role": "user", "content": p["prompt"]},
                                          {"role": "assistant", "content": a}], "source": "target-greedy"}

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,8 @@ def _example(data: dict[str, Any], path: Path, line: int, default_id: int) -> To
     ids = _int_list(data["input_ids"], path, line, "input_ids")
     if not ids:
         raise DataError("empty sequence", path=str(path), line=line, field="input_ids")
+    if min(ids) < 0:  # would index the embedding from the end (or crash deep inside the model)
+        raise DataError(f"token id {min(ids)} is negative", path=str(path), line=line, field="input_ids")
     labels = _int_list(data["labels"], path, line, "labels") if data.get("labels") is not None else None
     pos = _int_list(data["position_ids"], path, line, "position_ids") if data.get("position_ids") is not None else None
     for name, seq in (("labels", labels), ("position_ids", pos)):
@@ -93,16 +94,6 @@ def dataset_sha256(path: str | os.PathLike[str]) -> str:
     for f in files:
         h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
-
-
-def tokenizer_sha256(tokenizer: Any) -> str:
-    """sha256 of what decides token ids: the vocabulary, added/special tokens and the chat template."""
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
 def write_token_jsonl(path: str | os.PathLike[str], examples: list[TokenExample]) -> Path:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from soaes_core.errors import InvalidArgumentError
+from soaes_train.checkpoints import write_checkpoint_manifest
 
 from .acceptance import AcceptanceAccumulator
 from .losses import DIVERGENCES, IGNORE_INDEX, TopKLogits, distillation_loss_terms
@@ -160,6 +163,14 @@ class KDTrainer(Trainer):
                                     "kd": terms.kd.item(), "ce": terms.ce.item()})
             self._window.append((terms.kd.item(), terms.ce.item()))
         return (terms.loss, outputs) if return_outputs else terms.loss
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's files are written before they are checksummed
+        if self.args.should_save:  # the manifest a resume checks first (resuming unpickles the checkpoint)
+            ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_checkpoint_manifest(ckpt, self.state.global_step)
+        self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._window and "loss" in logs:

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
-from soaes_core import DEFAULT_MODEL, atomic_write_json, load_config
+from soaes_core import atomic_write_json
+from soaes_core.cli_options import config_options
 from soaes_core.clitools import SoaesGroup, setup_logging
 
 from . import __version__
+from .runner import EvalRunConfig, set_offline
 
 
 @click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,49 +24,14 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="YAML EvalRunConfig; options override it.")
-@click.option("--model", help=f"Target: HF dir, gguf:PATH, hf:ORG/NAME or {DEFAULT_MODEL} (default).")
-@click.option("--draft", help="Draft model spec, or layers:N (target's first N layers): enables speculative decoding.")
-@click.option("--backend", type=click.Choice(["auto", "hf", "specdec"]),
-              help="hf = lm-eval's own model; specdec = soaes-specdec (autoregressive with stats if no draft).")
-@click.option("--tasks", help="Comma-separated: soaes_cmmlu, soaes_ceval, soaes_domain_qa, soaes_domain_report, ...")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with cmmlu/, ceval/, domain/ subfolders.")
-@click.option("--cmmlu-dir", type=click.Path(file_okay=False), help="CMMLU release folder (test/, dev/).")
-@click.option("--ceval-dir", type=click.Path(file_okay=False), help="C-Eval release folder (val/, dev/).")
-@click.option("--domain-dir", type=click.Path(file_okay=False), help="Folder with qa.jsonl / report.jsonl.")
-@click.option("--limit", type=int, help="At most N items per (sub)task.")
-@click.option("--num-fewshot", type=int)
-@click.option("--max-gen-toks", type=int)
-@click.option("-n", "--num-speculative-tokens", type=int)
-@click.option("--do-sample/--greedy", default=None)
-@click.option("--temperature", type=float)
-@click.option("--top-p", type=float)
-@click.option("--top-k", type=int)
-@click.option("--seed", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--device")
-@click.option("--dtype")
-@click.option("--apply-chat-template/--no-chat-template", default=None)
-@click.option("--cache", help="lm-eval request cache path prefix; rerunning with it resumes an interrupted run.")
-@click.option("--name", help="Model label in the tables (default: the model folder name).")
-@click.option("--stage", help="Training stage label for Table 2 (e.g. 'stage-2 SFT').")
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False),
-              help="Where results.json goes (default eval_out).")
-def run(config_path: str | None, **options: object) -> None:
+@config_options(EvalRunConfig, param="cfg", names={
+    "num_speculative_tokens": ("-n", "--num-speculative-tokens"), "output_dir": ("-o", "--output-dir"),
+    "do_sample": ("--do-sample/--greedy",), "apply_chat_template": ("--apply-chat-template/--no-chat-template",)})
+def run(cfg: EvalRunConfig) -> None:
     """Evaluate a model on soaes (and lm-eval) tasks offline; writes results.json, predictions, manifest."""
-    from .runner import EvalRunConfig, run_eval, set_offline
+    from .runner import run_eval
 
     set_offline()
-    overrides = {k: v for k, v in options.items() if v is not None}
-    if isinstance(overrides.get("tasks"), str):
-        overrides["tasks"] = [t.strip() for t in str(overrides["tasks"]).split(",") if t.strip()]
-    if config_path:
-        cfg = load_config(config_path, EvalRunConfig, overrides=overrides)
-    else:
-        from soaes_core import from_dict
-
-        cfg = from_dict(EvalRunConfig, overrides, source="command line")
     res = run_eval(cfg)
     soaes = res["soaes"]
     for task, metrics in res["results"].items():
@@ -110,7 +77,15 @@ def metrics(predictions: str, references: str | None, lang: str, convention: str
 @click.option("--baseline", help="Run label that Table 4 speedup is relative to (default: the run without draft).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 def table(results: tuple[str, ...], output_dir: str, base: str | None, baseline: str | None, no_plots: bool) -> None:
-    """Paper-style Tables 1/2/4 (Markdown, CSV, PNG) from result files or folders of them."""
+    """Paper-style tables (Markdown, CSV, PNG): from a `soaes pipeline` run folder, Tables 1-6 and report.md
+    regenerated from its manifests; else Tables 1/2/4 from result files or folders of them."""
+    if len(results) == 1 and (Path(results[0]) / "stages").is_dir():
+        from .paper_tables import write_run_report
+
+        written_run = write_run_report(results[0], output_dir, plots=not no_plots)
+        click.echo((Path(output_dir) / "report.md").read_text(encoding="utf-8"))
+        click.echo(f"tables: {', '.join(written_run['tables'])}; wrote {output_dir}")
+        return
     from .report import build_tables, load_results, write_tables
 
     tables = build_tables(load_results(list(results)), base=base, baseline=baseline)
@@ -118,6 +93,24 @@ def table(results: tuple[str, ...], output_dir: str, base: str | None, baseline:
     for t in tables:
         click.echo(t.to_markdown())
     click.echo(json.dumps({k: str(v) for k, v in written.items()}, indent=1))
+
+
+@main.command()
+@click.argument("benchmark", type=click.Choice(["cmmlu", "ceval"]))
+@click.option("--dest", type=click.Path(file_okay=False),
+              help="Unpack here, not in $SOAES_CACHE/benchmarks/BENCHMARK (then pass --cmmlu-dir/--ceval-dir DIR).")
+@click.option("--url", help="Archive URL or local zip (default: the official release on the Hugging Face Hub).")
+@click.option("--sha256", help="Expected sha256 of the archive (default: pinned by the first download of the URL).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Network timeout in seconds.")
+def fetch(benchmark: str, dest: str | None, url: str | None, sha256: str | None, timeout: float) -> None:
+    """Download a public CMMLU / C-Eval release, verify its sha256 and unpack it where the tasks find it."""
+    from .fetch import fetch_benchmark
+
+    res = fetch_benchmark(benchmark, dest=dest, url=url, sha256=sha256, timeout=timeout)
+    files = ", ".join(f"{split}={n}" for split, n in res.subjects.items())
+    state = "already present" if res.reused else "fetched"
+    click.echo(f"{benchmark}: {state} in {res.dir} ({files} subject files)")
+    click.echo(f"sha256 {res.sha256} ({res.checksum}) from {res.url}")
 
 
 if __name__ == "__main__":

@@ -53,13 +53,19 @@ class TextMetrics:
         return asdict(self)
 
 
-def _check(predictions: Sequence[str], references: Sequence[str], lang: str, convention: str) -> str:
+def _convention(lang: str, convention: str) -> str:
+    """The convention actually used ("en" for English), after checking both names."""
     if lang not in LANGS:
         raise InvalidArgumentError(f"lang must be one of {LANGS}, got {lang!r}")
     if lang == "en":
-        convention = "en"
-    elif convention not in CONVENTIONS:
+        return "en"
+    if convention not in CONVENTIONS:
         raise InvalidArgumentError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    return convention
+
+
+def _check(predictions: Sequence[str], references: Sequence[str], lang: str, convention: str) -> str:
+    convention = _convention(lang, convention)
     if isinstance(predictions, str) or isinstance(references, str):
         raise InvalidArgumentError("predictions and references must be lists of strings, not a single string")
     if len(predictions) != len(references):
@@ -199,6 +205,18 @@ def tokenizer_description(lang: str, convention: str) -> tuple[str, dict[str, st
         "en": ("rouge-score default / sacrebleu 13a", ["rouge_score", "sacrebleu"]),
     }["en" if lang == "en" else convention]
     return used[0], {libs[m]: version(libs[m]) for m in used[1]}
+
+
+def score_provenance(lang: str = "zh", convention: str = "llamafactory") -> dict[str, Any]:
+    """How scores under `convention` are made (tokeniser, library versions, sacrebleu signature), without scoring:
+    for scores aggregated elsewhere (the lm-eval domain tasks) that must still say how they were computed."""
+    conv = _convention(lang, convention)
+    tok, versions = tokenizer_description(lang, conv)
+    signature = None
+    if conv != "llamafactory":  # sacrebleu's signature describes settings (one reference per item here) only
+        signature = bleu4_with_signature(["."], ["."], lang, conv)[1]
+    return {"lang": lang, "convention": conv, "tokenizer": tok, "versions": versions,
+            "sacrebleu_signature": signature}
 
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str], lang: str = "zh",

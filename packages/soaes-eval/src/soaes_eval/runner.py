@@ -9,15 +9,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from soaes_core import DEFAULT_MODEL, atomic_write_json, resolve_model_dir, write_jsonl, write_manifest
 from soaes_core.errors import ConfigError, SoaesError
 
-from .metrics import text_metrics
+from .metrics import score_provenance
 
 _log = logging.getLogger(__name__)
 GENERATION_TASKS = ("soaes_domain_qa", "soaes_domain_report")
+# The domain tasks' lm-eval metric behind each score, per convention (aggregated by lm-eval: tasks/domain/utils.py)
+TEXT_SCORES = {
+    "llamafactory": {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rougeL", "bleu4": "bleu4"},
+    "char": {"rouge1": "rouge1_char", "rouge2": "rouge2_char", "rougeL": "rougeL_char", "bleu4": "bleu4_corpus_zh"},
+}
 RESULTS_FILE = "results.json"
 
 
@@ -31,31 +36,41 @@ def set_offline() -> None:
 class EvalRunConfig:
     """One evaluation run: a model (optionally with a draft for speculative decoding) on a list of tasks."""
 
-    tasks: list[str] = field(default_factory=lambda: ["soaes_cmmlu", "soaes_ceval"])
-    model: str = DEFAULT_MODEL
-    output_dir: str = "eval_out"
-    data_dir: str | None = None
-    cmmlu_dir: str | None = None
-    ceval_dir: str | None = None
-    domain_dir: str | None = None
-    backend: str = "auto"  # hf | specdec | auto (specdec when a draft is given)
-    draft: str | None = None
-    num_speculative_tokens: int = 3
-    do_sample: bool | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int = 0
-    limit: int | None = None
-    num_fewshot: int | None = None
-    max_gen_toks: int | None = None
-    batch_size: int = 8
-    device: str = "cpu"
-    dtype: str = "float32"
-    apply_chat_template: bool = False
-    name: str | None = None
-    stage: str | None = None
-    cache: str | None = None  # lm-eval request cache (sqlite prefix): a rerun resumes from finished requests
+    tasks: list[str] = field(default_factory=lambda: ["soaes_cmmlu", "soaes_ceval"], metadata={
+        "help": "Tasks, comma-separated: soaes_cmmlu, soaes_ceval, soaes_domain_qa, soaes_domain_report, "
+                "a subtask (soaes_cmmlu_agronomy) or any lm-eval task."})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Target: HF dir, gguf:PATH or hf:ORG/NAME."})
+    output_dir: str = field(default="eval_out", metadata={"help": "Where results.json, predictions and the "
+                                                                  "manifest go."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder with cmmlu/, ceval/, domain/ subfolders."})
+    cmmlu_dir: str | None = field(default=None, metadata={"help": "CMMLU release folder (test/, dev/)."})
+    ceval_dir: str | None = field(default=None, metadata={"help": "C-Eval release folder (val/, dev/)."})
+    domain_dir: str | None = field(default=None, metadata={"help": "Folder with qa.jsonl / report.jsonl."})
+    backend: Literal["auto", "hf", "specdec"] = field(default="auto", metadata={
+        "help": "hf = lm-eval's own model; specdec = soaes-specdec (autoregressive with stats if no draft); "
+                "auto = specdec when a draft is given."})
+    draft: str | None = field(default=None, metadata={
+        "help": "Draft model spec, or layers:N (the target's first N layers): enables speculative decoding."})
+    num_speculative_tokens: int = field(default=3, metadata={"help": "Draft tokens per block (specdec backend)."})
+    do_sample: bool | None = field(default=None, metadata={
+        "help": "specdec backend: sample or decode greedily; unset = the task's generation settings."})
+    temperature: float | None = field(default=None, metadata={
+        "help": "specdec backend: temperature; unset = the task's."})
+    top_p: float | None = field(default=None, metadata={"help": "specdec backend: top-p; unset = the task's."})
+    top_k: int | None = field(default=None, metadata={"help": "specdec backend: top-k; unset = the task's."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling and few-shot selection."})
+    limit: int | None = field(default=None, metadata={"help": "At most N items per (sub)task; unset = all."})
+    num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples; unset = the task's."})
+    max_gen_toks: int | None = field(default=None, metadata={"help": "Generation length cap; unset = the task's."})
+    batch_size: int = field(default=8, metadata={"help": "lm-eval batch size."})
+    device: str = field(default="cpu", metadata={"help": "Torch device, e.g. cpu or cuda."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16."})
+    apply_chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the chat template."})
+    name: str | None = field(default=None, metadata={
+        "help": "Model label in the tables; unset = the model folder name."})
+    stage: str | None = field(default=None, metadata={"help": "Training stage label for Table 2 (e.g. 'stage-2 SFT')."})
+    cache: str | None = field(default=None, metadata={
+        "help": "lm-eval request cache path prefix (sqlite); rerunning with it resumes an interrupted run."})
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -101,6 +116,13 @@ def _num_items(results: dict[str, Any], key: str = "effective") -> dict[str, int
         if subtasks:
             counts[group] = sum(counts.get(t, 0) for t in subtasks)
     return counts
+
+
+def _text_metrics(task_results: dict[str, Any], num_items: int) -> dict[str, dict[str, Any]]:
+    """Per convention: lm-eval's aggregated scores for a domain task, with how they were computed (no rescoring)."""
+    return {conv: {**{k: task_results.get(f"{metric},none") for k, metric in names.items()}, "num_items": num_items,
+                   **score_provenance("zh", conv)}
+            for conv, names in TEXT_SCORES.items()}
 
 
 def _predictions(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,11 +189,7 @@ def run_eval(cfg: EvalRunConfig, lm: Any = None) -> dict[str, Any]:
         if task in samples:
             preds = _predictions(samples[task])
             write_jsonl(out / f"predictions_{task}.jsonl", preds)
-            p, r = [x["prediction"] for x in preds], [x["reference"] for x in preds]
-            soaes["text_metrics"][task] = {
-                "llamafactory": text_metrics(p, r, convention="llamafactory").to_dict(),
-                "char": text_metrics(p, r, convention="char").to_dict(),
-            }
+            soaes["text_metrics"][task] = _text_metrics(results["results"].get(task, {}), len(preds))
     if hasattr(lm, "spec_stats"):
         soaes["specdec"] = lm.spec_stats()
     results["soaes"] = soaes

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (registers the built-in models first, so `hf` stays in the registry)
@@ -31,33 +31,24 @@ MODEL_NAME = "soaes-specdec"
 
 @dataclass
 class SpecTotals:
-    """Speculative-decoding counters summed over every generate request of a run."""
+    """Speculative-decoding counters summed over every generate request of a run (by `SpecStats` addition)."""
 
+    stats: Any  # a soaes_specdec.SpecStats; soaes-specdec is an optional dependency, so it is passed in
     requests: int = 0
-    proposed: int = 0
-    accepted: int = 0
-    target_calls: int = 0
-    new_tokens: int = 0
-    decode_tokens: int = 0
-    decode_row_calls: int = 0
-    wall_time_s: float = 0.0
 
     def add(self, stats: Any) -> None:
         self.requests += 1
-        self.proposed += int(stats.proposed)
-        self.accepted += int(stats.accepted)
-        self.target_calls += int(stats.target_calls)
-        self.new_tokens += int(stats.new_tokens)
-        # mean accepted length as soaes-specdec defines it (decode-phase tokens per target call), when available
-        self.decode_tokens += int(getattr(stats, "decode_tokens", stats.new_tokens))
-        self.decode_row_calls += int(getattr(stats, "decode_row_calls", stats.target_calls))
-        self.wall_time_s += float(stats.wall_time_s)
+        self.stats = self.stats + stats
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = asdict(self)
-        d["acceptance_rate"] = self.accepted / self.proposed if self.proposed else None
-        d["mean_accepted_length"] = self.decode_tokens / self.decode_row_calls if self.decode_row_calls else None
-        d["tokens_per_s"] = self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else None
+        s = self.stats
+        d: dict[str, Any] = {"requests": self.requests, "proposed": s.proposed, "accepted": s.accepted,
+                             "target_calls": s.target_calls, "new_tokens": s.new_tokens,
+                             "decode_tokens": s.decode_tokens, "decode_row_calls": s.decode_row_calls,
+                             "wall_time_s": s.wall_time_s}
+        d["acceptance_rate"] = s.acceptance_rate if s.proposed else None
+        d["mean_accepted_length"] = s.mean_accepted_length if s.decode_row_calls else None
+        d["tokens_per_s"] = s.tokens_per_s if s.wall_time_s > 0 else None
         return d
 
 
@@ -79,14 +70,15 @@ class SpecDecLM(HFLM):
     def __init__(self, pretrained: Any, draft: str | None = None, num_speculative_tokens: int = 3,
                  do_sample: Any = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int = 0, **kwargs: Any) -> None:
+        self.target_name = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
         if isinstance(pretrained, str):
             pretrained = str(resolve_model_dir(pretrained))
         super().__init__(pretrained=pretrained, **kwargs)
         try:
-            from soaes_specdec import SpeculativeDecoder, autoregressive_generate
+            from soaes_specdec import SpecStats, SpeculativeDecoder, autoregressive_generate
         except ImportError:
             try:  # a soaes-specdec that does not re-export its decoders at top level
-                from soaes_specdec.decoding import SpeculativeDecoder, autoregressive_generate
+                from soaes_specdec.decoding import SpecStats, SpeculativeDecoder, autoregressive_generate
             except ImportError:
                 raise ModelLoadError("the soaes-specdec lm-eval model needs soaes-specdec: "
                                      "pip install 'soaes-eval[specdec]'") from None
@@ -104,7 +96,7 @@ class SpecDecLM(HFLM):
             "top_p": None if top_p is None else float(top_p), "top_k": None if top_k is None else int(top_k),
         }.items() if v is not None}
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        self.totals = SpecTotals()
+        self.totals = SpecTotals(SpecStats())
 
     def _load_draft(self, spec: str | None) -> Any:
         if spec is None:
@@ -120,7 +112,8 @@ class SpecDecLM(HFLM):
         try:
             from soaes_specdec.draft import load_draft
 
-            draft = load_draft(spec, dtype=self.model.dtype, device=str(self.device))
+            draft = load_draft(spec, dtype=self.model.dtype, device=str(self.device), target=self.target_name,
+                               target_tokenizer=self.tokenizer)  # a draft with another tokenizer is refused
         except ModelLoadError:
             raise
         except Exception as exc:  # a spec that soaes_core could not turn into a model

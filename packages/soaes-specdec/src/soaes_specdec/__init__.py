@@ -1,6 +1,6 @@
 """soaes-specdec: Exact speculative decoding (PyTorch + Triton), baselines, benchmark and vLLM bridge."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .decoding import (
     PromptLookupDecoder,

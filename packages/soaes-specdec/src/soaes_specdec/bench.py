@@ -28,13 +28,13 @@ import torch
 from soaes_core import DEFAULT_MODEL, load_model, load_tokenizer
 from soaes_core.atomic import atomic_write_json, atomic_write_text
 from soaes_core.errors import DataError, InvalidArgumentError
-from soaes_core.jsonl import iter_jsonl
 from soaes_core.manifest import write_manifest
 from soaes_core.models import resolve_dtype
 from soaes_core.progress import progress
+from soaes_core.prompts import encode_chat_prompt, read_prompt_records
 
-from .decoding import PromptLookupDecoder, SpecDecodeOutput, SpeculativeDecoder, autoregressive_generate
-from .draft import load_draft, make_layer_draft
+from .decoding import PromptLookupDecoder, SpecDecodeOutput, SpecStats, SpeculativeDecoder, autoregressive_generate
+from .draft import check_draft_tokenizer, load_draft, make_layer_draft
 from .runner import CachedCausalLM
 
 log = logging.getLogger(__name__)
@@ -49,27 +49,38 @@ MODES = ("greedy", "top_p")
 class BenchConfig:
     """What to benchmark (YAML-loadable; CLI flags override)."""
 
-    target: str = DEFAULT_MODEL
-    draft: str | None = None  # a model spec; None = derive one from the target's first `draft_layers` layers
-    draft_layers: int = 4
-    prompts: str | None = None  # JSONL of {"messages": [...]} or {"prompt": "..."}; None = the packaged set
-    max_prompts: int = 0  # 0 = all
-    num_speculative_tokens: list[int] = field(default_factory=lambda: [3])
-    modes: list[str] = field(default_factory=lambda: list(MODES))
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    top_p: float = 0.7
-    temperature: float = 1.0
-    max_new_tokens: int = 128
-    max_ngram: int = 3
-    draft_confidence: float = 0.0  # > 0: dynamic draft length (stop a block when the draft's top prob is below)
-    warmup: int = 1  # warm-up passes (first prompt only) before the timed repeats
-    repeats: int = 3
-    seed: int = 0
-    dtype: str = "float32"
-    # also time plain decoding of the target loaded in this dtype, interleaved with the rest, so a speedup in
-    # `dtype` can be read against the fastest baseline (e.g. bfloat16 runs against float32 plain decoding)
-    reference_dtype: str | None = None
-    threads: int = 0  # 0 = torch's default
+    target: str = field(default=DEFAULT_MODEL, metadata={"help": "Target model spec."})
+    draft: str | None = field(default=None, metadata={
+        "help": "Draft model spec; unset = the target's first --draft-layers layers."})
+    draft_layers: int = field(default=4, metadata={"help": "Layers kept when deriving the draft from the target."})
+    prompts: str | None = field(default=None, metadata={
+        "help": 'JSONL of {"messages": [...]} or {"prompt": "..."} per line; unset = the packaged prompts.'})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts; unset = all."})
+    num_speculative_tokens: list[int] = field(default_factory=lambda: [3], metadata={
+        "help": "Draft block sizes to compare, comma-separated (e.g. 1,3,5)."})
+    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
+        "help": f"Decoding modes, comma-separated subset of {','.join(MODES)}."})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={
+        "help": f"Methods, comma-separated subset of {','.join(METHODS)}."})
+    top_p: float = field(default=0.7, metadata={"help": "Top-p of the sampling mode (the paper's 0.7)."})
+    temperature: float = field(default=1.0, metadata={"help": "Temperature of the sampling mode."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per prompt."})
+    max_ngram: int = field(default=3, metadata={"help": "Longest n-gram prompt lookup matches."})
+    draft_confidence: float = field(default=0.0, metadata={
+        "help": "Dynamic draft length: end a block when the draft's top probability is below this; 0 = off."})
+    warmup: int = field(default=1, metadata={"help": "Warm-up passes (first prompt only) before the timed repeats."})
+    repeats: int = field(default=3, metadata={"help": "Timed passes; the median is reported."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling mode."})
+    dtype: str = field(default="float32", metadata={"help": "Target and draft dtype: float32, bfloat16, float16."})
+    # plain decoding of the target in this dtype, interleaved with the rest, so that a speedup in `dtype` can be
+    # read against the fastest baseline (e.g. bfloat16 runs against float32 plain decoding)
+    reference_dtype: str | None = field(default=None, metadata={
+        "help": "Also time plain decoding of the target in this dtype (e.g. float32), for a speedup against the "
+                "fastest baseline."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads; unset = torch's choice."})
+    batch_invariant: bool = field(default=False, metadata={
+        "help": "Verify token by token through plain decoding's one-row calls: greedy output bit-identical to plain "
+                "decoding in every dtype, but a verify costs n+1 steps (no speed-up)."})
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -87,6 +98,10 @@ class BenchConfig:
             raise ValueError(f"draft_confidence must be in [0, 1), got {self.draft_confidence}")
         if self.max_new_tokens < 1 or self.repeats < 1 or self.warmup < 0 or self.draft_layers < 1:
             raise ValueError("max_new_tokens, repeats and draft_layers must be >= 1 and warmup >= 0")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1 (or null for all prompts), got {self.max_prompts}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or null for torch's choice), got {self.threads}")
 
 
 # ----------------------------------------------------------------------------------------- pure formulas
@@ -113,6 +128,27 @@ def break_even_acceptance(n: int, c: float, c_v: float) -> float | None:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if theoretical_speedup(mid, n, c, c_v) >= 1.0 else (mid, hi)
     return hi
+
+
+def compare_greedy(reference: list[list[int]], outputs: list[list[int]]) -> dict[str, Any]:
+    """Token-for-token agreement of each prompt's output with the reference (plain greedy decoding, same dtype).
+
+    A prompt differs at its first unequal new token, or where the shorter output ends; positions are 0-based
+    indices into the new tokens. Returns exact_match, mismatch_rate (prompts that differ / prompts),
+    first_difference ({"min", "median", "max", "prompts"} over the differing prompts, or None).
+    """
+    if len(reference) != len(outputs) or not reference:
+        raise InvalidArgumentError(f"compare_greedy needs one output per reference prompt, got {len(outputs)} "
+                                   f"outputs for {len(reference)} prompts")
+    firsts: dict[int, int] = {}
+    for i, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
+        if ref != out:
+            firsts[i] = next((j for j, (a, b) in enumerate(zip(ref, out, strict=False)) if a != b),
+                             min(len(ref), len(out)))
+    positions = sorted(firsts.values())
+    return {"exact_match": not firsts, "mismatch_rate": len(firsts) / len(reference),
+            "first_difference": {"min": positions[0], "median": statistics.median(positions), "max": positions[-1],
+                                 "prompts": sorted(firsts)} if firsts else None}
 
 
 def synchronize() -> None:
@@ -183,36 +219,27 @@ def default_prompts_path() -> Path:
     return Path(str(resources.files("soaes_specdec") / "data" / "bench_prompts.jsonl"))
 
 
-def load_prompts(path: str | os.PathLike[str] | None, tokenizer: Any, limit: int = 0) -> list[torch.Tensor]:
-    """Token ids of each prompt: chat `messages` through the tokenizer's template, or a plain `prompt` string.
+def load_prompts(path: str | os.PathLike[str] | None, tokenizer: Any, limit: int | None = None,
+                 ) -> list[torch.Tensor]:
+    """Token ids of each prompt (`soaes_core.read_prompt_records`): chat `messages` through the tokenizer's
+    template (`encode_chat_prompt`), or a plain `prompt` string as raw text.
 
     Trailing assistant turns are dropped, so SFT or held-out records (prompt + answer) serve as prompts directly.
     """
     path = Path(path) if path is not None else default_prompts_path()
     prompts = []
-    for record in iter_jsonl(path):
-        data = record.data
-        if isinstance(data, dict) and isinstance(data.get("messages"), list):
+    for record in read_prompt_records(path, limit):
+        if record.messages is not None:
             try:
-                messages = list(data["messages"])
-                while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
-                    messages.pop()  # SFT / held-out records: the prompt is what precedes the answer
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = encode_chat_prompt(tokenizer, record.as_messages())
             except Exception as err:  # template errors come in many types; report the record
                 raise DataError(f"cannot apply the chat template: {err}", path=str(path), line=record.line,
                                 field="messages") from None
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        elif isinstance(data, dict) and isinstance(data.get("prompt"), str):
-            ids = tokenizer(data["prompt"])["input_ids"]
         else:
-            raise DataError("expected an object with 'messages' (list) or 'prompt' (string)", path=str(path),
-                            line=record.line)
+            ids = tokenizer(record.text)["input_ids"]
         if not ids:
             raise DataError("prompt tokenises to nothing", path=str(path), line=record.line)
         prompts.append(torch.tensor(list(ids), dtype=torch.long))
-        if limit and len(prompts) >= limit:
-            break
     if not prompts:
         raise DataError("no prompts", path=str(path))
     return prompts
@@ -238,23 +265,20 @@ class MethodResult:
     target_calls: int | None = None
     speedup_vs_plain: float | None = None
     speedup_vs_reference: float | None = None  # over plain decoding in `reference_dtype`, same run and mode
+    # greedy output vs plain greedy decoding of the target in the same dtype (None: sampling mode, or the baseline)
+    exact_match: bool | None = None
+    mismatch_rate: float | None = None
+    first_difference: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _sum_stats(outputs: list[SpecDecodeOutput]) -> dict[str, Any]:
-    proposed = sum(o.stats.proposed for o in outputs)
-    accepted = sum(o.stats.accepted for o in outputs)
-    width = max((len(o.stats.position_proposed) for o in outputs), default=0)
-    pos_p = [sum(o.stats.position_proposed[i] for o in outputs if i < len(o.stats.position_proposed))
-             for i in range(width)]
-    pos_a = [sum(o.stats.position_accepted[i] for o in outputs if i < len(o.stats.position_accepted))
-             for i in range(width)]
-    decode_tokens = sum(o.stats.decode_tokens for o in outputs)
-    decode_calls = sum(o.stats.decode_row_calls for o in outputs)
-    return {"acceptance_rate": accepted / proposed if proposed else None,
-            "acceptance_by_position": [a / p if p else 0.0 for a, p in zip(pos_a, pos_p, strict=False)],
-            "mean_accepted_length": decode_tokens / decode_calls if decode_calls else None,
-            "target_calls": sum(o.stats.target_calls for o in outputs)}
+    """Decoder counters of a method's runs, summed by `SpecStats.merge` (None where nothing was proposed)."""
+    total = SpecStats.merge(o.stats for o in outputs)
+    return {"acceptance_rate": total.acceptance_rate if total.proposed else None,
+            "acceptance_by_position": total.acceptance_by_position,
+            "mean_accepted_length": total.mean_accepted_length if total.decode_row_calls else None,
+            "target_calls": total.target_calls}
 
 
 class BenchRunner:
@@ -284,10 +308,11 @@ class BenchRunner:
             def gen(p: torch.Tensor, **kw: Any) -> SpecDecodeOutput:
                 return autoregressive_generate(runner, p, **kw)
         elif method == "prompt_lookup":
-            gen = PromptLookupDecoder(self.target_runner, n, cfg.max_ngram).generate
+            gen = PromptLookupDecoder(self.target_runner, n, cfg.max_ngram,
+                                      batch_invariant=cfg.batch_invariant).generate
         else:
-            gen = SpeculativeDecoder(self.target_runner, self.draft_runner, n,
-                                     draft_confidence=self.config.draft_confidence).generate
+            gen = SpeculativeDecoder(self.target_runner, self.draft_runner, n, draft_confidence=cfg.draft_confidence,
+                                     batch_invariant=cfg.batch_invariant).generate
         sampling = self._sampling(mode)
 
         def run_all(warmup: bool = False) -> tuple[int, Any]:
@@ -316,12 +341,13 @@ class BenchRunner:
         @torch.inference_mode()
         def run_all(warmup: bool = False) -> tuple[int, Any]:
             torch.manual_seed(cfg.seed)
-            total = 0
+            total, new = 0, []
             for p in self._prompts(warmup):
                 ids = p.unsqueeze(0).to(self.target.device)
                 out = self.target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
                 total += out.shape[1] - ids.shape[1]
-            return total, None
+                new.append(out[0, ids.shape[1]:].tolist())
+            return total, new
         return run_all
 
     @property
@@ -345,7 +371,8 @@ class BenchRunner:
         return self._draft_runner
 
     def closure(self, method: str, mode: str, n: int) -> Callable[..., tuple[int, Any]]:
-        """A callable that decodes every prompt once with `method`; returns (new tokens, outputs or None)."""
+        """A callable that decodes every prompt once with `method`; returns (new tokens, outputs): our decoders'
+        `SpecDecodeOutput`s, or the transformers peers' new-token lists."""
         return self._hf(method, mode, n) if method.startswith("hf_") else self._ours(method, mode, n)
 
     def run_jobs(self, jobs: list[tuple[str, int, str]]) -> list[MethodResult]:
@@ -363,7 +390,7 @@ class BenchRunner:
             for i, run_all in enumerate(runs):
                 wall, (tokens, outs) = timed(run_all)
                 samples[i].append((tokens / wall, tokens, wall, outs))
-        results = []
+        results, new_tokens = [], []
         for (mode, n, method), runs_of_job in zip(jobs, samples, strict=True):
             rates = [s[0] for s in runs_of_job]
             median_rate = statistics.median(rates)
@@ -371,21 +398,50 @@ class BenchRunner:
             result = MethodResult(method=method, mode=mode, n=None if method in PLAIN else n,
                                   tokens_per_s=median_rate, new_tokens=tokens, wall_time_s=wall,
                                   repeats_tokens_per_s=rates)
-            if outs is not None and method not in PLAIN:
+            if method not in PLAIN and not method.startswith("hf_"):
                 for key, value in _sum_stats(outs).items():
                     setattr(result, key, value)
             results.append(result)
+            new_tokens.append([_new_tokens(o) for o in outs])
+        self._record_exactness(results, new_tokens)
         return results
+
+    def _record_exactness(self, results: list[MethodResult], new_tokens: list[list[list[int]]]) -> None:
+        """Compare every greedy method's outputs with plain greedy decoding of the target in the same dtype
+        (the `plain` job's, or one untimed plain pass when `plain` is not benchmarked)."""
+        greedy = [(r, toks) for r, toks in zip(results, new_tokens, strict=True)
+                  if r.mode == "greedy" and r.method not in PLAIN]
+        if not greedy:
+            return
+        plain = next((toks for r, toks in zip(results, new_tokens, strict=True)
+                      if r.method == "plain" and r.mode == "greedy"), None)
+        if plain is not None:
+            reference = plain
+        else:
+            reference = [autoregressive_generate(self.target_runner, p, max_new_tokens=self.config.max_new_tokens,
+                                                 eos_token_id=self.eos).new_tokens() for p in self.prompts]
+        for r, toks in greedy:
+            check = compare_greedy(reference, toks)
+            r.exact_match, r.mismatch_rate, r.first_difference = (check["exact_match"], check["mismatch_rate"],
+                                                                   check["first_difference"])
+
+
+def _new_tokens(output: Any) -> list[int]:
+    """New tokens of one prompt's output: a `SpecDecodeOutput` (batch 1) or a transformers peer's token list."""
+    return output.new_tokens() if isinstance(output, SpecDecodeOutput) else list(output)
 
 
 def load_bench_models(config: BenchConfig) -> tuple[Any, Any, Any]:
     """Target, draft (loaded or derived from the target's first layers) and the target's tokenizer."""
+    tokenizer = load_tokenizer(config.target)
+    if config.draft:  # a draft with another tokenizer is refused before any model is loaded
+        check_draft_tokenizer(config.target, config.draft, target_tokenizer=tokenizer)
     target = load_model(config.target, dtype=config.dtype, device="cpu" if not torch.cuda.is_available() else None)
-    if config.draft:
-        draft = load_draft(config.draft, dtype=config.dtype, device=target.device)  # restricted head applied
+    if config.draft:  # restricted head applied
+        draft = load_draft(config.draft, dtype=config.dtype, device=target.device)
     else:
         draft = make_layer_draft(target, config.draft_layers)
-    return target, draft, load_tokenizer(config.target)
+    return target, draft, tokenizer
 
 
 def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: tuple[Any, Any, Any] | None = None,
@@ -459,6 +515,11 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
             "speedup_vs_reference": "tokens/s divided by plain decoding of the target in reference_dtype "
                                     "(same run and mode)",
             "theoretical_speedup": "S = E[L] / (n*c + c_v), E[L] = (1 - a^(n+1)) / (1 - a)",
+            "exact_match": "greedy mode: every prompt's new tokens equal plain greedy decoding of the target in the "
+                           "same dtype, token for token (null for sampling rows and the plain baselines)",
+            "mismatch_rate": "prompts whose greedy output differs from plain greedy decoding / prompts",
+            "first_difference": "0-based new-token index of the first difference: min / median / max over the "
+                                "differing prompts, and their indices",
         },
         "results": rows,
         "wall_time_s": time.perf_counter() - t_start,
@@ -482,6 +543,19 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _exactness_cell(row: dict[str, Any]) -> str:
+    """'yes', 'no: k/N prompts, first difference at token i..j', 'baseline' or 'N/A' (sampling)."""
+    if row["mode"] != "greedy":
+        return "N/A (sampling)"
+    if row.get("exact_match") is None:
+        return "baseline"
+    if row["exact_match"]:
+        return "yes"
+    first = row["first_difference"]
+    return (f"no: {row['mismatch_rate']:.0%} of prompts ({len(first['prompts'])}), first difference at new token "
+            f"{first['min']}–{first['max']} (median {first['median']:g})")
+
+
 def _label(row: dict[str, Any]) -> str:
     return row["method"] if row["n"] is None else f"{row['method']} n={row['n']}"
 
@@ -498,14 +572,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"warm-up {cfg['warmup']}, median of {cfg['repeats']} interleaved repeats; "
         f"{machine['torch_threads']} threads on {machine['cpu_count']} CPUs (load average at end {load}).", "",
         "acceptance = accepted / proposed draft tokens; mean length = new tokens per target call (bonus included); "
-        "S = E[L]/(n·c + c_v).", "",
+        "S = E[L]/(n·c + c_v); output = plain: greedy output equal, token for token on every prompt, to plain greedy "
+        f"decoding of the target in {cfg['dtype']}"
+        f"{' (batch-invariant verification)' if cfg.get('batch_invariant') else ''}.", "",
     ]
     for mode in cfg["modes"]:
         title = "greedy" if mode == "greedy" else f"top-p {cfg['top_p']} (T={cfg['temperature']})"
         lines += [f"## {title}", "",
                   "| method | n | tokens/s | speedup vs plain | acceptance | per-position acceptance | mean length "
-                  "| c | c_v | S | measured/S |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| c | c_v | S | measured/S | output = plain |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["results"]:
             if r["mode"] != mode:
                 continue
@@ -515,7 +591,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {r['method']} | {_fmt(r['n'])} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['speedup_vs_plain'])}× "
                 f"| {_fmt(r['acceptance_rate'], 3)} | {per_pos} | {_fmt(r['mean_accepted_length'])} "
                 f"| {_fmt(x.get('c'), 3)} | {_fmt(x.get('c_v'), 3)} | {_fmt(x.get('theoretical_speedup'))} "
-                f"| {_fmt(x.get('measured_over_theoretical'))} |")
+                f"| {_fmt(x.get('measured_over_theoretical'))} | {_exactness_cell(r)} |")
         ours = next((r for r in report["results"] if r["method"] == "speculative" and r["mode"] == mode), None)
         if ours and (ours.get("extra") or {}).get("break_even_acceptance") is not None:
             lines += ["", f"Break-even acceptance for n={ours['n']} at the measured c and c_v: "

@@ -9,9 +9,11 @@ from typing import Any
 import click
 
 from soaes_core import DEFAULT_MODEL
+from soaes_core.cli_options import config_options
 from soaes_core.clitools import SoaesGroup, setup_logging
 
 from . import __version__
+from .bench import BenchConfig
 
 
 @click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,49 +24,13 @@ def main(verbose: int) -> None:
     setup_logging(verbose)
 
 
-def _split_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 @main.command()
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML BenchConfig.")
-@click.option("--target", help=f"Target model spec (default {DEFAULT_MODEL}).")
-@click.option("--draft", help="Draft model spec (default: the target's first --draft-layers layers).")
-@click.option("--draft-layers", type=int, help="Layers kept when deriving the draft (default 4).")
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="JSONL: messages or prompt per line.")
-@click.option("--max-prompts", type=int, help="Use only the first N prompts.")
-@click.option("-n", "--num-speculative-tokens", help="Comma-separated block sizes, e.g. 1,3,5 (default 3).")
-@click.option("--modes", help="Comma-separated: greedy,top_p (default both).")
-@click.option("--methods", help="Comma-separated subset of plain,prompt_lookup,speculative,hf_assisted,"
-                                "hf_prompt_lookup (default all).")
-@click.option("--top-p", type=float, help="Top-p for the sampling mode (default 0.7, as in the paper).")
-@click.option("--temperature", type=float, help="Temperature for the sampling mode (default 1.0).")
-@click.option("--max-new-tokens", type=int, help="Tokens per prompt (default 128).")
-@click.option("--draft-confidence", type=float,
-              help="Dynamic draft length: end a block when the draft's top probability is below this (default off).")
-@click.option("--dtype", help="Target and draft dtype: float32 (default), bfloat16, float16.")
-@click.option("--reference-dtype", help="Also time plain decoding of the target in this dtype (e.g. float32), "
-                                        "interleaved, for a speedup against the fastest baseline.")
-@click.option("--warmup", type=int, help="Warm-up passes over the prompts (default 1).")
-@click.option("--repeats", type=int, help="Timed passes; the median is reported (default 3).")
-@click.option("--threads", type=int, help="torch CPU threads (default: torch's choice).")
-@click.option("--seed", type=int)
+@config_options(BenchConfig, names={"num_speculative_tokens": ("-n", "--num-speculative-tokens")})
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="specdec-bench", show_default=True)
-def bench(config_path: str | None, out_dir: str, **options: Any) -> None:
+def bench(config: BenchConfig, out_dir: str) -> None:
     """Benchmark plain, prompt-lookup and speculative decoding against the transformers peers."""
-    from soaes_core.config import from_dict, load_config
+    from .bench import run_benchmark
 
-    from .bench import BenchConfig, run_benchmark
-
-    overrides = {k: v for k, v in options.items() if v is not None}
-    for key in ("num_speculative_tokens",):
-        if key in overrides:
-            overrides[key] = _split_ints(overrides[key])
-    for key in ("modes", "methods"):
-        if key in overrides:
-            overrides[key] = [x.strip() for x in overrides[key].split(",") if x.strip()]
-    config = (load_config(config_path, BenchConfig, overrides=overrides) if config_path
-              else from_dict(BenchConfig, overrides, source="command line"))
     report = run_benchmark(config, out_dir)
     click.echo((Path(out_dir) / "bench.md").read_text(encoding="utf-8"))
     click.echo(f"wrote {out_dir}/bench.json, bench.md, bench.png ({report['wall_time_s']:.0f} s)")
@@ -91,21 +57,20 @@ def generate(prompt: str, target: str, draft: str | None, draft_layers: int, met
     """Generate a reply to PROMPT, streaming tokens to the terminal as they are accepted."""
     import torch
 
-    from soaes_core import load_model, load_tokenizer
+    from soaes_core import encode_chat_prompt, load_model, load_tokenizer
 
     from .decoding import PromptLookupDecoder, SpeculativeDecoder, autoregressive_generate
-    from .draft import make_layer_draft
+    from .draft import load_draft, make_layer_draft
 
     tokenizer = load_tokenizer(target)
     model = load_model(target, dtype=torch.float32)
     if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = encode_chat_prompt(tokenizer, prompt)
     else:
         ids = tokenizer(prompt)["input_ids"]
     if method == "speculative":
-        draft_model = load_model(draft, dtype=torch.float32) if draft else make_layer_draft(model, draft_layers)
+        draft_model = (load_draft(draft, dtype=torch.float32, target=target, target_tokenizer=tokenizer) if draft
+                       else make_layer_draft(model, draft_layers))
         decoder: Any = SpeculativeDecoder(model, draft_model, num_speculative_tokens)
     elif method == "prompt_lookup":
         decoder = PromptLookupDecoder(model, num_speculative_tokens)

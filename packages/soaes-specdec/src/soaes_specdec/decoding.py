@@ -9,7 +9,7 @@ batch advance independently (per-row cache lengths), and every row stops exactly
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,34 @@ class SpecStats:
             "wall_time_s": self.wall_time_s, "tokens_per_s": self.tokens_per_s,
             "acceptance_by_position": self.acceptance_by_position,
         }
+
+    def __add__(self, other: SpecStats) -> SpecStats:
+        """Counters of both runs summed (per-position counts element-wise, the shorter list padded with 0)."""
+        if not isinstance(other, SpecStats):
+            return NotImplemented
+        width = max(len(self.position_proposed), len(other.position_proposed))
+
+        def padded(xs: list[int]) -> list[int]:
+            return xs + [0] * (width - len(xs))
+
+        return SpecStats(
+            proposed=self.proposed + other.proposed, accepted=self.accepted + other.accepted,
+            target_calls=self.target_calls + other.target_calls, draft_calls=self.draft_calls + other.draft_calls,
+            new_tokens=self.new_tokens + other.new_tokens,
+            decode_row_calls=self.decode_row_calls + other.decode_row_calls,
+            decode_tokens=self.decode_tokens + other.decode_tokens, wall_time_s=self.wall_time_s + other.wall_time_s,
+            position_proposed=[a + b for a, b in zip(padded(self.position_proposed),
+                                                     padded(other.position_proposed), strict=True)],
+            position_accepted=[a + b for a, b in zip(padded(self.position_accepted),
+                                                     padded(other.position_accepted), strict=True)])
+
+    @classmethod
+    def merge(cls, stats: Iterable[SpecStats]) -> SpecStats:
+        """The counters of many generate calls summed into one (rates then are ratios of the totals)."""
+        total = cls()
+        for s in stats:
+            total = total + s
+        return total
 
     def record_block(self, num_draft: torch.Tensor, num_accepted: torch.Tensor, active: torch.Tensor,
                      width: int) -> None:
@@ -217,8 +245,11 @@ def _prompt_block(rows: _Rows) -> torch.Tensor:
     return rows.tokens[:, :rows.max_prompt]
 
 
-def _as_runner(model: Any) -> CachedCausalLM:
-    return model if isinstance(model, CachedCausalLM) else CachedCausalLM(model)
+def _as_runner(model: Any, batch_invariant: bool = False) -> CachedCausalLM:
+    """`model` as a cached runner; with `batch_invariant`, one that runs each row alone and each cached
+    continuation token by token, bit-identical to plain batch-1 decoding (runner.py)."""
+    runner = model if isinstance(model, CachedCausalLM) else CachedCausalLM(model)
+    return runner.with_batch_invariance() if batch_invariant else runner
 
 
 def _pad_id(runner: CachedCausalLM, eos: list[int]) -> int:
@@ -232,7 +263,7 @@ def _prefill(runner: CachedCausalLM, rows: _Rows, need_logits: bool = True) -> t
     """Run every prompt through `runner`, set its cache lengths; logits [B, V] at each prompt's last token."""
     starts = torch.zeros(rows.batch, dtype=torch.long, device=rows.tokens.device)
     logits = runner.forward(_prompt_block(rows), starts, logits_at=rows.prompt_lengths - 1, need_logits=need_logits)
-    runner.cache.lengths = rows.prompt_lengths.clone()
+    runner.cache.set_lengths(rows.prompt_lengths)
     return logits
 
 
@@ -264,10 +295,13 @@ def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_
                             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                             eos_token_id: int | Sequence[int] | None = None,
                             generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
-                            streamer: Streamer | None = None) -> SpecDecodeOutput:
-    """Plain KV-cached decoding (one target call per token) with the same sampling code as the other decoders."""
+                            streamer: Streamer | None = None, batch_invariant: bool = False) -> SpecDecodeOutput:
+    """Plain KV-cached decoding (one target call per token) with the same sampling code as the other decoders.
+
+    `batch_invariant` steps the rows of a batch one at a time, so each equals its batch-1 decoding bit for bit.
+    """
     t0 = time.perf_counter()
-    runner = _as_runner(model)
+    runner = _as_runner(model, batch_invariant)
     params = SamplingParams(do_sample, temperature, top_p, top_k)
     rows = _start_rows(runner, input_ids, attention_mask, max_new_tokens, 1, eos_token_id, streamer)
     stats = SpecStats()
@@ -285,7 +319,7 @@ def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_
         starts = rows.lengths - 1
         active_rows = int(rows.active.sum())
         logits = runner.forward(rows.last_tokens().unsqueeze(1), starts, logits_at=torch.zeros_like(starts))
-        runner.cache.lengths = rows.lengths.clone()
+        runner.cache.set_lengths(rows.lengths)
         stats.target_calls += 1
         stats.decode_row_calls += active_rows
     stats.wall_time_s = time.perf_counter() - t0
@@ -313,7 +347,7 @@ def _verify_and_append(target: CachedCausalLM, rows: _Rows, drafts: torch.Tensor
     kept = rows.append(emitted, num_accepted + 1)
     stats.decode_row_calls += int(active.sum())
     stats.decode_tokens += int(kept.sum())
-    target.cache.lengths = rows.lengths - 1  # pending token not yet in the cache; rejected entries are stale
+    target.cache.set_lengths(rows.lengths - 1)  # pending token not yet in the cache; rejected entries are stale
 
 
 class SpeculativeDecoder:
@@ -322,11 +356,13 @@ class SpeculativeDecoder:
     The draft proposes n tokens with its own cache; the target verifies them plus a bonus position in one
     call; both caches roll back by moving length pointers. `draft_confidence` > 0 enables dynamic draft
     length: drafting stops early once every active row's top draft probability falls below it.
+    `batch_invariant=True` verifies token by token through plain decoding's one-row calls: greedy output then
+    equals plain batch-1 decoding bit for bit in every dtype (bfloat16 included), but a verify costs n+1 steps.
     """
 
     def __init__(self, target: Any, draft: Any, num_speculative_tokens: int = 3, draft_confidence: float = 0.0,
-                 use_kernel: bool | None = None) -> None:
-        self.target, self.draft = _as_runner(target), _as_runner(draft)
+                 use_kernel: bool | None = None, batch_invariant: bool = False) -> None:
+        self.target, self.draft = _as_runner(target, batch_invariant), _as_runner(draft)
         self.num_speculative_tokens = check_num_speculative_tokens(num_speculative_tokens)
         if self.target.vocab_size != self.draft.vocab_size:
             raise InvalidArgumentError(
@@ -347,7 +383,7 @@ class SpeculativeDecoder:
         block = rows.tokens.gather(1, cols.clamp(max=rows.tokens.shape[1] - 1))
         logits = draft.forward(block, draft.cache.lengths, logits_at=behind - 1)
         stats.draft_calls += 1
-        draft.cache.lengths = rows.lengths.clone()
+        draft.cache.set_lengths(rows.lengths)
         tokens, probs = [], []
         for i in range(self.num_speculative_tokens):
             if i > 0:
@@ -362,7 +398,7 @@ class SpeculativeDecoder:
                 top = (q if q is not None else torch.softmax(logits, dim=-1)).max(dim=-1).values
                 if not bool((top[rows.active] >= self.draft_confidence).any()):
                     break
-        draft.cache.lengths = rows.lengths + len(tokens) - 1
+        draft.cache.set_lengths(rows.lengths + len(tokens) - 1)  # the last proposal is not in the cache
         return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
 
     @torch.inference_mode()
@@ -386,7 +422,7 @@ class SpeculativeDecoder:
             _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
                                self.use_kernel)
             # The draft holds old_len + k - 1 tokens (it never saw its last proposal); keep only the valid prefix.
-            self.draft.cache.lengths = torch.minimum(self.draft.cache.lengths, rows.lengths - 1)
+            self.draft.cache.rollback(rows.lengths - 1)
         stats.wall_time_s = time.perf_counter() - t0
         return rows.output(stats)
 
@@ -395,11 +431,13 @@ class PromptLookupDecoder:
     """Prompt-lookup decoding: drafts are n-gram continuations found in the prompt + generated text.
 
     The draft is deterministic, so its q is one-hot and rejection sampling stays exact: a proposal x is
-    accepted with probability p(x), and a rejection resamples from p with x removed.
+    accepted with probability p(x), and a rejection resamples from p with x removed. `batch_invariant` as in
+    `SpeculativeDecoder`.
     """
 
-    def __init__(self, target: Any, num_speculative_tokens: int = 3, max_ngram: int = 3) -> None:
-        self.target = _as_runner(target)
+    def __init__(self, target: Any, num_speculative_tokens: int = 3, max_ngram: int = 3,
+                 batch_invariant: bool = False) -> None:
+        self.target = _as_runner(target, batch_invariant)
         self.num_speculative_tokens = check_num_speculative_tokens(num_speculative_tokens)
         if not isinstance(max_ngram, int) or max_ngram < 1:
             raise InvalidArgumentError(f"max_ngram must be an int >= 1, got {max_ngram!r}")

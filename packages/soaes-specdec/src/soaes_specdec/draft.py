@@ -5,7 +5,9 @@ A layer-truncated copy shares the target's tokenizer, embeddings and (tied) outp
 valid speculative draft out of the box and a good initialisation for distillation. A restricted head
 computes logits only for a subset S of the vocabulary (the rest get -inf) and returns full-vocabulary
 logits, so decoding stays exact while the draft's head costs S/V of the full one; it is stored as
-`head_token_ids.json` beside a normal HF directory and applied by `load_draft`.
+`head_token_ids.json` beside a normal HF directory and applied by `load_draft`. A draft loaded for a target
+must share the target's tokenizer (same ids for the same tokens, same special tokens), which `load_draft`
+checks by fingerprint when it is told the target: equal vocabulary sizes alone let a foreign tokenizer through.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from soaes_core import load_model
+from soaes_core import load_model, load_tokenizer, tokenizer_fingerprint
 from soaes_core.errors import InvalidArgumentError, ModelLoadError
 
 
@@ -120,9 +122,50 @@ def unrestricted_copy(model: Any) -> Any:
     return out
 
 
+class DraftTokenizerMismatchError(ModelLoadError):
+    """A draft's tokenizer differs from its target's: its proposals would mean other tokens (~0 % accepted)."""
+
+
+def check_draft_tokenizer(target: str | os.PathLike[str], draft: str | os.PathLike[str],
+                          target_tokenizer: Any = None, draft_tokenizer: Any = None) -> None:
+    """Refuse (`DraftTokenizerMismatchError`, one line naming both) a draft whose tokenizer is not the target's.
+
+    Compares `tokenizer_fingerprint(..., ids_only=True)`: the token <-> id mapping and the special tokens,
+    all a draft shares with its target. Tokenizers are loaded from the specs unless given.
+    """
+    def load(role: str, spec: str | os.PathLike[str]) -> Any:
+        try:
+            tok = load_tokenizer(str(spec))
+            reason = None
+        except ModelLoadError as err:
+            reason = str(err)
+        if reason is None and len(tok.get_vocab()) <= 1:  # transformers' stand-in for a directory without one
+            reason = "no tokenizer files"
+        if reason is not None:
+            raise DraftTokenizerMismatchError(
+                f"cannot check that draft {str(draft)!r} shares target {str(target)!r}'s tokenizer: the {role} has "
+                f"no loadable tokenizer ({reason}); save the target's tokenizer beside the draft")
+        return tok
+
+    t_tok = target_tokenizer if target_tokenizer is not None else load("target", target)
+    d_tok = draft_tokenizer if draft_tokenizer is not None else load("draft", draft)
+    if tokenizer_fingerprint(t_tok, ids_only=True) != tokenizer_fingerprint(d_tok, ids_only=True):
+        sizes = f"{len(d_tok)} vs {len(t_tok)} tokens"
+        raise DraftTokenizerMismatchError(
+            f"draft {str(draft)!r} and target {str(target)!r} have different tokenizers (vocabulary or special "
+            f"tokens differ; {sizes}): speculative decoding needs the draft to use the target's tokenizer")
+
+
 def load_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = None,
-               restrict_head: bool = True) -> Any:
-    """Load a draft saved by `save_draft`; applies its restricted head when `head_token_ids.json` exists."""
+               restrict_head: bool = True, target: str | os.PathLike[str] | None = None,
+               target_tokenizer: Any = None) -> Any:
+    """Load a draft saved by `save_draft`; applies its restricted head when `head_token_ids.json` exists.
+
+    With `target` (its spec or name) the draft's tokenizer is first checked against the target's
+    (`check_draft_tokenizer`; `target_tokenizer` saves reloading it).
+    """
+    if target is not None:
+        check_draft_tokenizer(target, spec, target_tokenizer=target_tokenizer)
     model = load_model(str(spec), dtype=dtype, device=device)
     ids_file = Path(str(spec)) / HEAD_IDS_FILE
     if restrict_head and ids_file.is_file():

@@ -4,8 +4,9 @@ Sampling kernel, per row: for each draft position, warp the target logits (tempe
 the whole vocabulary without materialising them, test acceptance u * q(x) < p(x) in float64, and at the
 first rejection (or the bonus position) draw from the residual max(p - q, 0) by inverse CDF in float64.
 Top-k / top-p cut-offs are found exactly by binary search on float bit patterns, so no sort is needed and
-ties are kept, as in `sampling.apply_top_k` / `apply_top_p`. The pure-PyTorch oracle is `verify.verify_reference`;
-on CPU the kernels run under TRITON_INTERPRET=1 for testing.
+ties are kept, as in `sampling.apply_top_k` / `apply_top_p`; the nucleus is the smallest set {p >= t} whose
+float64-summed mass reaches `sampling.top_p_limit(top_p)` (the rule documented in `sampling`). The pure-PyTorch
+oracle is `verify.verify_reference`; on CPU the kernels run under TRITON_INTERPRET=1 for testing.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, top_p_limit
 
 
 @triton.jit
@@ -32,7 +33,7 @@ def _scaled(row_ptr, offs, V, temperature):
 
 
 @triton.jit
-def _position_stats(row_ptr, V, temperature, top_k, top_p, USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
+def _position_stats(row_ptr, V, temperature, top_k, top_p_limit, USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
                     BLOCK: tl.constexpr):
     """Max m, top-k key cut-off, top-k mass z_k, top-p prob cut-off and final mass z of one logits row."""
     m = float("-inf")
@@ -68,14 +69,14 @@ def _position_stats(row_ptr, V, temperature, top_k, top_p, USE_TOP_K: tl.constex
         for _ in range(32):
             mid_b = (lo_b + hi_b) >> 1
             t = mid_b.to(tl.int32).to(tl.float32, bitcast=True)
-            mass = tl.zeros((), dtype=tl.float32)
+            mass = tl.zeros((), dtype=tl.float64)  # float64: the sum's blocking cannot flip the decision
             for start in range(0, V, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 x = _scaled(row_ptr, offs, V, temperature)
                 e = tl.where(_order_key(x).to(tl.int64) >= key_cut, tl.exp(x - m), 0.0)
                 p = e / z_k
-                mass += tl.sum(tl.where(p >= t, p, 0.0), 0)
-            ok = mass >= top_p
+                mass += tl.sum(tl.where(p >= t, p, 0.0).to(tl.float64), 0)
+            ok = mass >= top_p_limit  # an fp32 value (see `top_p_limit`), compared exactly in float64
             lo_b = tl.where(ok, mid_b, lo_b)
             hi_b = tl.where(ok, hi_b, mid_b)
         p_cut = lo_b.to(tl.int32).to(tl.float32, bitcast=True)
@@ -99,7 +100,7 @@ def _warped_probs(row_ptr, offs, V, temperature, m, key_cut, z_k, p_cut, z):
 
 @triton.jit
 def _verify_sampling_kernel(logits_ptr, q_ptr, draft_ptr, num_draft_ptr, u_accept_ptr, u_sample_ptr,
-                            out_accepted_ptr, out_token_ptr, n, V, temperature, top_k, top_p,
+                            out_accepted_ptr, out_token_ptr, n, V, temperature, top_k, top_p_limit,
                             USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch * (n + 1) * vocab can pass 2**31
     nd = tl.load(num_draft_ptr + b)
@@ -108,8 +109,8 @@ def _verify_sampling_kernel(logits_ptr, q_ptr, draft_ptr, num_draft_ptr, u_accep
     for i in range(0, nd):
         if stopped == 0:
             row = logits_ptr + (b * (n + 1) + i) * V
-            m, key_cut, z_k, p_cut, z = _position_stats(row, V, temperature, top_k, top_p, USE_TOP_K, USE_TOP_P,
-                                                         BLOCK)
+            m, key_cut, z_k, p_cut, z = _position_stats(row, V, temperature, top_k, top_p_limit, USE_TOP_K,
+                                                         USE_TOP_P, BLOCK)
             x_tok = tl.load(draft_ptr + b * n + i)
             p_x = tl.sum(_warped_probs(row, x_tok + tl.arange(0, 1), V, temperature, m, key_cut, z_k, p_cut, z),
                          0).to(tl.float64)
@@ -119,7 +120,8 @@ def _verify_sampling_kernel(logits_ptr, q_ptr, draft_ptr, num_draft_ptr, u_accep
                 accepted = nd * 0 + i  # keep the loop-carried type (int64) in compiled mode
                 stopped = 1
     row = logits_ptr + (b * (n + 1) + accepted) * V
-    m, key_cut, z_k, p_cut, z = _position_stats(row, V, temperature, top_k, top_p, USE_TOP_K, USE_TOP_P, BLOCK)
+    m, key_cut, z_k, p_cut, z = _position_stats(row, V, temperature, top_k, top_p_limit, USE_TOP_K, USE_TOP_P,
+                                                 BLOCK)
     q_limit = tl.where(accepted < nd, V, 0)  # bonus position: q = 0
     q_row = q_ptr + (b * n + accepted) * V
     total = tl.zeros((), dtype=tl.float64)
@@ -212,6 +214,6 @@ def verify_fused(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_
     _verify_sampling_kernel[(batch,)](
         logits, draft_probs.contiguous().float(), drafts, nd, u_accept.contiguous().double(),
         u_sample.contiguous().double(), accepted, token, n, vocab, float(params.temperature),
-        int(params.top_k) if use_top_k else 1, float(params.top_p),
+        int(params.top_k) if use_top_k else 1, top_p_limit(params.top_p),
         USE_TOP_K=use_top_k, USE_TOP_P=params.top_p < 1.0, BLOCK=block, num_warps=num_warps)
     return accepted, token

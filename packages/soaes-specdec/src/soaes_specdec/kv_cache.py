@@ -7,18 +7,23 @@ and are masked out, then overwritten by the next write: rolling back costs nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from soaes_core.errors import InvalidArgumentError
 
-@dataclass
+
 class StaticKVCache:
-    """Per-layer key and value buffers plus per-row valid lengths [B] (the pointers)."""
+    """Per-layer key and value buffers plus per-row valid lengths [B] (the pointers).
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    lengths: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    The lengths change only through `set_lengths`, `rollback` and `reset` (as gpt-fast moves `input_pos`),
+    so every place that moves a pointer is a method call one can search for.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 lengths: torch.Tensor | None = None) -> None:
+        self.keys, self.values = keys, values
+        self._lengths = (lengths.clone() if lengths is not None
+                         else torch.zeros(keys[0].shape[0], dtype=torch.long, device=keys[0].device))
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
@@ -27,7 +32,12 @@ class StaticKVCache:
         shape = (batch, kv_heads, capacity, head_dim)
         keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        return cls(keys=keys, values=values, lengths=torch.zeros(batch, dtype=torch.long, device=device))
+        return cls(keys=keys, values=values)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Valid tokens per row [B] (read-only: move it with `set_lengths` / `rollback` / `reset`)."""
+        return self._lengths
 
     @property
     def batch(self) -> int:
@@ -44,11 +54,19 @@ class StaticKVCache:
 
     def reset(self) -> None:
         """Forget every row's contents (buffers are kept)."""
-        self.lengths = torch.zeros_like(self.lengths)
+        self._lengths = torch.zeros_like(self._lengths)
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Mark the first `lengths[b]` positions of each row valid, after a forward wrote them (or to drop
+        entries past them: only the pointer moves, no data is touched). Copied, so the caller may reuse `lengths`."""
+        if lengths.shape != self._lengths.shape:
+            raise InvalidArgumentError(f"lengths must have shape {tuple(self._lengths.shape)}, "
+                                       f"got {tuple(lengths.shape)}")
+        self._lengths = lengths.to(dtype=torch.long, device=self._lengths.device, copy=True)
 
     def rollback(self, lengths: torch.Tensor) -> None:
-        """Truncate each row to `lengths[b]` tokens: only the pointer moves, no data is touched."""
-        self.lengths = torch.minimum(self.lengths, lengths)
+        """Truncate each row to at most `lengths[b]` tokens: only the pointer moves, no data is touched."""
+        self._lengths = torch.minimum(self._lengths, lengths)
 
 
 def write_block(buffer: torch.Tensor, new: torch.Tensor, common_start: int | None, positions: torch.Tensor) -> None:

@@ -9,6 +9,12 @@ On CPU in fp32 the projections of a decoding step (1 to 16 rows) run as `weight 
 instead of `F.linear`: MKL then reads each weight matrix once, unpacked, which on the 2-core reference box is
 2-3x faster for the whole step (docs/benchmarks.md, "Streaming projections"). Results equal `F.linear` up to
 float rounding (summation order).
+
+A block of several rows rounds differently from a one-row step (GEMM and attention kernels pick their blocking,
+hence their summation order, by shape), so in bfloat16 a verification pass can flip a near-tie that plain
+decoding resolves the other way. `batch_invariant=True` runs each row of a batch alone and every pass that
+continues cached rows token by token, through exactly the calls of plain batch-1 decoding: bit-identical in every
+dtype, but a verify then costs n+1 steps (the speed-up is gone); see the package README, "Exactness per dtype".
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ def block_attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
 class CachedCausalLM:
     """Wraps a decoder-only HF causal LM (`model.model.layers`, rotary, tied or untied head) for cached decoding."""
 
-    def __init__(self, model: Any, linear: str = "auto") -> None:
+    def __init__(self, model: Any, linear: str = "auto", batch_invariant: bool = False) -> None:
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
             raise InvalidArgumentError(
@@ -108,7 +114,14 @@ class CachedCausalLM:
         gated = ("gate_proj", "up_proj", "down_proj", "act_fn")  # per layer, decided once (not on every step)
         self._stream_mlp = [self.linear_mode == "stream" and all(hasattr(layer.mlp, a) for a in gated)
                             for layer in self.layers]
+        self.batch_invariant = bool(batch_invariant)
         self.cache: StaticKVCache | None = None
+
+    def with_batch_invariance(self) -> CachedCausalLM:
+        """This runner, or a batch-invariant one over the same model and projection mode (weights shared)."""
+        if self.batch_invariant:
+            return self
+        return CachedCausalLM(self.model, linear=self.linear_mode, batch_invariant=True)
 
     def _proj(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         """Apply a projection module, through `stream_linear` in stream mode when it is a plain Linear."""
@@ -146,7 +159,7 @@ class CachedCausalLM:
 
     def _attention(self, layer: Any, idx: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    common_start: int | None, positions: torch.Tensor, mask: torch.Tensor | None,
-                   kv_len: int) -> torch.Tensor:
+                   kv_len: int, row: int | None) -> torch.Tensor:
         attn = layer.self_attn
         b, t, _ = h.shape
         q = self._proj(attn.q_proj, h).view(b, t, -1, self.head_dim)
@@ -156,10 +169,12 @@ class CachedCausalLM:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache = self.cache
-        write_block(cache.keys[idx], k, common_start, positions)
-        write_block(cache.values[idx], v, common_start, positions)
-        keys, values = cache.keys[idx][:, :, :kv_len], cache.values[idx][:, :, :kv_len]
+        key_buf, value_buf = self.cache.keys[idx], self.cache.values[idx]
+        if row is not None:  # one row of the batch (a view: writes land in the cache)
+            key_buf, value_buf = key_buf[row:row + 1], value_buf[row:row + 1]
+        write_block(key_buf, k, common_start, positions)
+        write_block(value_buf, v, common_start, positions)
+        keys, values = key_buf[:, :, :kv_len], value_buf[:, :, :kv_len]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         return self._proj(attn.o_proj, out.transpose(1, 2).reshape(b, t, -1))
@@ -169,9 +184,51 @@ class CachedCausalLM:
         """Run `tokens` [B, T], row b occupying positions starts[b]..starts[b]+T-1, writing K/V into the cache.
 
         Returns fp32 logits [B, T, V], or [B, V] at per-row block index `logits_at` [B], or None when
-        `need_logits` is False (prefilling a draft). The caller moves `cache.lengths` afterwards (tokens
-        past a row's real length are padding: stale entries a later write overwrites).
+        `need_logits` is False (prefilling a draft). The caller then moves the lengths with `cache.set_lengths`
+        (tokens past a row's real length are padding: stale entries a later write overwrites).
+        A block that would run past the cache is refused in one line.
         """
+        b, t = tokens.shape
+        hi = int(starts.max())
+        if self.cache is None:
+            raise InvalidArgumentError("CachedCausalLM.forward before start(): allocate the cache first")
+        if hi + t > self.cache.capacity:
+            raise InvalidArgumentError(
+                f"a block of {t} tokens at position {hi} needs {hi + t} cache slots but the cache holds "
+                f"{self.cache.capacity}: verify fewer tokens or start() a larger cache")
+        if self.batch_invariant and (b > 1 or (hi > 0 and t > 1)):
+            return self._forward_rows(tokens, starts, logits_at, need_logits)
+        return self._forward_block(tokens, starts, logits_at, need_logits, row=None)
+
+    def _forward_rows(self, tokens: torch.Tensor, starts: torch.Tensor, logits_at: torch.Tensor | None,
+                      need_logits: bool) -> torch.Tensor | None:
+        """`forward` through exactly the calls plain batch-1 decoding makes, so every logit is bit-identical to it:
+        each row alone; a row at position 0 (a prompt) as one block over its own length (`logits_at[r] + 1` tokens),
+        a row that continues its cache one token at a time, in order (each attends to keys just written)."""
+        b, t = tokens.shape
+        first = torch.zeros(1, dtype=torch.long, device=tokens.device)
+        rows = []
+        for r in range(b):
+            if int(starts[r]) == 0:
+                end = t if logits_at is None else int(logits_at[r]) + 1
+                out = self._forward_block(tokens[r:r + 1, :end], starts[r:r + 1],
+                                          None if logits_at is None else logits_at[r:r + 1], need_logits, row=r)
+                if out is not None:
+                    rows.append(out[0])
+                continue
+            row_logits = []
+            for i in range(t):
+                want = need_logits and (logits_at is None or int(logits_at[r]) == i)
+                out = self._forward_block(tokens[r:r + 1, i:i + 1], starts[r:r + 1] + i, first, want, row=r)
+                if out is not None:
+                    row_logits.append(out[0])
+            if need_logits:
+                rows.append(torch.stack(row_logits) if logits_at is None else row_logits[0])
+        return torch.stack(rows) if need_logits else None
+
+    def _forward_block(self, tokens: torch.Tensor, starts: torch.Tensor, logits_at: torch.Tensor | None,
+                       need_logits: bool, row: int | None) -> torch.Tensor | None:
+        """The batched forward of `forward` (over cache row `row` only, when given)."""
         b, t = tokens.shape
         lo, hi = int(starts.min()), int(starts.max())
         common_start = lo if lo == hi else None
@@ -182,7 +239,7 @@ class CachedCausalLM:
         cos, sin = self.rotary(h, positions)
         for idx, layer in enumerate(self.layers):
             h = h + self._attention(layer, idx, layer.input_layernorm(h), cos, sin, common_start, positions,
-                                    mask, kv_len)
+                                    mask, kv_len, row)
             h = h + self._mlp(idx, layer.mlp, layer.post_attention_layernorm(h))
         if not need_logits:
             return None

@@ -3,8 +3,16 @@
 Every decoder (autoregressive, prompt lookup, speculative) draws tokens through `sample_next`, so the
 distributions they sample from are identical by construction. Warpers follow transformers' order
 (temperature, then top-k, then top-p) but keep ties at the cut-off (a tie-invariant definition that a
-fused kernel can reproduce exactly): top-k keeps token i iff fewer than k tokens are strictly more probable;
-top-p keeps token i iff the mass of strictly more probable tokens is < top_p.
+fused kernel can reproduce exactly): top-k keeps token i iff fewer than k tokens are strictly more probable.
+
+Top-p (nucleus) rule, the one definition shared by `apply_top_p` and the Triton kernel: keep the smallest
+prefix of the tokens sorted by descending probability whose mass *reaches* top_p, plus every token tied with
+its last member. "Reaches" means mass >= `top_p_limit(top_p)` = top_p - `TOP_P_TOLERANCE` (rounded to fp32),
+with masses summed in float64. Equivalently: token i is kept iff the mass of strictly more probable tokens is
+< top_p_limit. The tolerance makes prefixes whose exact sum equals top_p count as reaching it whatever the
+fp32 rounding of the softmax (top_p=0.8 on p=[0.3, 0.1, 0.1, 0.5] keeps [0.3, 0, 0, 0.5], as transformers'
+TopPLogitsWarper does; on [0.6, 0.2, 0.1, 0.05, 0.05] it keeps 2 tokens), so the reference and the kernel,
+whose fp32 probabilities differ in the last bits, decide such ties identically.
 """
 
 from __future__ import annotations
@@ -44,14 +52,25 @@ def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+TOP_P_TOLERANCE = 1e-6
+"""Slack below top_p at which a nucleus counts as complete: above the few-ulp differences between fp32
+softmax implementations (reference vs kernel), far below any mass a user would tune top_p by."""
+
+
+def top_p_limit(top_p: float) -> float:
+    """The mass a nucleus must reach, top_p - TOP_P_TOLERANCE rounded to fp32 (the kernel receives an fp32)."""
+    return float(torch.tensor(top_p - TOP_P_TOLERANCE, dtype=torch.float32))
+
+
 def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask tokens whose strictly-more-probable mass is >= top_p (nucleus filtering, ties kept)."""
+    """Mask tokens whose strictly-more-probable mass reaches `top_p_limit(top_p)` (nucleus filtering, ties kept)."""
     if top_p >= 1.0:
         return logits
     probs = torch.softmax(logits, dim=-1)
     sorted_probs = torch.sort(probs, dim=-1, descending=True).values
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    num_kept = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+    # exclusive prefix sums in float64: exact enough that only the probabilities' own rounding remains
+    mass_before = torch.nn.functional.pad(torch.cumsum(sorted_probs.double(), dim=-1)[..., :-1], (1, 0))
+    num_kept = (mass_before < top_p_limit(top_p)).sum(dim=-1, keepdim=True).clamp(min=1)
     threshold = torch.gather(sorted_probs, -1, num_kept - 1)
     return logits.masked_fill(probs < threshold, float("-inf"))
 

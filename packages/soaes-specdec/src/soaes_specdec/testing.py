@@ -1,7 +1,11 @@
-"""Random verification-step inputs, shared by the kernel tests (CPU interpreter, CUDA) and the kernel benchmark."""
+"""Test inputs shared by the test suites and the kernel benchmark: random verification blocks, nucleus boundary
+cases, support probes of the fused kernel, and a same-size foreign tokenizer for draft compatibility checks."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,3 +36,50 @@ def random_verify_block(batch: int, n: int, vocab: int, params: SamplingParams, 
                 num_draft=torch.randint(1, n + 1, (batch,), generator=g, device=device),
                 u_accept=torch.rand(batch, n, dtype=torch.float64, generator=g, device=device),
                 u_sample=torch.rand(batch, dtype=torch.float64, generator=g, device=device))
+
+
+TOP_P_BOUNDARY_CASES: list[tuple[float, list[float], list[int]]] = [
+    # (top_p, probabilities, kept mask under the nucleus rule of `sampling`); most sum exactly to top_p
+    (0.8, [0.3, 0.1, 0.1, 0.5], [1, 0, 0, 1]),  # transformers' test_top_p_dist_warper, first row
+    (0.8, [0.15, 0.3, 0.3, 0.25], [0, 1, 1, 1]),  # ... and its second row
+    (0.8, [0.6, 0.2, 0.1, 0.05, 0.05], [1, 1, 0, 0, 0]),  # issue 15: the reference kept 2, the kernel 3
+    (0.6, [0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1], [1, 1, 1, 0, 0, 0, 0]),
+    (0.9, [0.3, 0.3, 0.3, 0.05, 0.05], [1, 1, 1, 0, 0]),
+    (0.95, [0.05, 0.9, 0.02, 0.02, 0.01], [1, 1, 0, 0, 0]),
+    (0.9, [0.5, 0.4, 0.1], [1, 1, 0]),
+    (0.75, [0.5, 0.25, 0.125, 0.125], [1, 1, 0, 0]),
+    (0.7, [0.4, 0.3, 0.2, 0.1], [1, 1, 0, 0]),
+    (0.5, [0.25, 0.25, 0.25, 0.25], [1, 1, 1, 1]),  # ties at the cut-off are all kept
+    (0.71, [0.4, 0.3, 0.2, 0.1], [1, 1, 1, 0]),  # just past a boundary: one more token
+]
+
+
+def support_probe_block(logits: torch.Tensor, tokens: torch.Tensor) -> dict[str, Any]:
+    """Verify inputs whose `num_accepted[i]` is 1 iff `tokens[i]` has non-zero warped target probability.
+
+    Row i drafts tokens[i] from a one-hot q with u_accept = 0, so it is accepted iff p(tokens[i]) > 0: this
+    reads the kernel's top-k / top-p support (which it never materialises) through its public contract.
+    """
+    k, vocab = tokens.numel(), logits.shape[-1]
+    q = torch.zeros(k, 1, vocab, device=logits.device)
+    q[torch.arange(k), 0, tokens] = 1.0
+    return dict(target_logits=logits.float().reshape(1, 1, vocab).expand(k, 2, vocab).contiguous(),
+                draft_tokens=tokens.reshape(k, 1), draft_probs=q,
+                num_draft=torch.ones(k, dtype=torch.long, device=logits.device),
+                u_accept=torch.zeros(k, 1, dtype=torch.float64, device=logits.device),
+                u_sample=torch.full((k,), 0.5, dtype=torch.float64, device=logits.device))
+
+
+def swap_tokenizer_ids(model_dir: str | os.PathLike[str], first: int = 1000, second: int = 1001) -> Path:
+    """Rewrite `model_dir/tokenizer.json` so the tokens with ids `first` and `second` trade ids.
+
+    The result is a real, loadable tokenizer of the same size that maps two ids to other tokens: the kind of
+    foreign tokenizer that a vocabulary-size comparison cannot tell from the original.
+    """
+    path = Path(model_dir) / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    by_id = {i: tok for tok, i in vocab.items()}
+    vocab[by_id[first]], vocab[by_id[second]] = second, first
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path

@@ -6,19 +6,18 @@ import json
 
 import click
 
+from soaes_core.cli_options import KeysHelpCommand, parse_set_pairs
 from soaes_core.clitools import SoaesGroup
 
 from . import __version__
 
 
-def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for v in values:
-        if "=" not in v:
-            raise click.BadParameter(f"expected KEY=VALUE, got {v!r}", param_hint="--set")
-        k, val = v.split("=", 1)
-        out[k.strip()] = val
-    return out
+def _recipe_keys() -> list[tuple[str, type, str, tuple[str, ...]]]:
+    """The keys `run --set` accepts, for its --help (imported only when help is shown)."""
+    from .config import StageConfig, TrainRecipe
+
+    return [("Recipe keys (--set KEY=VALUE)", TrainRecipe, "", ("stages", "defaults")),
+            ("Stage keys, for every stage (or stages.NAME.KEY for one)", StageConfig, "", ("name", "kind"))]
 
 
 def _shutdown_distributed() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     """Continual pre-training and domain-progressive SFT on transformers + DeepSpeed ZeRO-3."""
 
 
-@main.command("run")
+@main.command("run", cls=KeysHelpCommand, set_keys=_recipe_keys)
 @click.argument("recipe")
 @click.option("--stage", "stages", multiple=True, help="Run only this stage (repeatable); others are not touched.")
 @click.option("--output-dir", default=None, help="Override the recipe's output_dir.")
@@ -56,20 +55,20 @@ def run_cmd(recipe: str, stages: tuple[str, ...], output_dir: str | None, sets: 
     """
     from soaes_core.clitools import setup_logging
 
-    from .curriculum import load_recipe, run_recipe
+    from .stage_runner import load_train_recipe, run_train_recipe
 
     setup_logging(verbose)
-    overrides = _parse_sets(sets)
+    overrides = parse_set_pairs(sets)  # keys and values are checked against the recipe's dataclasses on loading
     if output_dir:
         overrides["output_dir"] = output_dir
-    rec = load_recipe(recipe, overrides=overrides)
+    rec = load_train_recipe(recipe, overrides=overrides)
 
     def on_stage(name: str, event: str) -> None:
         msg = {"skip": "already finished, skipped", "start": "training", "done": "done"}[event]
         click.echo(f"[{rec.name}] {name}: {msg}", err=True)
 
     try:
-        results = run_recipe(rec, only=list(stages) or None, force=force, on_stage=on_stage)
+        results = run_train_recipe(rec, only=list(stages) or None, force=force, on_stage=on_stage)
     finally:
         _shutdown_distributed()
     for r in results:

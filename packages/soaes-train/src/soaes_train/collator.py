@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-IGNORE_INDEX = -100
+from soaes_data.packing import IGNORE_INDEX as IGNORE_INDEX  # defined once in soaes-data; re-exported
 
 PackedLayout = Literal["rows", "flatten"]
 

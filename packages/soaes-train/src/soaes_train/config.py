@@ -1,15 +1,20 @@
 """Dataclass configs for one training stage and for a multi-stage recipe (loaded from YAML).
 
 A recipe is `name`, `output_dir`, optional `defaults` (merged into every stage) and `stages`: a list of
-`StageConfig` (`kind: cpt | sft`, `model`, `data`, `train`, `deepspeed`). Subclass these (e.g. soaes-distill)
-by adding fields; `__post_init__` validates ranges and raises ValueError, which `soaes_core.load_config`
-reports as a one-line `ConfigError` naming the file and field.
+`StageConfig` (`kind: cpt | sft`, `model`, `data`, `train`, `deepspeed`). Reuse them elsewhere (soaes-distill's
+recipe embeds `TrainConfig` and `DeepSpeedConfig`) or subclass them by adding fields; `__post_init__` validates
+ranges and raises ValueError, which `soaes_core.load_config` reports as a one-line `ConfigError` naming the file
+and field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import copy
+import functools
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
+from typing import Any, Literal, get_type_hints
+
+from soaes_core.config import OMIT_IF_DEFAULT
 
 AttnImplementation = Literal["auto", "flash_attention_2", "sdpa", "eager"]
 SchedulerName = Literal["cosine_floor", "constant_with_warmup", "cosine", "linear", "constant"]
@@ -24,17 +29,19 @@ class DataConfig:
     `input_ids` and optional `labels`). `paths` may name several files (e.g. joint stage-1+2 SFT).
     """
 
-    paths: list[str] = field(default_factory=list)
-    format: Literal["auto", "jsonl", "packed", "parquet"] = "auto"
-    text_field: str = "text"
-    messages_field: str = "messages"
-    max_length: int = 2048
-    packing: bool = True
-    # over-long sequences: cut to max_length and count them, or stop with an error naming the line
-    overlong: Literal["truncate", "error"] = "truncate"
-    # CPT only: restart position_ids per document so packed documents never attend to each other
-    separate_documents: bool = True
-    max_examples: int | None = None
+    paths: list[str] = field(default_factory=list, metadata={
+        "help": "Input files or directories (several: e.g. joint stage-1+2 SFT); sample:NAME for bundled data."})
+    format: Literal["auto", "jsonl", "packed", "parquet"] = field(default="auto", metadata={
+        "help": "jsonl (text or chat messages), packed (a soaes-data packed dataset) or parquet (tokenized rows)."})
+    text_field: str = field(default="text", metadata={"help": "JSONL field holding CPT text."})
+    messages_field: str = field(default="messages", metadata={"help": "JSONL field holding SFT chat messages."})
+    max_length: int = field(default=2048, metadata={"help": "Tokens per training sequence."})
+    packing: bool = field(default=True, metadata={"help": "Pack several examples into each sequence."})
+    overlong: Literal["truncate", "error"] = field(default="truncate", metadata={
+        "help": "Over-long sequences: cut to max_length and count them, or stop with an error naming the line."})
+    separate_documents: bool = field(default=True, metadata={
+        "help": "CPT: restart position_ids per document so packed documents never attend to each other."})
+    max_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples; unset = all."})
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, str):
@@ -46,32 +53,20 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation settings (mapped onto `transformers.TrainingArguments`)."""
+class _TrainSettings:
+    """The optimisation settings soaes interprets itself; `TrainConfig` adds the other `TrainingArguments` fields."""
 
-    learning_rate: float = 1e-5
-    lr_scheduler: SchedulerName = "cosine_floor"
-    min_lr: float = 1e-6  # floor of `cosine_floor` (the paper: 1e-5 decayed to 1e-6)
-    warmup_ratio: float = 0.05
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    bf16: bool | None = None  # None: bf16 when the hardware supports it (CUDA with bf16), else fp32
-    gradient_checkpointing: bool = False
-    attn_implementation: AttnImplementation = "auto"
-    logging_steps: int = 1
-    save_steps: int = 50
-    save_total_limit: int | None = 2
-    report_to: list[str] = field(default_factory=list)  # e.g. ["tensorboard"]
-    dataloader_num_workers: int = 0
-    verify_packing: bool = True  # check packed == unpacked logits on a few sequences before training
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    lr_scheduler: SchedulerName = field(default="cosine_floor", metadata={
+        "help": "Learning-rate schedule; cosine_floor decays to min_lr (the paper: 1e-5 to 1e-6)."})
+    min_lr: float = field(default=1e-6, metadata={"help": "Floor of the cosine_floor schedule."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of the steps spent warming up."})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision; unset = when the hardware supports it (CUDA with bf16), else fp32."})
+    attn_implementation: AttnImplementation = field(default="auto", metadata={
+        "help": "Attention kernel; auto = flash_attention_2 when flash-attn and CUDA are present, else sdpa."})
+    verify_packing: bool = field(default=True, metadata={
+        "help": "Check packed == unpacked logits on a few sequences before training."})
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -83,27 +78,82 @@ class TrainConfig:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"train.max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
+        max_steps = self.max_steps  # type: ignore[attr-defined]  # a TrainingArguments field of TrainConfig
+        if max_steps == 0 or max_steps < -1:
+            raise ValueError(f"train.max_steps must be -1 (use epochs) or >= 1, got {max_steps}")
+
+
+# TrainingArguments fields that `build_training_arguments` sets from the run (paths, DeepSpeed, device, the schedule
+# above) or that must not be written into manifests (the hub token): a recipe cannot set them.
+RUN_OWNED_ARGS = frozenset({
+    "output_dir", "deepspeed", "use_cpu", "ddp_backend", "disable_tqdm", "remove_unused_columns", "lr_scheduler_type",
+    "lr_scheduler_kwargs", "warmup_steps", "gradient_checkpointing_kwargs", "local_rank", "resume_from_checkpoint",
+    "do_train", "do_eval", "do_predict", "hub_token"})
+# soaes defaults where they differ from transformers' (the paper's betas; small runs log and save often)
+TRAINING_ARGS_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 1, "num_train_epochs": 1.0, "adam_beta2": 0.95, "logging_steps": 1,
+    "save_steps": 50, "save_total_limit": 2, "report_to": []}
+
+
+def _training_argument_fields(arguments: type | None = None) -> list[tuple[str, Any, Any]]:
+    """Every other field of `arguments` (`TrainingArguments`), with its type, default and help: a new transformers
+    argument can be set in a recipe without a code change. Left out of dumps while at their default."""
+    if arguments is None:
+        from transformers import TrainingArguments as arguments
+
+    hints = get_type_hints(arguments)
+    own = {f.name for f in fields(_TrainSettings)}
+    out = []
+    for f in fields(arguments):
+        if not f.init or f.name in own or f.name in RUN_OWNED_ARGS:
+            continue
+        metadata = {**f.metadata, OMIT_IF_DEFAULT: True}
+        if f.name in TRAINING_ARGS_DEFAULTS:
+            value = TRAINING_ARGS_DEFAULTS[f.name]
+            spec = (field(default_factory=functools.partial(copy.copy, value), metadata=metadata)
+                    if isinstance(value, (list, dict)) else field(default=value, metadata=metadata))
+        elif f.default_factory is not MISSING:
+            spec = field(default_factory=f.default_factory, metadata=metadata)
+        else:
+            spec = field(default=f.default, metadata=metadata)
+        out.append((f.name, hints[f.name], spec))
+    return out
+
+
+TrainConfig = make_dataclass("TrainConfig", _training_argument_fields(), bases=(_TrainSettings,),
+                             namespace={"__module__": __name__})
+TrainConfig.__doc__ = """Optimisation settings: the soaes ones (schedule, precision policy, attention, packing
+check) and every `transformers.TrainingArguments` field not set by the run (`RUN_OWNED_ARGS`), under the same name,
+type and help, with soaes defaults in `TRAINING_ARGS_DEFAULTS`. `build_training_arguments` passes them through."""
+
+
+def training_arguments_fields(train: _TrainSettings) -> dict[str, Any]:
+    """The `TrainingArguments` fields that `train` holds (all but the soaes settings), by name."""
+    own = {f.name for f in fields(_TrainSettings)}
+    return {f.name: getattr(train, f.name) for f in fields(train) if f.name not in own}
 
 
 @dataclass
 class DeepSpeedConfig:
     """DeepSpeed ZeRO settings; `config_file` (a user JSON) replaces the generated config when set."""
 
-    enabled: bool = False
-    stage: int = 3
-    offload_optimizer: bool = True
-    offload_param: bool = False
-    config_file: str | None = None
-    overlap_comm: bool = False
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int | None = None
-    stage3_gather_16bit_weights_on_model_save: bool = True
-    # pre-flight memory check: warn when model states will not fit (GPU per device / host RAM)
-    memory_check: bool = True
-    num_gpus_per_node: int | None = None  # for the estimate; None: what torch sees (1 on CPU)
-    num_nodes: int = 1
+    enabled: bool = field(default=False, metadata={"help": "Train under DeepSpeed ZeRO."})
+    stage: int = field(default=3, metadata={"help": "ZeRO stage: 0, 1, 2 or 3."})
+    offload_optimizer: bool = field(default=True, metadata={"help": "Keep optimizer states in host memory."})
+    offload_param: bool = field(default=False, metadata={"help": "Keep parameters in host memory (ZeRO-3 only)."})
+    config_file: str | None = field(default=None, metadata={
+        "help": "A DeepSpeed JSON that replaces the generated config."})
+    overlap_comm: bool = field(default=False, metadata={"help": "Overlap gradient reduction with the backward pass."})
+    contiguous_gradients: bool = field(default=True, metadata={"help": "Copy gradients into one contiguous buffer."})
+    reduce_bucket_size: int | None = field(default=None, metadata={
+        "help": "Elements reduced at a time; unset = DeepSpeed's auto."})
+    stage3_gather_16bit_weights_on_model_save: bool = field(default=True, metadata={
+        "help": "ZeRO-3: gather the full 16-bit weights when saving the model."})
+    memory_check: bool = field(default=True, metadata={
+        "help": "Pre-flight check: warn when model states will not fit (GPU per device / host RAM)."})
+    num_gpus_per_node: int | None = field(default=None, metadata={
+        "help": "GPUs per node for the memory estimate; unset = what torch sees (1 on CPU)."})
+    num_nodes: int = field(default=1, metadata={"help": "Nodes, for the memory estimate."})
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -125,11 +175,12 @@ class StageConfig:
 
     name: str
     kind: Literal["cpt", "sft"]
-    model: str | None = None
+    model: str | None = field(default=None, metadata={
+        "help": "Model spec or stage:NAME; unset = the previous stage's output (first stage: base_model)."})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    description: str = ""
+    description: str = field(default="", metadata={"help": "Free text about the stage."})
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -137,15 +188,16 @@ class StageConfig:
 
 
 @dataclass
-class RecipeConfig:
-    """A curriculum: stages run in order, each (by default) starting from the previous stage's output."""
+class TrainRecipe:
+    """A training recipe: stages run in order (`stage_runner`), each (by default) starting from the previous
+    stage's output."""
 
     name: str
     stages: list[StageConfig]
-    output_dir: str = "runs/${name}"
-    base_model: str | None = None
-    description: str = ""
-    defaults: dict = field(default_factory=dict)  # merged into every stage before parsing (see load_recipe)
+    output_dir: str = field(default="runs/${name}", metadata={"help": "Where each stage's outputs go."})
+    base_model: str | None = field(default=None, metadata={"help": "Model the first stage starts from."})
+    description: str = field(default="", metadata={"help": "Free text, shown by `soaes-train recipes`."})
+    defaults: dict = field(default_factory=dict)  # merged into every stage before parsing (see load_train_recipe)
 
     def __post_init__(self) -> None:
         if not self.stages:

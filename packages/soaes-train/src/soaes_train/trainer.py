@@ -2,8 +2,8 @@
 atomic checkpoints, resume, and a `save_pretrained` output with manifest and loss curve.
 
 `SoaesTrainer` overrides only what packing and crash-safety need; `train_stage` wires a `StageConfig` into
-it. soaes-distill subclasses `SoaesTrainer` (e.g. `compute_loss`) and reuses `build_training_arguments`,
-`load_stage_model` and `export_model`.
+it. Other packages reuse the pieces: soaes-distill's `KDTrainer` (a `transformers.Trainer` subclass of its own)
+takes its `TrainingArguments` from `build_training_arguments` and the checkpoint manifest from `checkpoints`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from soaes_core import Timer, load_tokenizer, seed_everything, write_manifest
-from soaes_core.errors import ModelLoadError, SoaesError
+from soaes_core.errors import ConfigError, ModelLoadError, SoaesError
 from soaes_core.progress import progress_bar
 
 from .attention import choose_attn_implementation, packed_layout_for, packed_logits_gap
+from .checkpoints import COMPLETE_MARKER as COMPLETE_MARKER  # re-exported: part of this module's API before
+from .checkpoints import last_complete_checkpoint as last_complete_checkpoint
+from .checkpoints import resumable_checkpoint, write_checkpoint_manifest
 from .collator import PackedCollator, PaddedCollator
-from .config import StageConfig, TrainConfig
+from .config import StageConfig, TrainConfig, training_arguments_fields
 from .data import PreparedData, RowDataset, data_inputs, prepare_data
 from .deepspeed_setup import count_params, estimate_zero_memory, prepare_deepspeed
 from .outputs import loss_curve, write_loss_curve
@@ -37,17 +40,10 @@ from .schedules import hf_scheduler_args
 log = logging.getLogger(__name__)
 
 STAGING_DIR = ".staging"
-COMPLETE_MARKER = ".soaes_complete"
 MODEL_DIRNAME = "model"
 CHECKPOINT_DIRNAME = "checkpoints"
 # leftovers of a DeepSpeed engine checkpoint that do not belong in an exported model directory
 _DS_LEFTOVERS = ("latest", "zero_to_fp32.py", "zero_to_torch.py", "training_args.bin")
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -65,6 +61,7 @@ class SoaesTrainer(Trainer):
     * A checkpoint is written into `<output_dir>/.staging/` and renamed into place only when complete, so a
       kill during a save leaves the previous checkpoint intact and `last_complete_checkpoint` never returns
       a half-written one. Old checkpoints are rotated only after the new one is in place.
+    * The completion marker is a manifest of every file's sha256, checked before resuming (which unpickles).
     """
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -90,7 +87,7 @@ class SoaesTrainer(Trainer):
         _barrier()
         if self.args.should_save:
             staged = staging_root / name
-            (staged / COMPLETE_MARKER).write_text(str(self.state.global_step), encoding="utf-8")
+            write_checkpoint_manifest(staged, self.state.global_step)
             final = run_dir / name
             if final.exists():
                 shutil.rmtree(final)
@@ -110,19 +107,6 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def last_complete_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest `checkpoint-N` under `checkpoint_dir` that was completely written (None if none)."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(PREFIX_CHECKPOINT_DIR + "-") and (p / COMPLETE_MARKER).is_file():
-            with contextlib.suppress(ValueError):
-                found.append((int(p.name.rsplit("-", 1)[1]), p))
-    return max(found)[1] if found else None
 
 
 class ProgressCallback(TrainerCallback):
@@ -165,31 +149,16 @@ def _cpu_distributed() -> bool:
 
 def build_training_arguments(train: TrainConfig, output_dir: str | os.PathLike[str],
                              deepspeed_config: dict[str, Any] | None = None, **overrides: Any) -> TrainingArguments:
-    """`TrainingArguments` for `train` (schedules, precision, checkpointing, logging) writing to `output_dir`."""
+    """`TrainingArguments` for `train` writing to `output_dir`: every `TrainingArguments` field of `train` passed
+    through as is, plus what the run decides (schedule, precision, device, DeepSpeed); `overrides` win."""
     bf16 = bf16_supported() if train.bf16 is None else train.bf16
-    kwargs: dict[str, Any] = dict(
+    kwargs = training_arguments_fields(train)
+    kwargs.update(
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
-        num_train_epochs=train.num_train_epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        weight_decay=train.weight_decay,
-        adam_beta1=train.adam_beta1,
-        adam_beta2=train.adam_beta2,
-        adam_epsilon=train.adam_epsilon,
-        max_grad_norm=train.max_grad_norm,
-        seed=train.seed,
-        data_seed=train.seed,
         bf16=bf16,
-        gradient_checkpointing=train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
-        logging_steps=train.logging_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        report_to=list(train.report_to) or "none",
-        dataloader_num_workers=train.dataloader_num_workers,
+        report_to=train.report_to or "none",
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         # CPU multi-process: accelerate must build its state on gloo to see the launcher's world size
@@ -199,7 +168,10 @@ def build_training_arguments(train: TrainConfig, output_dir: str | os.PathLike[s
         **hf_scheduler_args(train),
     )
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    try:
+        return TrainingArguments(**kwargs)
+    except ValueError as err:  # transformers' own cross-field checks (e.g. eval_strategy without eval_steps)
+        raise ConfigError(f"train: {err}".splitlines()[0]) from None
 
 
 def load_stage_model(spec: str | os.PathLike[str], attn_implementation: str, dtype: torch.dtype = torch.float32) -> Any:
@@ -363,7 +335,7 @@ def _train_stage(stage: StageConfig, model_spec: str, stage_dir: str | os.PathLi
     log.info("%s: attention=%s packed=%s layout=%s rows=%d", stage.name, impl, data.packed,
              layout if data.packed else "padded", len(data.rows))
     ckpt_dir = stage_dir / CHECKPOINT_DIRNAME
-    resume_from = last_complete_checkpoint(ckpt_dir) if resume else None
+    resume_from = resumable_checkpoint(ckpt_dir) if resume else None  # verified: resuming unpickles it
     tb_dir = str(stage_dir / "tensorboard") if "tensorboard" in train.report_to else None
     with _env(TENSORBOARD_LOGGING_DIR=tb_dir):  # read when the Trainer builds its TensorBoard callback
         trainer = SoaesTrainer(model=model, args=args, train_dataset=RowDataset(data.rows), data_collator=collator,

@@ -8,7 +8,8 @@
 
 The directory comes from lm-eval metadata (``cmmlu_dir`` / ``ceval_dir`` / ``domain_dir``, or ``data_dir`` holding
 ``cmmlu/``, ``ceval/``, ``domain/``), else the ``SOAES_CMMLU_DIR`` / ``SOAES_CEVAL_DIR`` / ``SOAES_DOMAIN_DIR`` or
-``SOAES_EVAL_DATA_DIR`` environment variables. Every row is validated; a bad row raises ``DataError``.
+``SOAES_EVAL_DATA_DIR`` environment variables, else (CMMLU, C-Eval) the release ``soaes-eval fetch`` unpacked into
+``$SOAES_CACHE/benchmarks/``. Every row is validated; a bad row raises ``DataError``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ CHOICES = ("A", "B", "C", "D")
 CMMLU_COLUMNS = ("Question", "A", "B", "C", "D", "Answer")
 CEVAL_COLUMNS = ("id", "question", "A", "B", "C", "D", "answer")
 DOMAIN_FIELDS = ("prompt", "reference")
+RELEASES = ("cmmlu", "ceval")  # benchmarks `soaes-eval fetch` can download
 
 
 def resolve_data_dir(bench: str, metadata: dict[str, Any]) -> Path:
@@ -37,10 +39,16 @@ def resolve_data_dir(bench: str, metadata: dict[str, Any]) -> Path:
         str(Path(os.environ["SOAES_EVAL_DATA_DIR"]) / bench) if os.environ.get("SOAES_EVAL_DATA_DIR") else None,
     ]
     chosen = next((c for c in candidates if c), None)
+    if chosen is None and bench in RELEASES:
+        from ..fetch import fetched_dir
+
+        fetched = fetched_dir(bench)  # the release `soaes-eval fetch` put in the cache
+        chosen = str(fetched) if fetched else None
     if chosen is None:
+        fetch_hint = f", or run `soaes-eval fetch {bench}`" if bench in RELEASES else ""
         raise ConfigError(
             f"no {bench} data directory: pass lm-eval metadata {{\"{bench}_dir\": DIR}} (or \"data_dir\" with a "
-            f"{bench}/ subfolder) or set SOAES_{bench.upper()}_DIR; samples are in {SAMPLES_DIR / bench}")
+            f"{bench}/ subfolder) or set SOAES_{bench.upper()}_DIR{fetch_hint}; samples are in {SAMPLES_DIR / bench}")
     path = Path(chosen).expanduser()
     if not path.is_dir():
         raise ConfigError(f"{bench} data directory does not exist: {path}")

@@ -1,5 +1,5 @@
-"""Multi-stage curriculum runner: `cpt → sft_stage1 → sft_stage2` (or any recipe's stages), each stage
-starting from the previous stage's output.
+"""Multi-stage training runner: a `TrainRecipe`'s stages (`cpt → sft_stage1 → sft_stage2`, or any recipe's),
+each starting from the previous stage's output. (Curriculum *selection* of SFT data is `soaes_data.curriculum`.)
 
 Layout under the recipe's `output_dir`: `<stage>/model/` (save_pretrained + manifest.json + loss curve),
 `<stage>/checkpoints/` and `<stage>/stage_config.json`. A stage whose `model/manifest.json` verifies and was
@@ -22,7 +22,7 @@ from soaes_core import atomic_write_json, load_yaml, read_manifest, sha256_file,
 from soaes_core.config import apply_overrides, from_dict
 from soaes_core.errors import ConfigError
 
-from .config import RecipeConfig, StageConfig
+from .config import StageConfig, TrainRecipe
 from .trainer import MODEL_DIRNAME, StageResult, train_stage
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def recipe_from_dict(data: Any, source: str = "<recipe>", overrides: dict[str, Any] | None = None) -> RecipeConfig:
-    """Build a `RecipeConfig`, merging `defaults` into every stage and applying dotted `overrides`
+def train_recipe_from_dict(data: Any, source: str = "<recipe>", overrides: dict[str, Any] | None = None) -> TrainRecipe:
+    """Build a `TrainRecipe`, merging `defaults` into every stage and applying dotted `overrides`
     (`train.max_steps=3` applies to every stage; `stages.NAME.train.max_steps=3` to one)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe must be a mapping with 'name' and 'stages'")
@@ -71,28 +71,28 @@ def recipe_from_dict(data: Any, source: str = "<recipe>", overrides: dict[str, A
         data["stages"] = merged
         if stage_over:
             raise ConfigError(f"{source}: override names unknown stage(s): {', '.join(sorted(stage_over))}")
-    return from_dict(RecipeConfig, data, source=source)
+    return from_dict(TrainRecipe, data, source=source)
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> RecipeConfig:
+def load_train_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> TrainRecipe:
     """Load a recipe YAML (a path, or the name of a shipped recipe — see `soaes_train.recipes`)."""
     from .recipes import resolve_recipe
 
     p = resolve_recipe(str(path))
-    return recipe_from_dict(load_yaml(p), source=str(p), overrides=overrides)
+    return train_recipe_from_dict(load_yaml(p), source=str(p), overrides=overrides)
 
 
-def stage_dir(recipe: RecipeConfig, name: str) -> Path:
+def stage_dir(recipe: TrainRecipe, name: str) -> Path:
     """Directory of stage `name` under the recipe's output dir."""
     return Path(recipe.output_dir) / name
 
 
-def stage_model_dir(recipe: RecipeConfig, name: str) -> Path:
+def stage_model_dir(recipe: TrainRecipe, name: str) -> Path:
     """Where stage `name` saves its model (`save_pretrained` directory)."""
     return stage_dir(recipe, name) / MODEL_DIRNAME
 
 
-def resolve_parent(recipe: RecipeConfig, index: int) -> tuple[str, str | None]:
+def resolve_parent(recipe: TrainRecipe, index: int) -> tuple[str, str | None]:
     """(model spec, parent stage name or None) that stage `index` starts from."""
     stage = recipe.stages[index]
     ref = stage.model
@@ -132,7 +132,7 @@ def _outputs_present(model_dir: Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def stage_is_finished(recipe: RecipeConfig, index: int) -> bool:
+def stage_is_finished(recipe: TrainRecipe, index: int) -> bool:
     """True when the stage's model dir has a manifest whose outputs are all present and whose recorded
     config and parent match the recipe now."""
     stage = recipe.stages[index]
@@ -145,7 +145,7 @@ def stage_is_finished(recipe: RecipeConfig, index: int) -> bool:
     return json.loads(cfg_file.read_text(encoding="utf-8")) == _fingerprint(stage, spec)
 
 
-def run_recipe(recipe: RecipeConfig, *, only: Sequence[str] | None = None, force: bool = False,
+def run_train_recipe(recipe: TrainRecipe, *, only: Sequence[str] | None = None, force: bool = False,
                on_stage: Callable[[str, str], None] | None = None) -> list[StageResult]:
     """Run the recipe's stages in order (or just `only`), skipping finished ones and resuming killed ones.
 

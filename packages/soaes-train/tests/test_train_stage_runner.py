@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from soaes_core import read_manifest
 from soaes_core.errors import ConfigError
 from soaes_train import trainer as trainer_mod
-from soaes_train.curriculum import load_recipe, recipe_from_dict, run_recipe, stage_model_dir
+from soaes_train.stage_runner import load_train_recipe, run_train_recipe, stage_model_dir, train_recipe_from_dict
 
 
 def _tiny_recipe(base: Path, out: Path, chat: Path, docs: Path, steps: int = 2) -> dict:
@@ -32,11 +32,11 @@ class _Crash(RuntimeError):
 
 def test_tiny_curriculum_chains_skips_and_resumes(tiny_model_copy: Path, chat_jsonl: Path, text_jsonl: Path,
                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    recipe = recipe_from_dict(_tiny_recipe(tiny_model_copy, tmp_path / "run", chat_jsonl, text_jsonl))
+    recipe = train_recipe_from_dict(_tiny_recipe(tiny_model_copy, tmp_path / "run", chat_jsonl, text_jsonl))
     # running stage 2 before stage 1 exists: one clear error naming the missing parent
     with pytest.raises(ConfigError, match=r"stage 'sft_stage2' starts from stage 'sft_stage1', whose output .* "
                                           r"does not exist; run 'sft_stage1' first"):
-        run_recipe(recipe, only=["sft_stage2"])
+        run_train_recipe(recipe, only=["sft_stage2"])
 
     # kill stage sft_stage1 after its first checkpoint
     class Kill(TrainerCallback):
@@ -48,13 +48,13 @@ def test_tiny_curriculum_chains_skips_and_resumes(tiny_model_copy: Path, chat_js
     monkeypatch.setattr(trainer_mod, "_train_stage",
                         lambda *a, **k: real(*a, **{**k, "callbacks": [Kill()]}))
     with pytest.raises(_Crash):
-        run_recipe(recipe)
+        run_train_recipe(recipe)
     monkeypatch.setattr(trainer_mod, "_train_stage", real)
     assert read_manifest(stage_model_dir(recipe, "cpt")) is not None
     assert read_manifest(stage_model_dir(recipe, "sft_stage1")) is None
 
     events: list[tuple[str, str]] = []
-    results = run_recipe(recipe, on_stage=lambda n, e: events.append((n, e)))
+    results = run_train_recipe(recipe, on_stage=lambda n, e: events.append((n, e)))
     assert events[0] == ("cpt", "skip")
     assert [r.skipped for r in results] == [True, False, False]
     assert results[1].resumed_from and results[1].resumed_from.endswith("checkpoint-1")
@@ -65,34 +65,34 @@ def test_tiny_curriculum_chains_skips_and_resumes(tiny_model_copy: Path, chat_js
     assert m2["parent_model"]["stage"] == "sft_stage1"
     assert m2["config"]["kind"] == "sft" and m2["counts"]["rows"] > 0
     # everything finished: a re-run skips all; a changed config is refused without --force
-    assert all(r.skipped for r in run_recipe(recipe))
-    changed = recipe_from_dict(_tiny_recipe(tiny_model_copy, tmp_path / "run", chat_jsonl, text_jsonl, steps=3))
+    assert all(r.skipped for r in run_train_recipe(recipe))
+    changed = train_recipe_from_dict(_tiny_recipe(tiny_model_copy, tmp_path / "run", chat_jsonl, text_jsonl, steps=3))
     with pytest.raises(ConfigError, match="different config or parent; use --force"):
-        run_recipe(changed, only=["cpt"])
+        run_train_recipe(changed, only=["cpt"])
 
 
 def test_recipe_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"stages\[0\].deepspeed: deepspeed.offload_param needs ZeRO stage 3"):
-        recipe_from_dict({"name": "x", "base_model": "m", "stages": [
+        train_recipe_from_dict({"name": "x", "base_model": "m", "stages": [
             {"name": "a", "kind": "sft", "deepspeed": {"enabled": True, "stage": 2, "offload_param": True}}]})
     with pytest.raises(ConfigError, match=r"stages\[0\].kind: expected one of 'cpt', 'sft', got 'sf'"):
-        recipe_from_dict({"name": "x", "stages": [{"name": "a", "kind": "sf"}]})
-    r = recipe_from_dict({"name": "x", "base_model": "m", "stages": [
+        train_recipe_from_dict({"name": "x", "stages": [{"name": "a", "kind": "sf"}]})
+    r = train_recipe_from_dict({"name": "x", "base_model": "m", "stages": [
         {"name": "a", "kind": "cpt"}, {"name": "b", "kind": "sft", "model": "stage:zzz"}]})
     with pytest.raises(ConfigError, match="names no stage"):
-        run_recipe(r, only=["b"])
+        run_train_recipe(r, only=["b"])
     with pytest.raises(ConfigError, match="no stage 'c'"):
-        run_recipe(r, only=["c"])
+        run_train_recipe(r, only=["c"])
     p = tmp_path / "r.yaml"
     p.write_text("name: x\nstages:\n  - {name: a, kind: cpt, train: {learning_rate: -1}}\n")
     with pytest.raises(ConfigError, match=r"r\.yaml: stages\[0\].train: train.learning_rate must be > 0"):
-        load_recipe(p)
+        load_train_recipe(p)
 
 
 def test_overrides_apply_to_every_stage_or_one(tmp_path: Path) -> None:
     data = {"name": "x", "base_model": "m", "defaults": {"train": {"max_steps": 5}},
             "stages": [{"name": "a", "kind": "cpt"}, {"name": "b", "kind": "sft"}]}
-    r = recipe_from_dict(data, overrides={"train.learning_rate": "2e-5", "stages.b.train.max_steps": "7",
+    r = train_recipe_from_dict(data, overrides={"train.learning_rate": "2e-5", "stages.b.train.max_steps": "7",
                                           "output_dir": str(tmp_path)})
     assert [s.train.learning_rate for s in r.stages] == [2e-5, 2e-5]
     assert [s.train.max_steps for s in r.stages] == [5, 7]
@@ -102,10 +102,10 @@ def test_overrides_apply_to_every_stage_or_one(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_smollm2_three_stage_curriculum_on_cpu(tmp_path: Path) -> None:
     """Acceptance 4: the shipped CPU recipe (sample corpus, 256-token windows, a few steps per stage)."""
-    recipe = load_recipe("smollm2-135m-cpu", overrides={"output_dir": str(tmp_path / "run"),
+    recipe = load_train_recipe("smollm2-135m-cpu", overrides={"output_dir": str(tmp_path / "run"),
                                                         "train.max_steps": "2", "train.save_steps": "100",
                                                         "train.per_device_train_batch_size": "1"})
-    results = run_recipe(recipe)
+    results = run_train_recipe(recipe)
     assert [r.name for r in results] == ["cpt", "sft_stage1", "sft_stage2"]
     parents = [read_manifest(r.model_dir)["parent_model"] for r in results]
     assert parents[0]["spec"] == "embedded:smollm2-135m" and parents[0]["stage"] is None
@@ -140,7 +140,7 @@ def test_sigkilled_cli_run_resumes_with_the_same_loss_curve(tiny_model_copy: Pat
         p.write_text(yaml.safe_dump(data))
         return p
 
-    ref = run_recipe(load_recipe(recipe(tmp_path / "ref")))[0]
+    ref = run_train_recipe(load_train_recipe(recipe(tmp_path / "ref")))[0]
     path = recipe(tmp_path / "run")
     env = {**os.environ, "SOAES_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "soaes_train.cli", "run", str(path)], env=env,
@@ -152,7 +152,7 @@ def test_sigkilled_cli_run_resumes_with_the_same_loss_curve(tiny_model_copy: Pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists()
-    res = run_recipe(load_recipe(path))[0]
+    res = run_train_recipe(load_train_recipe(path))[0]
     assert res.resumed_from is not None and not res.resumed_from.endswith("checkpoint-10")
     curve = json.loads((res.model_dir / "loss_curve.json").read_text())["loss"]
     ref_curve = json.loads((ref.model_dir / "loss_curve.json").read_text())["loss"]

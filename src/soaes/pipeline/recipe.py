@@ -1,0 +1,277 @@
+"""`soaes pipeline` recipes: one YAML that names the stages to run and each stage's settings.
+
+Settings reuse the packages' own dataclasses (soaes-train's `TrainConfig`, soaes-distill's `KDConfig`), so a
+field a package adds is settable here with no change. `load_pipeline_recipe` checks what can be checked before
+any work starts and reports it as one line naming the recipe file and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soaes_core import DEFAULT_MODEL, from_dict, load_yaml
+from soaes_core.config import apply_overrides
+from soaes_core.errors import ConfigError, SoaesError
+from soaes_distill.trainer import KDConfig
+from soaes_train.config import TrainConfig
+
+# Every stage the pipeline knows, in the order they run. `decontaminate` and `sft_stage2_only` are optional.
+STAGE_ORDER = ("curate", "decontaminate", "pack", "cpt", "sft_stage1", "sft_stage2", "sft_stage2_only",
+               "teacher_data", "dump_logits", "distill_draft", "specdec_bench", "eval", "report")
+DEFAULT_STAGES = ["curate", "pack", "cpt", "sft_stage1", "sft_stage2", "teacher_data", "dump_logits",
+                  "distill_draft", "specdec_bench", "eval", "report"]
+SAMPLE_PREFIX = "sample:"  # soaes-data's shipped samples
+EVAL_SAMPLE_PREFIX = "eval-sample:"  # soaes-eval's shipped samples
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class CurateSettings:
+    """Curation of the raw corpus by soaes-data (`recipe`: its curation config; `overrides`: dotted keys)."""
+
+    recipe: str = "sample:recipe.yaml"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DecontaminateSettings:
+    """Drop curated documents and SFT conversations that share `ngram`-character n-grams with benchmark items."""
+
+    eval_dirs: list[str] = field(default_factory=lambda: ["eval-sample:cmmlu", "eval-sample:ceval"])
+    ngram: int = 13
+    min_overlaps: int = 1
+
+
+@dataclass
+class PackSettings:
+    """Tokenize and pack the CPT corpus and the two SFT pools with the target's tokenizer."""
+
+    max_length: int = 256
+    cpt_data: str | None = None  # an explicit corpus JSONL instead of the curated output
+    sft_stage1: str = "sample:sft/dialog_pool.jsonl"
+    sft_stage2: str = "sample:sft/expert_pool.jsonl"
+
+
+@dataclass
+class TrainStageSettings:
+    """One CPT/SFT stage: soaes-train `TrainConfig` fields; `model`/`data` replace the upstream stage's output."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: str | None = None
+    data: str | None = None
+    max_length: int = 256
+
+
+@dataclass
+class TeacherDataSettings:
+    """The trained target's greedy answers to domain prompts (KD training text; every `holdout_every`-th held out)."""
+
+    prompts: list[str] = field(default_factory=lambda: ["sample:sft/expert_pool.jsonl", "sample:sft/dialog_pool.jsonl"])
+    holdout_every: int = 4
+    max_prompts: int | None = None
+    max_new_tokens: int = 48
+    max_length: int = 192
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.holdout_every < 2:
+            raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
+
+
+@dataclass
+class DumpSettings:
+    """Offline teacher logits (top-k) of the trained target on the teacher data (soaes-distill dump)."""
+
+    top_k: int = 64
+    batch_size: int = 8
+
+
+@dataclass
+class SweepPoint:
+    alpha: float
+    temperature: float
+
+
+@dataclass
+class DistillSettings:
+    """KD of a layer-truncated draft of the trained target (or of `draft`, an explicit draft model)."""
+
+    draft_layers: int = 4
+    draft: str | None = None
+    train_embeddings: bool = False
+    kd: KDConfig = field(default_factory=KDConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: list[SweepPoint] = field(default_factory=list)  # extra (α, τ) drafts for Tables 3-4
+
+
+@dataclass
+class BenchSettings:
+    """Speculative decoding vs plain and prompt lookup (soaes-specdec bench), undistilled and distilled draft."""
+
+    dtype: str = "float32"
+    reference_dtype: str | None = "bfloat16"  # plain decoding also timed in this dtype; speedups use the faster
+    num_speculative_tokens: list[int] = field(default_factory=lambda: [3, 5])
+    modes: list[str] = field(default_factory=lambda: ["greedy", "top_p"])
+    max_prompts: int = 4
+    max_new_tokens: int = 48
+    repeats: int = 3
+    warmup: int = 1
+    exactness_prompts: int = 4
+
+
+@dataclass
+class EvalSettings:
+    """CMMLU / C-Eval before and after CPT and domain QA ROUGE/BLEU per stage (soaes-eval on lm-eval)."""
+
+    general_tasks: list[str] = field(default_factory=lambda: ["soaes_cmmlu", "soaes_ceval"])
+    domain_task: str = "soaes_domain_qa"
+    limit: int | None = None
+    max_gen_toks: int = 64
+    batch_size: int = 8
+    data_dir: str = "eval-sample:"  # folder with cmmlu/, ceval/, domain/ (default: soaes-eval's shipped samples)
+
+
+@dataclass
+class PipelineRecipe:
+    """A whole pipeline: the base `target`, the stages to run and the settings of each."""
+
+    name: str
+    target: str = DEFAULT_MODEL
+    output_dir: str = "runs/pipeline-${name}"
+    seed: int = 0
+    description: str = ""
+    trained_target: str | None = None  # the trained target when the recipe has no sft_stage2
+    threads: int | None = None  # torch CPU threads for the run; unset = torch's choice (not part of any hash)
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
+    curate: CurateSettings = field(default_factory=CurateSettings)
+    decontaminate: DecontaminateSettings = field(default_factory=DecontaminateSettings)
+    pack: PackSettings = field(default_factory=PackSettings)
+    cpt: TrainStageSettings = field(default_factory=TrainStageSettings)
+    sft_stage1: TrainStageSettings = field(default_factory=TrainStageSettings)
+    sft_stage2: TrainStageSettings = field(default_factory=TrainStageSettings)
+    sft_stage2_only: TrainStageSettings = field(default_factory=TrainStageSettings)
+    teacher_data: TeacherDataSettings = field(default_factory=TeacherDataSettings)
+    dump_logits: DumpSettings = field(default_factory=DumpSettings)
+    distill_draft: DistillSettings = field(default_factory=DistillSettings)
+    specdec_bench: BenchSettings = field(default_factory=BenchSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    quick: dict[str, Any] = field(default_factory=dict)  # dotted overrides that `--quick` applies
+    source: str = "<recipe>"  # the file it came from (set by the loader)
+    base_dir: str = "."  # relative paths are resolved against this (the recipe's folder)
+
+    def __post_init__(self) -> None:
+        self.output_dir = self.output_dir.replace("${name}", self.name)
+
+
+def resolve_recipe_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """A recipe file, or the name of a shipped recipe (`demo` → src/soaes/recipes/demo.yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file() and os.sep not in str(name_or_path):
+        return shipped
+    names = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
+    raise ConfigError(f"{name_or_path}: no such recipe file or shipped recipe (shipped: {names})")
+
+
+def resolve_path(recipe: PipelineRecipe, value: str) -> Path:
+    """`sample:NAME` (soaes-data samples), `eval-sample:NAME` (soaes-eval samples), else relative to the recipe."""
+    if value.startswith(SAMPLE_PREFIX):
+        from soaes_data.samples import sample_dir
+
+        return sample_dir() / value[len(SAMPLE_PREFIX):]
+    if value.startswith(EVAL_SAMPLE_PREFIX):
+        from soaes_eval.tasks.loaders import SAMPLES_DIR
+
+        return SAMPLES_DIR / value[len(EVAL_SAMPLE_PREFIX):]
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else Path(recipe.base_dir) / p
+
+
+def is_model_spec(value: str) -> bool:
+    """Model specs that are not local paths (`embedded:…`, `hf:…`); `gguf:PATH` is checked as a path."""
+    return value.startswith(("embedded:", "hf:"))
+
+
+def load_pipeline_recipe(name_or_path: str | os.PathLike[str], *, quick: bool = False,
+                         overrides: dict[str, Any] | None = None) -> PipelineRecipe:
+    """Load and validate a recipe (a path or a shipped recipe name); `quick` applies its `quick:` overrides."""
+    path = resolve_recipe_path(name_or_path)
+    data = load_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping (name, stages, ...)")
+    data = copy.deepcopy(data)
+    if quick:
+        quick_over = data.get("quick") or {}
+        if not isinstance(quick_over, dict):
+            raise ConfigError(f"{path}: quick: expected a mapping of dotted keys")
+        data = apply_overrides(data, quick_over)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    data.update(source=str(path), base_dir=str(path.resolve().parent))
+    recipe = from_dict(PipelineRecipe, data, source=str(path))
+    validate_recipe(recipe)
+    return recipe
+
+
+def _fail(recipe: PipelineRecipe, where: str, message: str) -> ConfigError:
+    return ConfigError(f"{recipe.source}: {where}: {message}")
+
+
+def trained_target_source(recipe: PipelineRecipe) -> str | None:
+    """The stage whose model is the trained target ('sft_stage2'), or None when `trained_target` names it."""
+    if recipe.trained_target is not None:
+        return None
+    return "sft_stage2"
+
+
+def validate_recipe(recipe: PipelineRecipe) -> None:
+    """Unknown or duplicated stages, missing data paths, stages whose input stage is absent (and not given as a
+    path), and a draft whose tokenizer differs from the target's: each is one `ConfigError` naming file and field."""
+    for i, name in enumerate(recipe.stages):
+        if name not in STAGE_ORDER:
+            import difflib
+
+            near = difflib.get_close_matches(name, STAGE_ORDER, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise _fail(recipe, f"stages[{i}]", f"unknown stage {name!r}{hint}; known: {', '.join(STAGE_ORDER)}")
+        if recipe.stages.index(name) != i:
+            raise _fail(recipe, f"stages[{i}]", f"stage {name!r} is listed twice")
+    from .stages import STAGES
+
+    for name in recipe.stages:
+        stage = STAGES[name]
+        for path_field, value in stage.data_paths(recipe).items():
+            if value is None or is_model_spec(value):
+                continue
+            p = resolve_path(recipe, value.removeprefix("gguf:"))
+            if not p.exists():
+                raise _fail(recipe, path_field, f"no such file or directory: {p}")
+        for inp in stage.inputs(recipe):
+            if inp.explicit is None and inp.stage is not None and inp.stage not in recipe.stages and inp.required:
+                raise _fail(recipe, "stages", f"stage {name!r} needs the output of stage {inp.stage!r}, which is not "
+                            f"in stages (add it, or set {inp.field} to a path)")
+    _check_draft_tokenizer(recipe)
+
+
+def _check_draft_tokenizer(recipe: PipelineRecipe) -> None:
+    draft = recipe.distill_draft.draft
+    if draft is None or "distill_draft" not in recipe.stages:
+        return
+    from soaes_core import load_tokenizer, tokenizer_fingerprint
+
+    spec = draft if is_model_spec(draft) else str(resolve_path(recipe, draft))
+    target = recipe.target if is_model_spec(recipe.target) else str(resolve_path(recipe, recipe.target))
+    try:
+        a = tokenizer_fingerprint(load_tokenizer(spec), ids_only=True)
+    except SoaesError as err:
+        raise _fail(recipe, "distill_draft.draft", f"cannot load the draft's tokenizer: {err}") from None
+    b = tokenizer_fingerprint(load_tokenizer(target), ids_only=True)
+    if a != b:
+        raise _fail(recipe, "distill_draft.draft", f"the draft's tokenizer ({draft}) differs from the target's "
+                    f"({recipe.target}); speculative decoding needs identical token ids")

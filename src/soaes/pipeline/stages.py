@@ -1,0 +1,642 @@
+"""The pipeline's stages: one small class each, registered in `STAGES`; each is a call of package APIs.
+
+A stage declares its inputs (an upstream stage's output, or an explicit path from the recipe), the recipe section
+that configures it, and `run(ctx, out)`, which writes everything into `out` and returns counts for the manifest.
+The runner (`runner.py`) decides whether a stage runs, and makes its output appear atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from soaes_core import read_jsonl, write_jsonl
+from soaes_core.errors import SoaesError
+
+from .recipe import STAGE_ORDER, PipelineRecipe, is_model_spec, resolve_path
+
+FAIL_ENV = "SOAES_PIPELINE_FAIL_AT"  # "STAGE:POINT": raise there (tests of kill-and-rerun)
+MODEL_DIR = "model"
+
+
+class InjectedFailure(SoaesError):
+    """Raised at a stage's named point when `SOAES_PIPELINE_FAIL_AT` asks for it (tests of kill-and-rerun)."""
+
+
+@dataclass
+class Input:
+    """Something a stage reads: the output of `stage` (under `subpath`), unless the recipe gives `explicit`."""
+
+    name: str
+    stage: str | None
+    field: str
+    explicit: str | None = None
+    subpath: str = ""
+    required: bool = True
+
+
+@dataclass
+class StageContext:
+    """What a running stage may use: the recipe, the run directory and the finished stages' output folders."""
+
+    recipe: PipelineRecipe
+    run_dir: Path
+
+    def stage_dir(self, name: str) -> Path:
+        """The final output folder of stage `name` (`<run>/stages/<NN>_<name>`)."""
+        return self.run_dir / "stages" / stage_dirname(name)
+
+    def resolve(self, inp: Input) -> Path | str | None:
+        """Where input `inp` is: an explicit path/model spec, or the upstream stage's output (None if absent)."""
+        if inp.explicit is not None:
+            return inp.explicit if is_model_spec(inp.explicit) else resolve_path(self.recipe, inp.explicit)
+        if inp.stage is None or inp.stage not in self.recipe.stages:
+            return None
+        return self.stage_dir(inp.stage) / inp.subpath if inp.subpath else self.stage_dir(inp.stage)
+
+    def path(self, inp: Input) -> Path:
+        p = self.resolve(inp)
+        if p is None:
+            raise SoaesError(f"{self.recipe.source}: {inp.field}: no input for {inp.name!r}")
+        return Path(p)
+
+    def spec(self, inp: Input) -> str:
+        p = self.resolve(inp)
+        if p is None:
+            raise SoaesError(f"{self.recipe.source}: {inp.field}: no input for {inp.name!r}")
+        return str(p)
+
+    def fail_point(self, stage: str, point: str) -> None:
+        """Raise `InjectedFailure` when `SOAES_PIPELINE_FAIL_AT` is `stage:point` (a stand-in for a kill)."""
+        if os.environ.get(FAIL_ENV) == f"{stage}:{point}":
+            raise InjectedFailure(f"injected failure at {stage}:{point} ({FAIL_ENV})")
+
+
+def stage_dirname(name: str) -> str:
+    return f"{STAGE_ORDER.index(name) + 1:02d}_{name}"
+
+
+class Stage:
+    """One pipeline stage. `resumable`: its partial output is kept across a kill, because the package it calls
+    resumes from it (training checkpoints, dump shards); otherwise a rerun starts from an empty folder."""
+
+    name: ClassVar[str]
+    resumable: ClassVar[bool] = False
+    weight: ClassVar[float] = 1.0  # relative cost, for the overall ETA before any timing is known
+
+    def settings(self, recipe: PipelineRecipe) -> Any:
+        """The recipe section that configures this stage (hashed into its config fingerprint)."""
+        return getattr(recipe, self.name, None)
+
+    def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
+        """Recipe values outside the stage's section that change its output."""
+        return {"seed": recipe.seed}
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        return []
+
+    def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
+        """Recipe field → path value that must exist before anything runs."""
+        return {}
+
+    def external_files(self, ctx: StageContext) -> dict[str, Path]:
+        """Files outside the run that this stage reads (hashed, so an edit reruns the stage)."""
+        return {}
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    STAGES[cls.name] = cls()
+    return cls
+
+
+def _target_input(recipe: PipelineRecipe) -> Input:
+    """The trained target: sft_stage2's model, or the recipe's `trained_target`."""
+    return Input("target", "sft_stage2", "trained_target", recipe.trained_target, MODEL_DIR)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@register
+class Curate(Stage):
+    name = "curate"
+    resumable = True  # soaes-data's curation resumes its own phases
+
+    def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
+        return {"curate.recipe": recipe.curate.recipe}
+
+    def _config(self, ctx: StageContext, out: Path | None = None) -> Any:
+        from soaes_data.pipeline import load_curation_config
+
+        over = {**ctx.recipe.curate.overrides, "output_dir": str(out or ctx.run_dir / "_probe")}
+        return load_curation_config(resolve_path(ctx.recipe, ctx.recipe.curate.recipe), overrides=over)
+
+    def external_files(self, ctx: StageContext) -> dict[str, Path]:
+        files = {"curation_recipe": resolve_path(ctx.recipe, ctx.recipe.curate.recipe)}
+        for i, p in enumerate(self._config(ctx).inputs):
+            p = Path(p)
+            for j, f in enumerate(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]):
+                files[f"corpus{i}.{j}"] = f
+        return files
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        from soaes_data.pipeline import run_curation
+
+        reports = run_curation(self._config(ctx, out / "curation"))
+        docs = out / "curation" / "final" / "docs.jsonl"
+        if not docs.is_file():
+            raise SoaesError(f"curation wrote no {docs}")
+        return {"documents": len(read_jsonl(docs)), "curation": {r.name: dict(r.counts) for r in reports}}
+
+
+def curated_docs(recipe: PipelineRecipe) -> Input:
+    """The corpus that packing reads: decontaminated when that stage runs, else curated (or `pack.cpt_data`)."""
+    if "decontaminate" in recipe.stages:
+        return Input("corpus", "decontaminate", "pack.cpt_data", recipe.pack.cpt_data, "docs.jsonl")
+    return Input("corpus", "curate", "pack.cpt_data", recipe.pack.cpt_data, "curation/final/docs.jsonl")
+
+
+@register
+class Decontaminate(Stage):
+    name = "decontaminate"
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        return [Input("corpus", "curate", "pack.cpt_data", recipe.pack.cpt_data, "curation/final/docs.jsonl")]
+
+    def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
+        paths = {f"decontaminate.eval_dirs[{i}]": d for i, d in enumerate(recipe.decontaminate.eval_dirs)}
+        return {**paths, "pack.sft_stage1": recipe.pack.sft_stage1, "pack.sft_stage2": recipe.pack.sft_stage2}
+
+    def external_files(self, ctx: StageContext) -> dict[str, Path]:
+        r = ctx.recipe
+        files = {"sft_stage1": resolve_path(r, r.pack.sft_stage1), "sft_stage2": resolve_path(r, r.pack.sft_stage2)}
+        for i, d in enumerate(r.decontaminate.eval_dirs):
+            for j, f in enumerate(sorted(resolve_path(r, d).rglob("*.csv"))):
+                files[f"eval{i}.{j}"] = f
+        return files
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        from soaes_data.decontam import DecontamConfig, NgramIndex, decontaminate_records
+
+        r, s = ctx.recipe, ctx.recipe.decontaminate
+        index = NgramIndex.from_config(DecontamConfig(eval_dirs=[str(resolve_path(r, d)) for d in s.eval_dirs],
+                                                      use_fetched=False, ngram=s.ngram, min_overlaps=s.min_overlaps))
+        counts: dict[str, Any] = {}
+        sources = {"docs": ctx.path(self.inputs(r)[0]), "sft_stage1": resolve_path(r, r.pack.sft_stage1),
+                   "sft_stage2": resolve_path(r, r.pack.sft_stage2)}
+        rejects: list[dict[str, Any]] = []
+        for name, path in sources.items():
+            rows = read_jsonl(path)
+            kept, dropped, _ = decontaminate_records(rows, index, s.min_overlaps)
+            write_jsonl(out / f"{name}.jsonl", kept)
+            rejects += [{"file": name, **d} for d in dropped]
+            counts[name] = {"in": len(rows), "kept": len(kept), "dropped": len(dropped)}
+        write_jsonl(out / "rejects.jsonl", rejects)
+        return counts
+
+
+@register
+class Pack(Stage):
+    name = "pack"
+
+    def _sft(self, recipe: PipelineRecipe, key: str) -> Input:
+        if "decontaminate" in recipe.stages:
+            return Input(key, "decontaminate", f"pack.{key}", None, f"{key}.jsonl")
+        return Input(key, None, f"pack.{key}", getattr(recipe.pack, key))
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        return [curated_docs(recipe), self._sft(recipe, "sft_stage1"), self._sft(recipe, "sft_stage2")]
+
+    def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
+        return {"pack.cpt_data": recipe.pack.cpt_data, "pack.sft_stage1": recipe.pack.sft_stage1,
+                "pack.sft_stage2": recipe.pack.sft_stage2}
+
+    def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
+        return {"target": recipe.target}  # its tokenizer
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        from soaes_core import load_tokenizer
+        from soaes_data.tokenize_pack import pack_cpt_corpus, pack_sft_file
+
+        r = ctx.recipe
+        tok = load_tokenizer(r.target)
+        corpus, sft1, sft2 = (ctx.path(i) for i in self.inputs(r))
+        pack_cpt_corpus([corpus], out / "cpt", tok, r.pack.max_length, tokenizer_spec=r.target)
+        ctx.fail_point(self.name, "after_cpt")
+        counts = {"cpt": _packed_rows(out / "cpt")}
+        for key, path in (("sft_stage1", sft1), ("sft_stage2", sft2)):
+            pack_sft_file(path, out / key, tok, r.pack.max_length, tokenizer_spec=r.target, on_error="skip")
+            counts[key] = _packed_rows(out / key)
+        return counts
+
+
+def _packed_rows(folder: Path) -> Any:
+    from soaes_core import read_manifest
+
+    return (read_manifest(folder) or {}).get("counts", {})
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+class TrainStage(Stage):
+    """A CPT or SFT stage: soaes-train's `train_stage` on packed data, from the parent stage's model."""
+
+    kind: ClassVar[str]
+    data_key: ClassVar[str]
+    parent: ClassVar[str | None]  # None: the recipe's base target
+    resumable = True  # train_stage resumes from its last complete checkpoint
+    weight = 3.0
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        s = getattr(recipe, self.name)
+        data = Input("data", "pack", f"{self.name}.data", s.data, self.data_key)
+        if self.parent is None:
+            return [data]
+        return [data, Input("model", self.parent, f"{self.name}.model", s.model, MODEL_DIR)]
+
+    def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
+        s = getattr(recipe, self.name)
+        return {f"{self.name}.data": s.data, f"{self.name}.model": s.model}
+
+    def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
+        return {"seed": recipe.seed, "target": recipe.target if self.parent is None else None}
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        from soaes_train.config import DataConfig, StageConfig
+        from soaes_train.trainer import train_stage
+
+        r, s = ctx.recipe, getattr(ctx.recipe, self.name)
+        ins = self.inputs(r)
+        spec = ctx.spec(ins[1]) if self.parent is not None else (s.model or r.target)
+        cfg = StageConfig(name=self.name, kind=self.kind,  # type: ignore[arg-type]
+                          data=DataConfig(paths=[str(ctx.path(ins[0]))], format="packed", max_length=s.max_length),
+                          train=s.train)
+        ctx.fail_point(self.name, "before_train")
+        result = train_stage(cfg, spec, out, parent={"stage": self.parent or "base", "spec": spec})
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: the model is the output
+        return {"model": MODEL_DIR, "metrics": result.metrics, "data": result.counts,
+                "resumed_from": result.resumed_from}
+
+
+@register
+class Cpt(TrainStage):
+    name, kind, data_key, parent = "cpt", "cpt", "cpt", None
+
+
+@register
+class SftStage1(TrainStage):
+    name, kind, data_key, parent = "sft_stage1", "sft", "sft_stage1", "cpt"
+
+
+@register
+class SftStage2(TrainStage):
+    name, kind, data_key, parent = "sft_stage2", "sft", "sft_stage2", "sft_stage1"
+
+
+@register
+class SftStage2Only(TrainStage):
+    """Table 2's ablation: stage-2 SFT straight after CPT, without stage 1."""
+
+    name, kind, data_key, parent = "sft_stage2_only", "sft", "sft_stage2", "cpt"
+
+
+# ------------------------------------------------------------------------------------------------- draft
+
+
+@register
+class TeacherData(Stage):
+    """The trained target answers domain prompts greedily: KD training text, plus held-out prompts/answers."""
+
+    name = "teacher_data"
+    weight = 2.0
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        return [_target_input(recipe)]
+
+    def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
+        return {f"teacher_data.prompts[{i}]": p for i, p in enumerate(recipe.teacher_data.prompts)}
+
+    def external_files(self, ctx: StageContext) -> dict[str, Path]:
+        return {f"prompts{i}": resolve_path(ctx.recipe, p) for i, p in enumerate(ctx.recipe.teacher_data.prompts)}
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        import torch
+
+        from soaes_core import load_model, load_tokenizer, read_prompts, seed_everything
+        from soaes_distill.synth import blackbox_sft_records, chat_records_to_examples
+        from soaes_distill.token_data import write_token_jsonl
+
+        r, s = ctx.recipe, ctx.recipe.teacher_data
+        seed_everything(r.seed)
+        spec = ctx.spec(self.inputs(r)[0])
+        tok, model = load_tokenizer(spec), load_model(spec, dtype=torch.float32, device="cpu").eval()
+        prompts = [p for f in s.prompts for p in read_prompts(resolve_path(r, f))]
+        prompts = prompts[: s.max_prompts] if s.max_prompts else prompts
+        k = s.holdout_every
+        train = [p for i, p in enumerate(prompts) if i % k != k - 1]
+        held = [p for i, p in enumerate(prompts) if i % k == k - 1]
+        rejects: list[dict[str, Any]] = []
+        counts: dict[str, Any] = {"prompts": len(prompts)}
+        for split, ps in (("train", train), ("heldout", held)):
+            records = blackbox_sft_records(model, tok, ps, s.max_new_tokens, batch_size=s.batch_size)
+            examples = chat_records_to_examples(tok, records, s.max_length, rejects)
+            write_jsonl(out / f"{split}_records.jsonl", records)
+            write_token_jsonl(out / f"{split}_tokens.jsonl", examples)
+            write_jsonl(out / f"{split}_prompts.jsonl",  # chat messages: benchmarks apply the chat template
+                        [{"id": p.get("id"), "messages": [{"role": "user", "content": p["prompt"]}]} for p in ps])
+            counts[split] = {"prompts": len(ps), "examples": len(examples)}
+            ctx.fail_point(self.name, f"after_{split}")
+        write_jsonl(out / "rejects.jsonl", rejects)
+        counts["rejected"] = len(rejects)
+        return counts
+
+
+@register
+class DumpLogits(Stage):
+    """Top-k teacher logits of the trained target on the teacher data (soaes-distill `run_dump`)."""
+
+    name = "dump_logits"
+    resumable = True  # run_dump resumes a partial dump
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        return [_target_input(recipe), Input("data", "teacher_data", "teacher_data", None, "train_tokens.jsonl")]
+
+    def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
+        return {"temperatures": _temperatures(recipe)}
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        import torch
+
+        from soaes_core import load_model, load_tokenizer
+        from soaes_distill.dump import DumpConfig, run_dump
+
+        r, s = ctx.recipe, ctx.recipe.dump_logits
+        target, data = (ctx.spec(i) for i in self.inputs(r))
+        cfg = DumpConfig(dataset=data, output_dir=str(out / "store"), model=target, top_k=s.top_k,
+                         temperatures=_temperatures(r), batch_size=s.batch_size)
+        res = run_dump(cfg, model=load_model(target, dtype=torch.float32, device="cpu").eval(),
+                       tokenizer=load_tokenizer(target))
+        return {"examples": res.examples, "positions": res.positions, "bytes": res.bytes}
+
+
+def _temperatures(recipe: PipelineRecipe) -> list[float]:
+    d = recipe.distill_draft
+    return sorted({float(d.kd.temperature), *(float(p.temperature) for p in d.sweep)})
+
+
+def sweep_slug(alpha: float, temperature: float) -> str:
+    return f"a{alpha:g}-t{temperature:g}"
+
+
+@register
+class DistillDraft(Stage):
+    """KD of a draft from the trained target (soaes-distill `make_draft` + `run_distill` on the dumped logits);
+    the offline acceptance estimate on held-out target answers for the undistilled and each distilled draft."""
+
+    name = "distill_draft"
+    resumable = True  # run_distill resumes from its last complete checkpoint
+    weight = 3.0
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        return [_target_input(recipe), Input("data", "teacher_data", "teacher_data", None, "train_tokens.jsonl"),
+                Input("heldout", "teacher_data", "teacher_data", None, "heldout_tokens.jsonl"),
+                Input("logits", "dump_logits", "dump_logits", None, "store")]
+
+    def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
+        return {"distill_draft.draft": recipe.distill_draft.draft}
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        import dataclasses
+
+        from soaes_core import atomic_write_json
+        from soaes_distill.draft_init import make_draft
+        from soaes_distill.recipe import DistillRecipe, run_distill
+
+        r, s = ctx.recipe, ctx.recipe.distill_draft
+        target, data, heldout, logits = (ctx.spec(i) for i in self.inputs(r))
+        init = out / "undistilled"
+        if s.draft is not None:
+            student = s.draft if is_model_spec(s.draft) else str(resolve_path(r, s.draft))
+        else:
+            if not (init / "config.json").is_file():
+                make_draft(target, init, num_layers=s.draft_layers)
+            student = str(init)
+        ctx.fail_point(self.name, "before_train")
+        points = [("distilled", s.kd)] + [(f"sweep/{sweep_slug(p.alpha, p.temperature)}",
+                                           dataclasses.replace(s.kd, alpha=p.alpha, temperature=p.temperature))
+                                          for p in s.sweep]
+        drafts: dict[str, Any] = {"undistilled": {"dir": "undistilled" if s.draft is None else student}}
+        for rel, kd in points:
+            res = run_distill(DistillRecipe(student=student, train_data=data, output_dir=str(out / rel),
+                                            teacher_logits=logits, train_embeddings=s.train_embeddings, kd=kd,
+                                            train=s.train))
+            shutil.rmtree(out / rel / "checkpoints", ignore_errors=True)
+            drafts[rel] = {"dir": f"{rel}/model", "alpha": kd.alpha, "temperature": kd.temperature,
+                           "train_seconds": round(res.train_seconds, 2),
+                           "final_loss": res.kd_history[-1].get("loss") if res.kd_history else None}
+        estimates = _estimate_acceptance(target, heldout, {k: (out / v["dir"] if not is_model_spec(str(v["dir"]))
+                                                               else v["dir"]) for k, v in drafts.items()})
+        for k, est in estimates.items():
+            drafts[k]["offline_acceptance"] = est
+        atomic_write_json(out / "drafts.json", drafts)
+        return {"drafts": len(drafts), "heldout_examples": len(read_jsonl(heldout))}
+
+
+def _estimate_acceptance(target_spec: str, heldout: str, drafts: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """soaes-distill's offline acceptance estimator (teacher-forced, greedy and top-p 0.7) per draft."""
+    import torch
+
+    from soaes_core import load_model
+    from soaes_distill.acceptance import AcceptanceAccumulator
+    from soaes_distill.token_data import load_token_examples
+    from soaes_specdec.draft import load_draft
+
+    examples = load_token_examples(heldout)
+    target = load_model(target_spec, dtype=torch.float32, device="cpu").eval()
+    out = {}
+    with torch.no_grad():
+        t_logits = [target(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits for ex in examples]
+        for name, d in drafts.items():
+            draft = load_draft(str(d), dtype=torch.float32, device="cpu")
+            acc = AcceptanceAccumulator(top_p=0.7, block_sizes=(3,))
+            for tl, ex in zip(t_logits, examples, strict=True):
+                acc.add(tl, draft(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits,
+                        torch.tensor([ex.labels]))
+            out[name] = {k: round(v, 6) for k, v in acc.result().as_metrics().items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- measure
+
+
+@register
+class SpecdecBench(Stage):
+    """soaes-specdec's benchmark of the trained target with the distilled draft (every n and mode, plain in both
+    dtypes, prompt lookup) and with the undistilled draft (greedy, n=3), plus a token-exactness check."""
+
+    name = "specdec_bench"
+    weight = 2.0
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        return [_target_input(recipe), Input("drafts", "distill_draft", "distill_draft", None),
+                Input("prompts", "teacher_data", "teacher_data", None, "heldout_prompts.jsonl")]
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        import json
+
+        from soaes_specdec.bench import BenchConfig, run_benchmark
+
+        r, s = ctx.recipe, ctx.recipe.specdec_bench
+        target, drafts_dir, prompts = (ctx.spec(i) for i in self.inputs(r))
+        drafts = json.loads((Path(drafts_dir) / "drafts.json").read_text(encoding="utf-8"))
+
+        def draft_path(key: str) -> str:
+            d = str(drafts[key]["dir"])
+            return d if is_model_spec(d) or os.path.isabs(d) else str(Path(drafts_dir) / d)
+
+        common = {"target": target, "prompts": prompts, "max_prompts": s.max_prompts,
+                  "max_new_tokens": s.max_new_tokens, "repeats": s.repeats, "warmup": s.warmup, "dtype": s.dtype,
+                  "reference_dtype": s.reference_dtype, "seed": r.seed}
+        counts: dict[str, Any] = {}
+        jobs = [("distilled", BenchConfig(draft=draft_path("distilled"), modes=list(s.modes),
+                                          num_speculative_tokens=list(s.num_speculative_tokens),
+                                          methods=["plain", "prompt_lookup", "speculative"], **common)),
+                ("undistilled", BenchConfig(draft=draft_path("undistilled"), modes=["greedy"],
+                                            num_speculative_tokens=[3], methods=["plain", "speculative"], **common))]
+        jobs += [(key, BenchConfig(draft=draft_path(key), modes=["greedy"], num_speculative_tokens=[3],
+                                   methods=["plain", "speculative"], **common))
+                 for key in drafts if key.startswith("sweep/")]
+        for key, cfg in jobs:
+            report = run_benchmark(cfg, out / key)
+            counts[key] = {"prompts": report["num_prompts"], "results": len(report["results"])}
+            ctx.fail_point(self.name, f"after_{key.replace('/', '_')}")
+        counts["exactness"] = _exactness(target, draft_path("distilled"), prompts, s, out / "exactness.json")
+        return counts
+
+
+def _exactness(target_spec: str, draft_spec: str, prompts: str, s: Any, path: Path) -> dict[str, Any]:
+    """Greedy speculative output == plain greedy output, token for token, in fp32 (and in the bench dtype)."""
+    import torch
+
+    from soaes_core import atomic_write_json, load_model, load_tokenizer
+    from soaes_specdec import SpeculativeDecoder, autoregressive_generate
+    from soaes_specdec.bench import load_prompts
+    from soaes_specdec.draft import load_draft
+
+    tok = load_tokenizer(target_spec)
+    ids = load_prompts(prompts, tok, s.exactness_prompts)
+    result: dict[str, Any] = {"prompts": len(ids), "max_new_tokens": s.max_new_tokens, "n": 3}
+    for dtype in dict.fromkeys(["float32", s.dtype]):
+        target = load_model(target_spec, dtype=dtype, device="cpu").eval()
+        draft = load_draft(draft_spec, dtype=dtype, device="cpu")
+        dec = SpeculativeDecoder(target, draft, num_speculative_tokens=3)
+        same = 0
+        for p in ids:
+            p = p.unsqueeze(0) if p.dim() == 1 else p
+            kw = {"max_new_tokens": s.max_new_tokens, "eos_token_id": tok.eos_token_id}
+            plain = autoregressive_generate(target, p, **kw).sequences
+            same += int(torch.equal(plain, dec.generate(p, **kw).sequences))
+        result[dtype] = {"identical": same, "exact": same == len(ids)}
+    result["exact"] = result["float32"]["exact"]
+    atomic_write_json(path, result)
+    return {"prompts": len(ids), "exact_fp32": result["exact"]}
+
+
+@register
+class Eval(Stage):
+    """soaes-eval (lm-eval): general tasks (CMMLU / C-Eval) for the base and CPT models, domain QA for every
+    trained stage present (Table 1 and 2)."""
+
+    name = "eval"
+    resumable = True  # lm-eval's request cache under the stage folder
+    weight = 3.0
+
+    MODELS: ClassVar[tuple[tuple[str, str | None, str, bool], ...]] = (
+        # label, stage (None = the base target), Table 2 row, general tasks too
+        ("base", None, "base", True),
+        ("cpt", "cpt", "CPT", True),
+        ("sft_stage2_only", "sft_stage2_only", "CPT + stage-2 SFT", False),
+        ("sft_stage2", "sft_stage2", "CPT + stage-1 + stage-2 SFT", False),
+    )
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        ins = [Input(label, st, "stages", None, MODEL_DIR, required=st in recipe.stages)
+               for label, st, _, _ in self.MODELS if st is not None]
+        if recipe.distill_draft.sweep:  # Table 3: the drafts' own domain QA quality
+            ins.append(Input("drafts", "distill_draft", "distill_draft.sweep", None, required=False))
+        return ins
+
+    def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
+        return {"eval.data_dir": recipe.eval.data_dir}
+
+    def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
+        return {"target": recipe.target}
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        from soaes_core import atomic_write_json
+
+        r, s = ctx.recipe, ctx.recipe.eval
+        data_dir = str(resolve_path(r, s.data_dir))
+        index = []
+        for label, st, row, general in self.MODELS:
+            if st is not None and st not in r.stages:
+                continue
+            model = r.target if st is None else str(ctx.stage_dir(st) / MODEL_DIR)
+            runs = [("domain", [s.domain_task], True)] + ([("general", list(s.general_tasks), False)] if general
+                                                           else [])
+            entry: dict[str, Any] = {"label": label, "stage": row, "model": model, "kind": "target"}
+            index.append(self._evaluate(ctx, out, entry, runs, data_dir))
+        if r.distill_draft.sweep and "distill_draft" in r.stages:
+            ddir = ctx.stage_dir("distill_draft")
+            drafts = json.loads((ddir / "drafts.json").read_text(encoding="utf-8"))
+            for key, info in drafts.items():
+                label = "draft-" + key.replace("/", "-")
+                entry = {"label": label, "stage": f"draft ({key})", "model": str(ddir / info["dir"]), "kind": "draft",
+                         "alpha": info.get("alpha"), "temperature": info.get("temperature")}
+                index.append(self._evaluate(ctx, out, entry, [("domain", [s.domain_task], True)], data_dir))
+        atomic_write_json(out / "index.json", index)
+        shutil.rmtree(out / ".cache", ignore_errors=True)
+        return {"models": len(index)}
+
+    def _evaluate(self, ctx: StageContext, out: Path, entry: dict[str, Any], runs: list[tuple[str, list[str], bool]],
+                  data_dir: str | None) -> dict[str, Any]:
+        from soaes_eval.runner import EvalRunConfig, run_eval
+
+        r, s, label = ctx.recipe, ctx.recipe.eval, entry["label"]
+        for kind, tasks, chat in runs:
+            folder = out / label / kind
+            cfg = EvalRunConfig(tasks=tasks, model=entry["model"], output_dir=str(folder), data_dir=data_dir,
+                                limit=s.limit, max_gen_toks=s.max_gen_toks, batch_size=s.batch_size,
+                                apply_chat_template=chat, name=label, stage=entry["stage"], seed=r.seed,
+                                cache=str(out / ".cache" / f"{label}-{kind}"))
+            run_eval(cfg)
+            entry[kind] = f"{label}/{kind}"
+            ctx.fail_point(self.name, f"after_{label}_{kind}")
+        return entry
+
+
+@register
+class Report(Stage):
+    """report.md, CSV and PNG tables shaped like the paper's, from the run's manifests (soaes-eval paper_tables)."""
+
+    name = "report"
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        return [Input(n, n, "stages", None, required=False) for n in recipe.stages if n != "report"]
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        from soaes_eval.paper_tables import write_run_report
+
+        written = write_run_report(ctx.run_dir, out, recipe_name=ctx.recipe.name, final_dir=ctx.stage_dir(self.name))
+        return {"tables": written["tables"], "files": len(written["files"])}

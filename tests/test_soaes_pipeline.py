@@ -1,0 +1,141 @@
+"""`soaes pipeline run demo --quick` end to end on the embedded model: every stage's manifest, the report's
+tables, a second run that does no work, and a run killed inside a stage that reruns to the same numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from soaes.cli import main
+from soaes.pipeline import STAGES, load_pipeline_recipe, plan_pipeline, stage_dirname
+from soaes.pipeline.stages import FAIL_ENV
+
+pytestmark = pytest.mark.slow
+RECIPE = load_pipeline_recipe("demo", quick=True)
+
+
+def _run(out: Path, *extra: str, env: dict[str, str] | None = None) -> object:
+    # one torch thread: on a shared CI machine two threads can be several times slower (threads are not hashed)
+    return CliRunner().invoke(main, ["pipeline", "run", "demo", "--quick", "-o", str(out), "--set", "threads=1",
+                                     *extra], env=env)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    res = _run(out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _manifest(run: Path, name: str) -> dict:
+    return json.loads((run / "stages" / stage_dirname(name) / "manifest.json").read_text(encoding="utf-8"))
+
+
+def _report(run: Path) -> str:
+    return (run / "stages" / stage_dirname("report") / "report.md").read_text(encoding="utf-8")
+
+
+def _table_numbers(report: str, title: str) -> list[str]:
+    """The linked numbers of one table of report.md, in order."""
+    section = report.split(title, 1)[1].split("Sample sizes:", 1)[0]
+    return re.findall(r"\[([-0-9.]+)\]\(", section)
+
+
+def test_every_stage_writes_a_manifest(quick_run: Path) -> None:
+    assert set(RECIPE.stages) <= set(STAGES)
+    for name in RECIPE.stages:
+        m = _manifest(quick_run, name)
+        assert m["stage"] == f"pipeline.{name}"
+        assert m["pipeline"]["config_sha256"] and m["outputs"] and m["versions"]["soaes-core"]
+        assert m["timings_s"]["total"] > 0
+    assert not list((quick_run / "stages").glob(".*"))  # no partial or old folders left behind
+    # the draft is distilled from the SFT stage-2 model, not the base model
+    distill = _manifest(quick_run, "distill_draft")["pipeline"]["inputs"]["target"]
+    assert distill["path"].endswith(f"{stage_dirname('sft_stage2')}/model")
+    assert distill["sha256"].startswith("manifest:")
+    drafts = json.loads((quick_run / "stages" / stage_dirname("distill_draft") / "drafts.json").read_text())
+    assert set(drafts) == {"undistilled", "distilled"}
+    assert 0.0 <= drafts["distilled"]["offline_acceptance"]["acceptance_greedy"] <= 1.0
+
+
+def test_report_has_the_paper_tables_with_links_sizes_and_directions(quick_run: Path) -> None:
+    report = _report(quick_run)
+    for title in ("Table 1:", "Table 2:", "Table 4:", "Table 5:", "Table 6:"):
+        assert title in report
+        assert _table_numbers(report, title), title
+    assert report.count("Sample sizes:") == 5 and report.count("Paper's direction:") == 5
+    assert "Greedy speculative output equals plain greedy output token for token: **True**" in report
+    base = quick_run / "stages" / stage_dirname("report")
+    links = re.findall(r"\]\(([^)]+manifest\.json)\)", report)
+    assert links and all((base / link).resolve().is_file() for link in links)
+    for png in ("table1_general.png", "table2_stages.png", "table4_drafts.png", "table5_spd_vs_lookup.png",
+                "table6_greedy_vs_top_p.png"):
+        assert (base / png).stat().st_size > 1000
+    # each speedup is over the fastest plain decoding in the same bench run: the plain rows read 1.00
+    assert _table_numbers(report, "Table 5:")[1] == "1.00"
+
+
+def test_second_run_does_no_work(quick_run: Path) -> None:
+    before = {n: (quick_run / "stages" / stage_dirname(n) / "manifest.json").read_bytes() for n in RECIPE.stages}
+    res = _run(quick_run)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("skipped (up to date)") == len(RECIPE.stages)
+    assert "ran 0 stage(s)" in res.output
+    after = {n: (quick_run / "stages" / stage_dirname(n) / "manifest.json").read_bytes() for n in RECIPE.stages}
+    assert before == after
+    assert all(p.status == "up-to-date" for p in plan_pipeline(RECIPE, quick_run))
+
+
+def test_plan_says_what_a_config_change_reruns(quick_run: Path) -> None:
+    changed = load_pipeline_recipe("demo", quick=True, overrides={"distill_draft.kd.alpha": 0.6})
+    status = {p.name: (p.status, p.reason) for p in plan_pipeline(changed, quick_run)}
+    assert status["sft_stage2"][0] == "up-to-date" and status["eval"][0] == "up-to-date"
+    assert status["distill_draft"] == ("will run", "config changed")
+    assert status["dump_logits"][0] == "up-to-date"  # τ unchanged: the stored logits still serve
+    assert status["specdec_bench"] == ("will run", "input stage 'distill_draft' will run")
+
+
+def test_killed_stage_reruns_to_the_same_numbers(quick_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run, copy_function=os.link)  # hard links: stages replace folders, never edit files
+    for name in ("distill_draft", "specdec_bench", "report"):
+        shutil.rmtree(run / "stages" / stage_dirname(name))
+    res = _run(run, env={FAIL_ENV: "distill_draft:before_train"})
+    assert res.exit_code == 2 and "injected failure" in res.output
+    assert not (run / "stages" / stage_dirname("distill_draft")).exists()  # no half output in place
+    assert (run / "stages" / f".{stage_dirname('distill_draft')}.partial").is_dir()
+    res = _run(run)
+    assert res.exit_code == 0, res.output
+    assert "distill_draft: running" in res.output and "sft_stage2: skipped" in res.output
+    old, new = _report(quick_run), _report(run)
+    for title in ("Table 1:", "Table 2:"):
+        assert _table_numbers(new, title) == _table_numbers(old, title)
+    rd = stage_dirname("distill_draft")
+    a = json.loads((quick_run / "stages" / rd / "drafts.json").read_text())
+    b = json.loads((run / "stages" / rd / "drafts.json").read_text())
+    for key in ("undistilled", "distilled"):
+        assert a[key]["offline_acceptance"] == b[key]["offline_acceptance"], key
+    sb = stage_dirname("specdec_bench")
+    for key in ("undistilled", "distilled"):
+        acc = [{(r["method"], r["mode"], r["n"]): r["acceptance_rate"] for r in
+                json.loads((root / "stages" / sb / key / "bench.json").read_text())["results"]}
+               for root in (quick_run, run)]
+        assert acc[0] == acc[1], key
+
+
+def test_soaes_eval_table_rebuilds_the_report(quick_run: Path, tmp_path: Path) -> None:
+    from soaes_eval.cli import main as eval_main
+
+    res = CliRunner().invoke(eval_main, ["table", str(quick_run), "-o", str(tmp_path / "tables")])
+    assert res.exit_code == 0, res.output
+    report = (tmp_path / "tables" / "report.md").read_text(encoding="utf-8")
+    assert _table_numbers(report, "Table 4:") == _table_numbers(_report(quick_run), "Table 4:")
+    links = re.findall(r"\]\(([^)]+manifest\.json)\)", report)
+    assert links and all((tmp_path / "tables" / link).resolve().is_file() for link in links)
