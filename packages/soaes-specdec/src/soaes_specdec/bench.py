@@ -462,7 +462,8 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
     bandwidth = measure_bandwidth(megabytes=256 if device.type == "cpu" else 4096, device=device)
     target_bytes = runner.target_runner.num_parameter_bytes()
     context = int(statistics.median(p.numel() for p in prompts)) + config.max_new_tokens // 2
-    costs = {n: measure_costs(runner.target_runner, runner.draft_runner, n, context)
+    verifier = runner.target_runner.with_batch_invariance() if config.batch_invariant else runner.target_runner
+    costs = {n: measure_costs(verifier, runner.draft_runner, n, context)  # c_v of the verify the decoders run
              for n in config.num_speculative_tokens}
     jobs = [(mode, n, m) for mode in config.modes for n in config.num_speculative_tokens for m in config.methods
             if not (m == "plain" and n != config.num_speculative_tokens[0])]
