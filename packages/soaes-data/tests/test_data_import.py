@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import inspect
 
-from click.testing import CliRunner
-
 import soaes_data
+from soaes_core.testing.installed import check_installed_distribution
 from soaes_data.packing import build_packed_example, pack
 
 
-def test_version_is_the_installed_distributions() -> None:
-    assert soaes_data.__version__ == md.version("soaes-data")
-
-
-def test_console_script_runs_help_for_every_command() -> None:
-    (entry,) = md.entry_points(group="console_scripts", name="soaes-data")
-    main = entry.load()
-    runner = CliRunner()
-    version = runner.invoke(main, ["--version"])
-    assert version.exit_code == 0 and soaes_data.__version__ in version.output.split()
-    assert {"curate", "pack", "split", "inspect"} <= set(main.commands)
-    for name in main.commands:
-        result = runner.invoke(main, [name, "--help"])
-        assert result.exit_code == 0 and "Usage:" in result.output, (name, result.output)
+def test_installed_distribution_and_console_script() -> None:
+    check_installed_distribution("soaes-data", soaes_data, {"curate", "pack", "split", "inspect"})
 
 
 def test_pack_contract() -> None:

@@ -3,31 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import inspect
 
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 
 import soaes_distill
+from soaes_core.testing.installed import check_installed_distribution
 from soaes_distill.losses import TopKLogits, distillation_loss
 
 
-def test_version_is_the_installed_distributions() -> None:
-    assert soaes_distill.__version__ == md.version("soaes-distill")
-
-
-def test_console_script_runs_help_for_every_command() -> None:
-    (entry,) = md.entry_points(group="console_scripts", name="soaes-distill")
-    main = entry.load()
-    runner = CliRunner()
-    version = runner.invoke(main, ["--version"])
-    assert version.exit_code == 0 and soaes_distill.__version__ in version.output.split()
-    assert {"dump", "train", "make-draft"} <= set(main.commands)
-    for name in main.commands:
-        result = runner.invoke(main, [name, "--help"])
-        assert result.exit_code == 0 and "Usage:" in result.output, (name, result.output)
+def test_installed_distribution_and_console_script() -> None:
+    check_installed_distribution("soaes-distill", soaes_distill, {"dump", "train", "make-draft"})
 
 
 def test_distillation_loss_contract() -> None:

@@ -3,29 +3,15 @@ contract of design.md (0–100 scale)."""
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import inspect
 
-from click.testing import CliRunner
-
 import soaes_eval
+from soaes_core.testing.installed import check_installed_distribution
 from soaes_eval import bleu4, rouge
 
 
-def test_version_is_the_installed_distributions() -> None:
-    assert soaes_eval.__version__ == md.version("soaes-eval")
-
-
-def test_console_script_runs_help_for_every_command() -> None:
-    (entry,) = md.entry_points(group="console_scripts", name="soaes-eval")
-    main = entry.load()
-    runner = CliRunner()
-    version = runner.invoke(main, ["--version"])
-    assert version.exit_code == 0 and soaes_eval.__version__ in version.output.split()
-    assert {"run", "metrics", "table"} <= set(main.commands)
-    for name in main.commands:
-        result = runner.invoke(main, [name, "--help"])
-        assert result.exit_code == 0 and "Usage:" in result.output, (name, result.output)
+def test_installed_distribution_and_console_script() -> None:
+    check_installed_distribution("soaes-eval", soaes_eval, {"run", "metrics", "table"})
 
 
 def test_metric_contract() -> None:

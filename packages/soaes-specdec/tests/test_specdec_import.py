@@ -3,12 +3,10 @@ the contract of design.md."""
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import inspect
 
-from click.testing import CliRunner
-
 import soaes_specdec
+from soaes_core.testing.installed import check_installed_distribution
 from soaes_specdec import (
     PromptLookupDecoder,
     SpecDecodeOutput,
@@ -21,20 +19,8 @@ SAMPLING = ["do_sample", "temperature", "top_p", "top_k", "eos_token_id", "gener
 SAMPLING_DEFAULTS = [False, 1.0, 1.0, 0, None, None]
 
 
-def test_version_is_the_installed_distributions() -> None:
-    assert soaes_specdec.__version__ == md.version("soaes-specdec")
-
-
-def test_console_script_runs_help_for_every_command() -> None:
-    (entry,) = md.entry_points(group="console_scripts", name="soaes-specdec")
-    main = entry.load()
-    runner = CliRunner()
-    version = runner.invoke(main, ["--version"])
-    assert version.exit_code == 0 and soaes_specdec.__version__ in version.output.split()
-    assert {"bench", "generate"} <= set(main.commands)
-    for name in main.commands:
-        result = runner.invoke(main, [name, "--help"])
-        assert result.exit_code == 0 and "Usage:" in result.output, (name, result.output)
+def test_installed_distribution_and_console_script() -> None:
+    check_installed_distribution("soaes-specdec", soaes_specdec, {"bench", "generate"})
 
 
 def _params(fn: object) -> dict[str, inspect.Parameter]:

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 from pathlib import Path
 
 from click.testing import CliRunner
 
 import soaes_train
 import soaes_train.cli
+from soaes_core.testing.installed import check_installed_distribution
 
 
-def test_version_is_the_installed_distributions() -> None:
-    assert soaes_train.__version__ == md.version("soaes-train")
-
-
-def test_console_script_runs_help_for_every_command() -> None:
-    (entry,) = md.entry_points(group="console_scripts", name="soaes-train")
-    main = entry.load()
-    runner = CliRunner()
-    version = runner.invoke(main, ["--version"])
-    assert version.exit_code == 0 and soaes_train.__version__ in version.output.split()
-    assert {"run", "recipes", "estimate"} <= set(main.commands)
-    for name in main.commands:
-        result = runner.invoke(main, [name, "--help"])
-        assert result.exit_code == 0 and "Usage:" in result.output, (name, result.output)
+def test_installed_distribution_and_console_script() -> None:
+    check_installed_distribution("soaes-train", soaes_train, {"run", "recipes", "estimate"})
 
 
 def test_shipped_recipes_are_listed() -> None:

@@ -28,7 +28,15 @@ def _shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()
-        dist.destroy_process_group()
+        import sys
+
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            # through DeepSpeed, which also drops its cached groups: a later DeepSpeed run in this process would
+            # otherwise reuse a destroyed group ("Group ... is not registered")
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
 
 
 @click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
