@@ -142,7 +142,9 @@ def test_sigkilled_cli_run_resumes_with_the_same_loss_curve(tiny_model_copy: Pat
 
     ref = run_train_recipe(load_train_recipe(recipe(tmp_path / "ref")))[0]
     path = recipe(tmp_path / "run")
-    env = {**os.environ, "SOAES_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    # without the launcher variables an earlier in-process DeepSpeed test set (its MASTER_PORT is still bound here)
+    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "SOAES_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "soaes_train.cli", "run", str(path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "run" / "sft_stage1" / "checkpoints" / "checkpoint-2" / ".soaes_complete"
