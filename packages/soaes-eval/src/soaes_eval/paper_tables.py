@@ -142,6 +142,13 @@ def table1(run: RunFolder) -> PaperTable | None:
     return t
 
 
+def _domain_text_metrics(folder: Path) -> tuple[dict[str, Any], Path]:
+    """The llamafactory-convention ROUGE/BLEU of one eval folder's domain task, and the manifest they cite."""
+    res = _json(folder / "results.json")
+    tm = next(iter(res.get("soaes", {}).get("text_metrics", {}).values()), {}).get("llamafactory", {})
+    return tm, folder / "manifest.json"
+
+
 def table2(run: RunFolder) -> PaperTable | None:
     d = run.get("eval")
     rows = [e for e in _eval_index(run) if e.get("domain") and e.get("kind", "target") == "target"]
@@ -152,11 +159,8 @@ def table2(run: RunFolder) -> PaperTable | None:
     scores: dict[str, tuple[float | None, float | None]] = {}
     n = None
     for e in rows:
-        folder = d / e["domain"]
-        res = _json(folder / "results.json")
-        tm = next(iter(res.get("soaes", {}).get("text_metrics", {}).values()), {}).get("llamafactory", {})
+        tm, src = _domain_text_metrics(d / e["domain"])
         n = tm.get("num_items", n)
-        src = folder / "manifest.json"
         t.rows.append([e["stage"], *[Cell(tm.get(k), src) for k in ("rouge1", "rouge2", "rougeL", "bleu4")]])
         scores[e["label"]] = (tm.get("rouge1"), tm.get("bleu4"))
     t.sizes = f"{n} domain QA items per row (greedy, chat template; ROUGE/BLEU convention llamafactory, 0-100)"
@@ -194,11 +198,8 @@ def table3(run: RunFolder) -> PaperTable | None:
     best: tuple[float, str] | None = None
     n = None
     for e in rows:
-        folder = d / e["domain"]
-        res = _json(folder / "results.json")
-        tm = next(iter(res.get("soaes", {}).get("text_metrics", {}).values()), {}).get("llamafactory", {})
+        tm, src = _domain_text_metrics(d / e["domain"])
         n = tm.get("num_items", n)
-        src = folder / "manifest.json"
         t.rows.append([e["stage"], e.get("alpha", "-"), e.get("temperature", "-"),
                        *[Cell(tm.get(k), src) for k in ("rouge1", "rouge2", "rougeL", "bleu4")]])
         if e.get("alpha") is not None and tm.get("rouge1") is not None and (best is None or tm["rouge1"] > best[0]):
