@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from soaes_core import atomic_write_json, progress_bar, read_manifest, sha256_file, to_dict, write_manifest
+from soaes_core.atomic import replace_dir
 from soaes_core.errors import ConfigError
 
 from .recipe import PipelineRecipe, is_model_spec
@@ -179,16 +180,6 @@ def _check_inputs_exist(ctx: StageContext, stage: Stage) -> None:
                               f"which has not run in {ctx.run_dir} (run it first, or start --from {inp.stage})")
 
 
-def _commit(partial: Path, final: Path) -> None:
-    """Swap the finished partial folder into place (the old output moved aside first, then deleted)."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _prepare_partial(stage: Stage, partial: Path, fp: dict[str, Any]) -> bool:
     """Make the partial folder; keep a resumable stage's earlier work only when it was for the same fingerprint.
     Returns whether earlier work is resumed."""
@@ -278,7 +269,7 @@ def run_pipeline(recipe: PipelineRecipe, output_dir: str | os.PathLike[str] | No
                            timings={"total": seconds},
                            extra={"pipeline": {**fp, "recipe": recipe.source, "recipe_name": recipe.name,
                                                "stage_dir": stage_dirname(name), "resumed": resumed}})
-            _commit(partial, final)
+            replace_dir(partial, final)
             spent += seconds
             done_weight += weights[name]
             plans[name].status = "up-to-date"

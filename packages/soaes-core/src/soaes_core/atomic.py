@@ -168,6 +168,15 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Swap the finished directory `tmp` into place at `path`: the old `path` is moved aside to `.NAME.old` first
+    and deleted only after the rename, so a kill leaves the old or the new complete directory."""
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)

@@ -22,6 +22,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from soaes_core import Timer, load_tokenizer, seed_everything, write_manifest
+from soaes_core.atomic import replace_dir
 from soaes_core.errors import ConfigError, ModelLoadError, SoaesError
 from soaes_core.progress import progress_bar
 
@@ -251,13 +252,7 @@ def export_model(trainer: Trainer, tokenizer: Any, stage_dir: Path) -> Path:
 
 def finalise_export(tmp: Path, model_dir: Path) -> None:
     """Swap the finished export directory into place (old output moved aside, then deleted)."""
-    old = model_dir.with_name(f".{model_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if model_dir.exists():
-        os.replace(model_dir, old)
-    os.replace(tmp, model_dir)
-    _fsync_dir(model_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, model_dir)
 
 
 def train_stage(stage: StageConfig, model_spec: str, stage_dir: str | os.PathLike[str], *,
