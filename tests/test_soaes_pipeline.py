@@ -1,5 +1,6 @@
-"""`soaes pipeline run demo --quick` end to end on the embedded model: every stage's manifest, the report's
-tables, a second run that does no work, and a run killed inside a stage that reruns to the same numbers."""
+"""`soaes demo --quick` (= `soaes pipeline run demo --quick`) end to end on the embedded model: every stage's
+manifest, the report's tables, a second run that does no work, and a run killed inside a stage that reruns to the
+same numbers."""
 
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ RECIPE = load_pipeline_recipe("demo", quick=True)
 
 def _run(out: Path, *extra: str, env: dict[str, str] | None = None) -> object:
     # one torch thread: on a shared CI machine two threads can be several times slower (threads are not hashed)
-    return CliRunner().invoke(main, ["pipeline", "run", "demo", "--quick", "-o", str(out), "--set", "threads=1",
-                                     *extra], env=env)
+    return CliRunner().invoke(main, ["demo", "--quick", "-o", str(out), "--set", "threads=1", *extra], env=env)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,29 @@ def test_report_has_the_paper_tables_with_links_sizes_and_directions(quick_run: 
     assert _table_numbers(report, "Table 5:")[1] == "1.00"
 
 
+def test_export_hands_off_the_draft(quick_run: Path) -> None:
+    """The demo's draft is a feature draft: exported in soaes's format (vLLM's EAGLE-1 layout differs, so no vLLM
+    command), with the soaes serving command; reloaded, it decodes exactly as plain greedy decoding."""
+    import torch
+
+    from soaes_core import encode_chat_prompt, load_model, load_tokenizer
+    from soaes_specdec import SpeculativeDecoder, autoregressive_generate
+    from soaes_specdec.feature_draft import FeatureDraft, is_feature_draft_dir
+
+    serve = (quick_run / "stages" / stage_dirname("export") / "serve").resolve()
+    target = (quick_run / "stages" / stage_dirname("sft_stage2") / "model").resolve()
+    assert is_feature_draft_dir(serve / "draft") and not (serve / "vllm_serve.sh").exists()
+    readme = (serve / "README.md").read_text(encoding="utf-8")
+    assert f"soaes-specdec generate --target {target}" in readme and "EAGLE-1" in readme
+    counts = _manifest(quick_run, "export")["counts"]
+    assert counts["kind"] == "feature" and counts["n_from"] == "bench" and counts["vllm_serve"] is None
+    model = load_model(str(target), dtype=torch.float32)
+    ids = torch.tensor([encode_chat_prompt(load_tokenizer(str(target)), "什么是增值税？")])
+    dec = SpeculativeDecoder(model, FeatureDraft.from_pretrained(serve / "draft", dtype=torch.float32), 3)
+    assert torch.equal(dec.generate(ids, max_new_tokens=12).sequences,
+                       autoregressive_generate(model, ids, max_new_tokens=12).sequences)
+
+
 def test_second_run_does_no_work(quick_run: Path) -> None:
     before = {n: (quick_run / "stages" / stage_dirname(n) / "manifest.json").read_bytes() for n in RECIPE.stages}
     res = _run(quick_run)
@@ -94,11 +117,11 @@ def test_second_run_does_no_work(quick_run: Path) -> None:
 
 
 def test_plan_says_what_a_config_change_reruns(quick_run: Path) -> None:
-    changed = load_pipeline_recipe("demo", quick=True, overrides={"distill_draft.kd.alpha": 0.6})
+    changed = load_pipeline_recipe("demo", quick=True, overrides={"distill_draft.feature.learning_rate": 1e-4})
     status = {p.name: (p.status, p.reason) for p in plan_pipeline(changed, quick_run)}
     assert status["sft_stage2"][0] == "up-to-date" and status["eval"][0] == "up-to-date"
     assert status["distill_draft"] == ("will run", "config changed")
-    assert status["dump_logits"][0] == "up-to-date"  # τ unchanged: the stored logits still serve
+    assert status["teacher_data"][0] == "up-to-date"  # the teacher's answers still serve
     assert status["specdec_bench"] == ("will run", "input stage 'distill_draft' will run")
 
 

@@ -100,7 +100,15 @@ def test_shipped_demo_recipe_loads_and_quick_shrinks_budgets() -> None:
     assert Path(full.source) == RECIPES_DIR / "demo.yaml"
     assert full.stages == quick.stages and "distill_draft" in full.stages
     assert quick.cpt.train.max_steps < full.cpt.train.max_steps
-    assert quick.distill_draft.train.max_steps < full.distill_draft.train.max_steps
+    assert quick.distill_draft.kind == full.distill_draft.kind == "feature"
+    assert quick.distill_draft.feature.steps < full.distill_draft.feature.steps
+    assert quick.distill_draft.feature.time_budget_s == 0  # steps-bounded: a rerun gives the same numbers
+
+
+def test_shipped_smollm2_domain_recipe_loads() -> None:
+    r = load_pipeline_recipe("smollm2-domain")
+    assert r.stages[0] == "teacher_data" and r.distill_draft.kind == "feature"
+    assert r.teacher_data.heldout_prompts == "distill-data:heldout_domain_prompts.jsonl"
 
 
 def test_plan_on_a_fresh_run_and_slices(tmp_path: Path) -> None:

@@ -32,3 +32,31 @@ def test_curate_decontaminate_pack_slice(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["pipeline", "run", str(recipe), "-o", str(run), "--from", "pack",
                                     "--until", "pack"])
     assert res.exit_code == 0 and "pack: skipped (up to date)" in res.output
+
+
+def test_teacher_prompts_committed_heldout_split_and_domain_queries(tmp_path: Path) -> None:
+    """A committed held-out file is the held-out split; training prompts (given or generated from domain text)
+    that share an 8-character span with a held-out prompt are dropped with the reason, never silently."""
+    from soaes.pipeline.stages import _teacher_prompts
+    from soaes_core import read_prompts
+    from soaes_data.samples import sample_path
+
+    pool = read_prompts(sample_path("sft/expert_pool.jsonl"))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"id": f"h{i}", "prompt": p["prompt"]}, ensure_ascii=False) + "\n"
+                            for i, p in enumerate(pool[:3])), encoding="utf-8")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "t", "trained_target": "embedded:smollm2-135m", "stages": ["teacher_data"],
+        "teacher_data": {"prompts": ["sample:sft/expert_pool.jsonl"], "heldout_prompts": str(held),
+                         "domain_queries": {"max_queries": 50, "num_terms": 20}}}), encoding="utf-8")
+    rejects: list[dict] = []
+    train, heldout = _teacher_prompts(load_pipeline_recipe(recipe), rejects)
+    assert [h["id"] for h in heldout] == ["h0", "h1", "h2"]
+    held_texts = {h["prompt"] for h in heldout}
+    assert not held_texts & {p["prompt"] for p in train}
+    dropped = [r for r in rejects if "held-out" in r["reason"]]
+    assert len(dropped) >= 3  # at least the three pool prompts that are the held-out ones
+    pool_kept = [p for p in train if p["prompt"] in {q["prompt"] for q in pool}]
+    assert len(pool_kept) + len([r for r in rejects if r.get("id") in {q["id"] for q in pool}]) == len(pool)
+    assert len(train) > len(pool_kept)  # domain queries were added

@@ -1,6 +1,6 @@
 """Every summary of speculative-decoding runs goes through `SpecStats.merge` and keeps its old numbers.
 
-The demo, the lm-eval model's totals and the distill experiment each summed the counters themselves before;
+The lm-eval model's totals and the distill experiment each summed the counters themselves before;
 their former formulas are kept here as references, checked on real runs of a tiny target and layer draft.
 """
 
@@ -22,21 +22,6 @@ def runs(tiny_qwen2: Any) -> tuple[Any, Any, list[list[int]], list[SpecStats]]:
     g = torch.Generator().manual_seed(0)
     stats = [dec.generate(torch.tensor([p]), max_new_tokens=10, do_sample=True, generator=g).stats for p in prompts]
     return tiny_qwen2, draft, prompts, stats
-
-
-def test_demo_summary(runs: tuple[Any, Any, list[list[int]], list[SpecStats]]) -> None:
-    from soaes.demo import _summarise
-
-    stats = runs[3]
-    proposed, accepted = sum(s.proposed for s in stats), sum(s.accepted for s in stats)
-    calls, tokens = sum(s.target_calls for s in stats), sum(s.new_tokens for s in stats)
-    secs = sum(s.wall_time_s for s in stats)
-    assert proposed > 0
-    assert _summarise(stats) == {
-        "new_tokens": tokens, "target_calls": calls, "seconds": round(secs, 3),
-        "tokens_per_s": round(tokens / secs, 2) if secs else 0.0,
-        "acceptance_rate": round(accepted / proposed, 4) if proposed else 0.0,
-        "mean_accepted_length": round(tokens / calls, 3) if calls else 0.0}
 
 
 def test_eval_totals(runs: tuple[Any, Any, list[list[int]], list[SpecStats]]) -> None:

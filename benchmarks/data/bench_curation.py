@@ -17,7 +17,8 @@ synthetic corpus, with the full default recipe (MinHash near-dedup included).
 inflate as it does the wall time. Peak RSS: with one worker the tasks run in this process (`peak_rss_mb_main`,
 which includes the imported libraries, `rss_after_imports_mb`); with several, in forked worker processes
 (`peak_rss_mb_worker`: the largest worker's peak, from getrusage of the children; it counts the pages
-inherited from this process too).
+inherited from this process too). `peak_rss_mb_main_by_phase`: this process's peak during each phase (the
+high-water mark is reset before each), which shows the phase that sets the peak.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("SOAES_PROGRESS", "0")
 
+import soaes_data.pipeline as pipeline
 from soaes_core import read_manifest
 from soaes_data.pipeline import DEFAULT_STAGES, CurationConfig, run_curation
 
@@ -53,6 +55,40 @@ def _current_rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return round(int(line.split()[1]) / 1024, 1)
     return 0.0
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def track_phase_peaks(peaks: dict[str, float]) -> None:
+    """Record this process's peak RSS during each phase (`peaks[phase]`, MB): the kernel's high-water mark is
+    reset (/proc/self/clear_refs) before each phase's executor runs. With one worker every phase runs in
+    this process; with several, only the one-task phases (dedup clusters, finalize) do."""
+    make = pipeline.make_executor
+
+    def tracked(kind: str, steps: list, **kw):  # type: ignore[no-untyped-def]
+        executor = make(kind, steps, **kw)
+        run = executor.run
+
+        def run_tracked():  # type: ignore[no-untyped-def]
+            try:
+                with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                    fh.write("5")
+            except OSError:
+                return run()
+            out = run()
+            peaks[kw["job_name"].removeprefix("curate-")] = _peak_rss_mb()
+            return out
+
+        executor.run = run_tracked
+        return executor
+
+    pipeline.make_executor = tracked
 
 
 def with_huge_line(corpus: Path, mb: int, out: Path) -> Path:
@@ -92,6 +128,8 @@ def main() -> None:
         cfg.length.max_chars = args.max_chars
     cfg.decontaminate.use_fetched = False
     rss_imports = _current_rss_mb()
+    phase_peaks: dict[str, float] = {}
+    track_phase_peaks(phase_peaks)
     cpu0 = _cpu_s()
     t0 = time.perf_counter()
     reports = run_curation(cfg, force=True)
@@ -108,7 +146,8 @@ def main() -> None:
               "docs_per_s_per_worker": round(n / wall / args.workers), "mb_per_s": round(size_mb / wall, 2),
               "cpu_s": round(cpu, 1), "docs_per_cpu_s": round(n / cpu),
               "kept": reports[-1].counts["kept"], "rss_after_imports_mb": rss_imports,
-              "peak_rss_mb_main": _rss_mb(resource.RUSAGE_SELF),
+              "peak_rss_mb_main": max([_rss_mb(resource.RUSAGE_SELF), *phase_peaks.values()]),
+              "peak_rss_mb_main_by_phase": phase_peaks,
               "peak_rss_mb_worker": _rss_mb(resource.RUSAGE_CHILDREN) if args.workers > 1 else None,
               "stages": rows}
     print(json.dumps(result, indent=1))

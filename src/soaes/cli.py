@@ -71,24 +71,21 @@ def generate(prompt: str | None, model: str, max_new_tokens: int, chat: bool) ->
 
 
 @main.command()
-@click.option("--out", "output_dir", default="runs/demo", show_default=True, help="Output directory.")
-@click.option("--num-prompts", default=4, show_default=True, type=int)
-@click.option("--max-new-tokens", default=48, show_default=True, type=int)
-@click.option("--draft-layers", default=4, show_default=True, type=int)
-@click.option("-n", "--num-speculative-tokens", default=3, show_default=True, type=int)
-def demo(output_dir: str, num_prompts: int, max_new_tokens: int, draft_layers: int,
-         num_speculative_tokens: int) -> None:
-    """The pipeline in miniature on the embedded model: curate, decode (plain / lookup / speculative), score."""
-    from soaes_core import from_dict
+@click.option("--quick", is_flag=True, help="Tiny budgets (the recipe's `quick:` block): same code path, for CI.")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False),
+              help="Run folder (default: runs/pipeline-demo, or runs/pipeline-demo-quick with --quick).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field (dotted key), e.g. --set distill_draft.train.max_steps=20.")
+@click.pass_context
+def demo(ctx: click.Context, quick: bool, output_dir: str | None, overrides: tuple[str, ...]) -> None:
+    """The whole pipeline in miniature on the embedded SmolLM2-135M and the shipped sample data: curate, pack,
+    CPT, SFT stage 1 and 2, distil a draft from the trained target, benchmark speculative decoding against the
+    fastest plain decoding, evaluate every stage and write report.md (`soaes pipeline run demo`)."""
+    from .pipeline.cli import run
 
-    from .demo import DemoConfig, result_summary, run_demo
-
-    cfg = from_dict(DemoConfig, {"output_dir": output_dir, "num_prompts": num_prompts,
-                                 "max_new_tokens": max_new_tokens, "draft_layers": draft_layers,
-                                 "num_speculative_tokens": num_speculative_tokens}, source="soaes demo options")
-    result = run_demo(cfg)
-    click.echo(open(result.report_path, encoding="utf-8").read())
-    click.echo(result_summary(result), err=True)
+    if output_dir is None:
+        output_dir = "runs/pipeline-demo-quick" if quick else "runs/pipeline-demo"
+    ctx.invoke(run, recipe="demo", overrides=overrides, output_dir=output_dir, quick=quick, start=None, until=None)
 
 
 if __name__ == "__main__":

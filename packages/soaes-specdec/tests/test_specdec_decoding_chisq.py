@@ -3,7 +3,8 @@
 A tiny random target/draft pair with a 16-token vocabulary is sampled 20,000 times in one batched call
 (rows advance independently); the joint distribution of the first 3 new tokens is compared with the exact
 one, computed by enumerating all 16 x 16 continuations through the target. Known-bad samplers (residual
-replaced by plain target sampling; greedy draft with softmax q) must fail the same test.
+replaced by plain target sampling; greedy draft with softmax q) must fail the same test. The same holds with a
+feature-conditioned draft (`FeatureDraft`: its q comes from the same `draft_sample`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from scipy.stats import chisquare
 
 from soaes_specdec import decoding, verify
 from soaes_specdec.decoding import SpeculativeDecoder
+from soaes_specdec.feature_draft import FeatureDraft
 from soaes_specdec.sampling import SamplingParams, warp_probs
 
 VOCAB, SAMPLES, NEW = 16, 20_000, 3
@@ -117,3 +119,38 @@ def test_autoregressive_sampling_matches_target_distribution(pair: tuple[Any, An
                                            temperature=0.7, top_p=0.95, generator=g)
     assert chi_square_p(out.sequences[:, PROMPT.numel():], exact_joint(target, params)) > 1e-3
 
+
+
+@pytest.fixture(scope="module")
+def feature_draft(pair: tuple[Any, Any]) -> FeatureDraft:
+    """The target's last layer reading fc = [I | 0.3 I] (token embedding plus the target's feature): ~45 % accepted."""
+    draft = FeatureDraft.from_target(pair[0], layer=1)
+    with torch.no_grad():
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, :16] = torch.eye(16)
+        draft.fc.weight[:, 16:] = 0.3 * torch.eye(16)
+    return draft
+
+
+@pytest.mark.parametrize(("n", "top_p", "temperature"), [(1, 1.0, 1.0), (3, 0.7, 1.0), (3, 0.95, 0.7), (9, 1.0, 0.7)])
+def test_feature_draft_sampling_matches_target_distribution(pair: tuple[Any, Any], feature_draft: FeatureDraft,
+                                                            n: int, top_p: float, temperature: float) -> None:
+    target, _ = pair
+    params = SamplingParams(True, temperature, top_p)
+    samples = sample_speculative(target, feature_draft, n, params, seed=7 * n + int(top_p * 10))
+    assert chi_square_p(samples, exact_joint(target, params)) > 1e-3
+
+
+def test_feature_draft_differs_enough_for_the_test_to_bite(pair: tuple[Any, Any], feature_draft: FeatureDraft) -> None:
+    g = torch.Generator().manual_seed(0)
+    out = SpeculativeDecoder(pair[0], feature_draft, 3).generate(PROMPT.expand(2000, -1), NEW, do_sample=True,
+                                                                 generator=g)
+    assert 0.1 < out.stats.acceptance_rate < 0.8
+
+
+def test_known_bad_sampler_fails_with_a_feature_draft(pair: tuple[Any, Any], feature_draft: FeatureDraft,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decoding, "draft_sample", _greedy_draft_softmax_q)
+    params = SamplingParams(True, 1.0, 1.0)
+    samples = sample_speculative(pair[0], feature_draft, 3, params, seed=5)
+    assert chi_square_p(samples, exact_joint(pair[0], params)) < 1e-3

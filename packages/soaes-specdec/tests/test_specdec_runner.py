@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -47,12 +48,35 @@ def test_linear_mode_choice(qwen2_factory: Any, monkeypatch: pytest.MonkeyPatch)
         CachedCausalLM(qwen2_factory(0, layers=1), linear="fast")
 
 
+def test_auto_linear_mode_is_the_measured_faster_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`calibrate_linear_mode` times both projection paths and keeps the faster (a slowed path loses)."""
+    import soaes_specdec.runner as runner_mod
+
+    weights = [torch.randn(64, 32) for _ in range(4)]
+    slow_stream = runner_mod.stream_linear
+
+    def slower(*args: Any, **kwargs: Any) -> torch.Tensor:
+        time.sleep(0.002)
+        return slow_stream(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "_CALIBRATED", {})
+    monkeypatch.setattr(runner_mod, "stream_linear", slower)
+    assert runner_mod.calibrate_linear_mode(weights) == "module"
+    monkeypatch.setattr(runner_mod, "_CALIBRATED", {})
+    monkeypatch.setattr(runner_mod, "stream_linear", slow_stream)
+    monkeypatch.setattr(runner_mod.F, "linear", lambda x, w, b=None: (time.sleep(0.002), x @ w.t())[1])
+    assert runner_mod.calibrate_linear_mode(weights) == "stream"
+
+
 @pytest.mark.parametrize("linear", ["auto", "stream", "module"])
 def test_blocks_and_rows_match_full_forward(qwen2_factory: Any, linear: str) -> None:
     model = qwen2_factory(0, layers=2)
     runner = CachedCausalLM(model, linear=linear)
-    assert runner.linear_mode == (default_linear_mode(torch.device("cpu"), torch.float32) if linear == "auto"
-                                  else linear)
+    if linear == "auto":  # stream is a candidate on CPU fp32 with MKL, then the faster of the two measured
+        assert runner.linear_mode in (("stream", "module") if default_linear_mode(torch.device("cpu"), torch.float32)
+                                      == "stream" else ("module",))
+    else:
+        assert runner.linear_mode == linear
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         full = model(ids).logits

@@ -83,3 +83,29 @@ def test_extensions_dir_is_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("SOAES_CACHE", str(tmp_path))
     assert configure_torch_extensions_dir() == tmp_path / "torch_extensions"
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_extensions")
+
+
+@pytest.mark.parametrize(("model", "params"),
+                         [("qwen2.5-7b", 7_615_616_512), ("hf:Qwen/Qwen2.5-72B-Instruct", 72_706_203_648)])
+def test_estimate_sizes_the_paper_models_offline(model: str, params: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped architecture configs give the published parameter counts (7.61B, 72.7B) with no hub access."""
+    from click.testing import CliRunner
+
+    from soaes_train.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(main, ["estimate", model, "--gpus", "8"])
+    assert res.exit_code == 0, res.output
+    est = json.loads(res.output[res.output.index("{"):])
+    assert est["total_params"] == params and est["stage"] == 3
+
+
+def test_estimate_unknown_offline_model_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from soaes_train.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(main, ["estimate", "hf:NoSuchOrg/no-such-model"])
+    assert res.exit_code == 2 and "hf:NoSuchOrg/no-such-model: cannot read its config" in res.output
+    assert "Traceback" not in res.output

@@ -1,5 +1,6 @@
 """`soaes pipeline`: from a domain corpus to a faster domain model in one command (curate → pack → CPT → SFT
-stage 1 → SFT stage 2 → teacher data → logit dump → draft KD → speculative-decoding bench → eval → report).
+stage 1 → SFT stage 2 → teacher data → logit dump → draft KD → speculative-decoding bench → vLLM export → eval →
+report).
 
 Each stage is a call of a package API (`stages.py`), configured by one YAML recipe (`recipe.py`); the runner
 (`runner.py`) skips up-to-date stages, commits outputs atomically and resumes after a kill.

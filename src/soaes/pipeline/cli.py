@@ -21,7 +21,7 @@ def _fmt_s(seconds: float | None) -> str:
 @click.group(cls=SoaesGroup)
 def pipeline() -> None:
     """From a domain corpus to a faster domain model: curate → pack → cpt → sft_stage1 → sft_stage2 →
-    teacher_data → dump_logits → distill_draft → specdec_bench → eval → report."""
+    teacher_data → dump_logits → distill_draft → specdec_bench → export → eval → report."""
 
 
 def _common(f):  # type: ignore[no-untyped-def]

@@ -16,16 +16,18 @@ from typing import Any
 from soaes_core import DEFAULT_MODEL, from_dict, load_yaml
 from soaes_core.config import apply_overrides
 from soaes_core.errors import ConfigError, SoaesError
+from soaes_distill.feature_kd import FeatureKDConfig
 from soaes_distill.trainer import KDConfig
 from soaes_train.config import TrainConfig
 
 # Every stage the pipeline knows, in the order they run. `decontaminate` and `sft_stage2_only` are optional.
 STAGE_ORDER = ("curate", "decontaminate", "pack", "cpt", "sft_stage1", "sft_stage2", "sft_stage2_only",
-               "teacher_data", "dump_logits", "distill_draft", "specdec_bench", "eval", "report")
+               "teacher_data", "dump_logits", "distill_draft", "specdec_bench", "export", "eval", "report")
 DEFAULT_STAGES = ["curate", "pack", "cpt", "sft_stage1", "sft_stage2", "teacher_data", "dump_logits",
-                  "distill_draft", "specdec_bench", "eval", "report"]
+                  "distill_draft", "specdec_bench", "export", "eval", "report"]
 SAMPLE_PREFIX = "sample:"  # soaes-data's shipped samples
 EVAL_SAMPLE_PREFIX = "eval-sample:"  # soaes-eval's shipped samples
+DISTILL_DATA_PREFIX = "distill-data:"  # soaes-distill's shipped data (the committed held-out domain prompts)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -67,19 +69,41 @@ class TrainStageSettings:
 
 
 @dataclass
+class DomainQuerySettings:
+    """Extra training prompts made from domain text (soaes-distill `build_domain_queries`: keyword templates and
+    passages), decontaminated against the held-out prompts. `texts`: JSONL files with `text` or chat `messages`."""
+
+    max_queries: int = 0  # 0 = none
+    num_terms: int = 200
+    texts: list[str] = field(default_factory=lambda: ["sample:corpus/articles.jsonl"])
+
+
+@dataclass
 class TeacherDataSettings:
-    """The trained target's greedy answers to domain prompts (KD training text; every `holdout_every`-th held out)."""
+    """The trained target's answers to domain prompts (KD training text) and the held-out prompts/answers: either
+    the committed `heldout_prompts` file (training prompts sharing a `decontam_ngram`-character span with one are
+    dropped) or every `holdout_every`-th prompt. `samples_per_prompt` adds answers sampled at the serving setting
+    (`sample_temperature`, `sample_top_p`) to the greedy ones, so a draft also learns the distribution it serves."""
 
     prompts: list[str] = field(default_factory=lambda: ["sample:sft/expert_pool.jsonl", "sample:sft/dialog_pool.jsonl"])
     holdout_every: int = 4
+    heldout_prompts: str | None = None
+    max_heldout: int | None = None
+    decontam_ngram: int = 8
+    domain_queries: DomainQuerySettings = field(default_factory=DomainQuerySettings)
     max_prompts: int | None = None
     max_new_tokens: int = 48
     max_length: int = 192
     batch_size: int = 8
+    samples_per_prompt: int = 0
+    sample_temperature: float = 1.0
+    sample_top_p: float = 0.7
 
     def __post_init__(self) -> None:
         if self.holdout_every < 2:
             raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
+        if self.samples_per_prompt < 0 or self.decontam_ngram < 1:
+            raise ValueError("samples_per_prompt must be >= 0 and decontam_ngram >= 1")
 
 
 @dataclass
@@ -98,14 +122,26 @@ class SweepPoint:
 
 @dataclass
 class DistillSettings:
-    """KD of a layer-truncated draft of the trained target (or of `draft`, an explicit draft model)."""
+    """The draft, distilled from the trained target. `kind: layer`: KD (α·KL + (1-α)·CE on the dumped logits) of a
+    layer-truncated draft (or of `draft`, an explicit draft model), settings `kd` + `train`, optional α/τ `sweep`.
+    `kind: feature`: an EAGLE-style head on the target's last hidden states (soaes-distill `train_feature_draft`,
+    settings `feature`), which needs no logit dump."""
 
+    kind: str = "layer"
     draft_layers: int = 4
     draft: str | None = None
     train_embeddings: bool = False
     kd: KDConfig = field(default_factory=KDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: list[SweepPoint] = field(default_factory=list)  # extra (α, τ) drafts for Tables 3-4
+    feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("layer", "feature"):
+            raise ValueError(f"kind must be 'layer' or 'feature', got {self.kind!r}")
+        if self.kind == "feature" and (self.sweep or self.draft is not None):
+            raise ValueError("kind 'feature' trains a feature head from the target: `sweep` and `draft` apply to "
+                             "layer drafts only")
 
 
 @dataclass
@@ -121,6 +157,19 @@ class BenchSettings:
     repeats: int = 3
     warmup: int = 1
     exactness_prompts: int = 4
+
+
+@dataclass
+class ExportSettings:
+    """The serving hand-off (soaes-specdec `export_for_vllm`): `draft` (a key of distill_draft's drafts.json) as a
+    full-head HF directory vLLM loads, and the `vllm serve` command; n unset = the bench's fastest greedy n."""
+
+    draft: str = "distilled"
+    num_speculative_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1 (or unset), got {self.num_speculative_tokens}")
 
 
 @dataclass
@@ -158,6 +207,7 @@ class PipelineRecipe:
     dump_logits: DumpSettings = field(default_factory=DumpSettings)
     distill_draft: DistillSettings = field(default_factory=DistillSettings)
     specdec_bench: BenchSettings = field(default_factory=BenchSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     quick: dict[str, Any] = field(default_factory=dict)  # dotted overrides that `--quick` applies
     source: str = "<recipe>"  # the file it came from (set by the loader)
@@ -180,7 +230,8 @@ def resolve_recipe_path(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 def resolve_path(recipe: PipelineRecipe, value: str) -> Path:
-    """`sample:NAME` (soaes-data samples), `eval-sample:NAME` (soaes-eval samples), else relative to the recipe."""
+    """`sample:NAME` (soaes-data samples), `eval-sample:NAME` (soaes-eval samples), `distill-data:NAME`
+    (soaes-distill data), else relative to the recipe."""
     if value.startswith(SAMPLE_PREFIX):
         from soaes_data.samples import sample_dir
 
@@ -189,6 +240,10 @@ def resolve_path(recipe: PipelineRecipe, value: str) -> Path:
         from soaes_eval.tasks.loaders import SAMPLES_DIR
 
         return SAMPLES_DIR / value[len(EVAL_SAMPLE_PREFIX):]
+    if value.startswith(DISTILL_DATA_PREFIX):
+        from importlib import resources
+
+        return Path(str(resources.files("soaes_distill") / "data")) / value[len(DISTILL_DATA_PREFIX):]
     p = Path(value).expanduser()
     return p if p.is_absolute() else Path(recipe.base_dir) / p
 

@@ -325,41 +325,88 @@ class TeacherData(Stage):
         return [_target_input(recipe)]
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
-        return {f"teacher_data.prompts[{i}]": p for i, p in enumerate(recipe.teacher_data.prompts)}
+        s = recipe.teacher_data
+        paths: dict[str, str | None] = {f"teacher_data.prompts[{i}]": p for i, p in enumerate(s.prompts)}
+        paths["teacher_data.heldout_prompts"] = s.heldout_prompts
+        if s.domain_queries.max_queries:
+            paths.update({f"teacher_data.domain_queries.texts[{i}]": p for i, p in enumerate(s.domain_queries.texts)})
+        return paths
 
     def external_files(self, ctx: StageContext) -> dict[str, Path]:
-        return {f"prompts{i}": resolve_path(ctx.recipe, p) for i, p in enumerate(ctx.recipe.teacher_data.prompts)}
+        return {k.removeprefix("teacher_data."): resolve_path(ctx.recipe, v)
+                for k, v in self.data_paths(ctx.recipe).items() if v is not None}
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
         import torch
 
-        from soaes_core import load_model, load_tokenizer, read_prompts, seed_everything
-        from soaes_distill.synth import blackbox_sft_records, chat_records_to_examples
+        from soaes_core import load_model, load_tokenizer, seed_everything
+        from soaes_distill.synth import blackbox_sft_records, chat_records_to_examples, sampled_sft_records
         from soaes_distill.token_data import write_token_jsonl
 
         r, s = ctx.recipe, ctx.recipe.teacher_data
         seed_everything(r.seed)
         spec = ctx.spec(self.inputs(r)[0])
         tok, model = load_tokenizer(spec), load_model(spec, dtype=torch.float32, device="cpu").eval()
-        prompts = [p for f in s.prompts for p in read_prompts(resolve_path(r, f))]
-        prompts = prompts[: s.max_prompts] if s.max_prompts else prompts
-        k = s.holdout_every
-        train = [p for i, p in enumerate(prompts) if i % k != k - 1]
-        held = [p for i, p in enumerate(prompts) if i % k == k - 1]
         rejects: list[dict[str, Any]] = []
-        counts: dict[str, Any] = {"prompts": len(prompts)}
+        train, held = _teacher_prompts(r, rejects)
+        counts: dict[str, Any] = {"prompts": len(train) + len(held)}
         for split, ps in (("train", train), ("heldout", held)):
             records = blackbox_sft_records(model, tok, ps, s.max_new_tokens, batch_size=s.batch_size)
+            if split == "train":
+                for k in range(s.samples_per_prompt):
+                    records += sampled_sft_records(model, tok, ps, s.max_new_tokens, batch_size=s.batch_size,
+                                                   temperature=s.sample_temperature, top_p=s.sample_top_p,
+                                                   seed=r.seed + 1 + k)
             examples = chat_records_to_examples(tok, records, s.max_length, rejects)
             write_jsonl(out / f"{split}_records.jsonl", records)
             write_token_jsonl(out / f"{split}_tokens.jsonl", examples)
             write_jsonl(out / f"{split}_prompts.jsonl",  # chat messages: benchmarks apply the chat template
                         [{"id": p.get("id"), "messages": [{"role": "user", "content": p["prompt"]}]} for p in ps])
-            counts[split] = {"prompts": len(ps), "examples": len(examples)}
+            counts[split] = {"prompts": len(ps), "records": len(records), "examples": len(examples)}
             ctx.fail_point(self.name, f"after_{split}")
         write_jsonl(out / "rejects.jsonl", rejects)
         counts["rejected"] = len(rejects)
         return counts
+
+
+def _teacher_prompts(r: PipelineRecipe, rejects: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                                                   list[dict[str, Any]]]:
+    """Training and held-out prompts of the teacher_data stage; what is dropped goes to `rejects` with the reason."""
+    from soaes_core import read_prompts
+    from soaes_data.decontam import char_ngrams
+
+    s = r.teacher_data
+    prompts = [p for f in s.prompts for p in read_prompts(resolve_path(r, f))]
+    prompts = prompts[: s.max_prompts] if s.max_prompts else prompts
+    if s.heldout_prompts is None:
+        k = s.holdout_every
+        train = [p for i, p in enumerate(prompts) if i % k != k - 1]
+        held = [p for i, p in enumerate(prompts) if i % k == k - 1]
+    else:
+        held = read_prompts(resolve_path(r, s.heldout_prompts))
+        held = held[: s.max_heldout] if s.max_heldout else held
+        grams = {g for h in held for g in char_ngrams(h["prompt"], s.decontam_ngram)}
+        train = []
+        for p in prompts:
+            if grams.intersection(char_ngrams(p["prompt"], s.decontam_ngram)):
+                rejects.append({"id": p.get("id"), "reason": f"shares a {s.decontam_ngram}-character span with a "
+                                "held-out prompt"})
+            else:
+                train.append(p)
+    if s.domain_queries.max_queries:
+        from soaes_distill.domain_queries import DomainQueryConfig, build_domain_queries
+
+        texts = []
+        for f in s.domain_queries.texts:
+            for rec in read_jsonl(resolve_path(r, f)):
+                texts += [rec["text"]] if isinstance(rec.get("text"), str) else [
+                    m["content"] for m in rec.get("messages", []) if isinstance(m.get("content"), str)]
+        cfg = DomainQueryConfig(num_terms=s.domain_queries.num_terms, max_queries=s.domain_queries.max_queries,
+                                decontam_ngram=s.decontam_ngram, seed=r.seed)
+        q = build_domain_queries(texts, [h["prompt"] for h in held], cfg)
+        train += q.prompts
+        rejects += q.rejects
+    return train, held
 
 
 @register
@@ -409,14 +456,63 @@ class DistillDraft(Stage):
     weight = 3.0
 
     def inputs(self, recipe: PipelineRecipe) -> list[Input]:
-        return [_target_input(recipe), Input("data", "teacher_data", "teacher_data", None, "train_tokens.jsonl"),
-                Input("heldout", "teacher_data", "teacher_data", None, "heldout_tokens.jsonl"),
-                Input("logits", "dump_logits", "dump_logits", None, "store")]
+        ins = [_target_input(recipe), Input("data", "teacher_data", "teacher_data", None, "train_tokens.jsonl"),
+               Input("heldout", "teacher_data", "teacher_data", None, "heldout_tokens.jsonl")]
+        if recipe.distill_draft.kind == "layer":
+            ins.append(Input("logits", "dump_logits", "dump_logits", None, "store"))
+        return ins
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
         return {"distill_draft.draft": recipe.distill_draft.draft}
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        if ctx.recipe.distill_draft.kind == "feature":
+            return self._run_feature(ctx, out)
+        return self._run_layer(ctx, out)
+
+    def _run_feature(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        """An EAGLE-style feature head trained on the target's hidden states (soaes-distill feature_kd); the
+        undistilled point is the same head before training (the target's last layer, pass-through fc)."""
+        import torch
+
+        from soaes_core import atomic_write_json, load_model, load_tokenizer, seed_everything
+        from soaes_distill.feature_kd import (
+            build_draft,
+            estimate_feature_acceptance,
+            extract_features,
+            train_feature_draft,
+        )
+        from soaes_distill.token_data import load_token_examples
+        from soaes_specdec.feature_draft import FeatureDraft
+
+        r, s = ctx.recipe, ctx.recipe.distill_draft
+        target_spec, data, heldout = (ctx.spec(i) for i in self.inputs(r))
+        seed_everything(r.seed)
+        target = load_model(target_spec, dtype=torch.float32, device="cpu").eval()
+        tok = load_tokenizer(target_spec)
+        train, held = load_token_examples(data), load_token_examples(heldout)
+        init = out / "undistilled"
+        if not (init / "feature_draft.json").is_file():
+            build_draft(target, train, s.feature, special_ids=tok.all_special_ids).save_pretrained(init)
+            tok.save_pretrained(init)
+        ctx.fail_point(self.name, "before_train")
+        res = train_feature_draft(target, train, None, s.feature, out / "distilled", heldout_examples=held,
+                                  tokenizer=tok)
+        feats = extract_features(target, held, batch_size=s.feature.extract_batch_size)
+        drafts: dict[str, Any] = {
+            "undistilled": {"dir": "undistilled", "kind": "feature"},
+            "distilled": {"dir": "distilled/draft", "kind": "feature", "train_seconds": round(res.train_seconds, 2),
+                          "extract_seconds": round(res.extract_seconds, 2), "steps": res.steps,
+                          "best_step": res.best_step}}
+        with torch.no_grad():
+            for info in drafts.values():
+                draft = FeatureDraft.from_pretrained(out / info["dir"], dtype=torch.float32, device="cpu")
+                est = estimate_feature_acceptance(target, draft, held, feats, top_p=0.7, block_sizes=(3,))
+                info["offline_acceptance"] = {k: round(float(v), 6) for k, v in est.items()}
+        atomic_write_json(out / "drafts.json", drafts)
+        return {"drafts": len(drafts), "heldout_examples": len(held), "kind": "feature"}
+
+    def _run_layer(self, ctx: StageContext, out: Path) -> dict[str, Any]:
         import dataclasses
 
         from soaes_core import atomic_write_json
@@ -532,14 +628,14 @@ def _exactness(target_spec: str, draft_spec: str, prompts: str, s: Any, path: Pa
     from soaes_core import atomic_write_json, load_model, load_tokenizer
     from soaes_specdec import SpeculativeDecoder, autoregressive_generate
     from soaes_specdec.bench import load_prompts
-    from soaes_specdec.draft import load_draft
+    from soaes_specdec.draft import load_any_draft
 
     tok = load_tokenizer(target_spec)
     ids = load_prompts(prompts, tok, s.exactness_prompts)
     result: dict[str, Any] = {"prompts": len(ids), "max_new_tokens": s.max_new_tokens, "n": 3}
     for dtype in dict.fromkeys(["float32", s.dtype]):
         target = load_model(target_spec, dtype=dtype, device="cpu").eval()
-        draft = load_draft(draft_spec, dtype=dtype, device="cpu")
+        draft = load_any_draft(draft_spec, dtype=dtype, device="cpu")
         dec = SpeculativeDecoder(target, draft, num_speculative_tokens=3)
         same = 0
         for p in ids:
@@ -551,6 +647,45 @@ def _exactness(target_spec: str, draft_spec: str, prompts: str, s: Any, path: Pa
     result["exact"] = result["float32"]["exact"]
     atomic_write_json(path, result)
     return {"prompts": len(ids), "exact_fp32": result["exact"]}
+
+
+@register
+class Export(Stage):
+    """The serving hand-off (soaes-specdec `export_for_vllm`): `serve/draft/`, the distilled draft as a full-head HF
+    directory with the target's tokenizer, and `serve/vllm_serve.sh` + `serve/README.md` with the exact
+    `vllm serve TARGET --speculative-config ...` command for the trained target (absolute paths of this run)."""
+
+    name = "export"
+    weight = 0.5
+
+    def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        return [_target_input(recipe), Input("drafts", "distill_draft", "distill_draft", None),
+                Input("bench", "specdec_bench", "specdec_bench", None, "distilled/bench.json", required=False)]
+
+    def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        from soaes_core.errors import ConfigError
+        from soaes_specdec.export import best_num_speculative_tokens, export_for_vllm
+
+        r, s = ctx.recipe, ctx.recipe.export
+        target_in, drafts_in, bench_in = self.inputs(r)
+        drafts_dir = ctx.path(drafts_in)
+        drafts = json.loads((drafts_dir / "drafts.json").read_text(encoding="utf-8"))
+        if s.draft not in drafts:
+            raise ConfigError(f"{r.source}: export.draft: no draft {s.draft!r} in {drafts_dir / 'drafts.json'} "
+                              f"(drafts: {', '.join(drafts)})")
+        d = str(drafts[s.draft]["dir"])
+        draft = d if is_model_spec(d) or os.path.isabs(d) else str(drafts_dir / d)
+        n, n_from = s.num_speculative_tokens, "export.num_speculative_tokens"
+        bench = ctx.resolve(bench_in)
+        if n is None and bench is not None and Path(bench).is_file():
+            n, n_from = best_num_speculative_tokens(json.loads(Path(bench).read_text(encoding="utf-8"))), "bench"
+        if n is None:
+            n, n_from = r.specdec_bench.num_speculative_tokens[0], "specdec_bench.num_speculative_tokens[0]"
+        res = export_for_vllm(draft, out / "serve", ctx.spec(target_in), n,
+                              final_dir=ctx.stage_dir(self.name).resolve() / "serve")
+        return {"draft": s.draft, "kind": res.kind, "num_speculative_tokens": n, "n_from": n_from,
+                "target": str(res.target_dir), "restricted_head_tokens": res.restricted_head_tokens,
+                "vllm_serve": res.serve_command()}
 
 
 @register

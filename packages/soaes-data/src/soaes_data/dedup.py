@@ -32,6 +32,7 @@ def normalise_for_dedup(text: str) -> str:
 # Texts longer than this are normalised and hashed piece by piece, so memory per document stays bounded
 # (issue 15, defect 3: a 21 MB one-line document took 7.5 GB in near-dedup).
 CHUNK_CHARS = 1 << 20
+HASH_CHARS = 1 << 18  # shingles hashed at a time (the slices overlap by n - 1 characters)
 
 
 def iter_normalised_chunks(text: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
@@ -127,7 +128,8 @@ def iter_shingle_hashes(text: str, n: int = 5, chunk_chars: int = CHUNK_CHARS,
     for piece in iter_normalised_chunks(text, chunk_chars) if pieces is None else pieces:
         s = carry + piece
         if len(s) >= n:
-            yield _shingle_hashes_normalised(s, n)
+            for a in range(0, len(s) - n + 1, HASH_CHARS):  # ~40 bytes per character hashed at once
+                yield _shingle_hashes_normalised(s[a:a + HASH_CHARS + n - 1], n)
             produced = True
             carry = s[-(n - 1):] if n > 1 else ""
         else:

@@ -6,6 +6,7 @@ files under each phase's `logs/` are unchanged)."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import sys
 from collections.abc import Callable
@@ -86,6 +87,17 @@ def _local_executor_class() -> type:
             return stats
 
     return SerialLocalExecutor
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc `malloc_trim`) after a phase that ran in this
+    process, so the next phases, and the workers forked for them, do not carry them; a no-op elsewhere."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def make_executor(kind: ExecutorKind, pipeline: list[Any], *, tasks: int, workers: int, logging_dir: Path,

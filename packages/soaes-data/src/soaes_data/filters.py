@@ -29,10 +29,13 @@ _SYMBOL_RE = re.compile(r"[^\w\s\u3000-\u303f\uff00-\uffef“”‘’…—·]"
 
 
 # ---- language -------------------------------------------------------------------------------------------
+_SLICE = 1 << 18  # characters (or n-grams) a long text is processed at a time, so memory per document is bounded
+
+
 def _count(char_class: re.Pattern[str], text: str) -> int:
     """Matches of a one-character pattern, without building a list of them (a 20 MB text would make millions
-    of string objects)."""
-    return len(text) - len(char_class.sub("", text))
+    of string objects), slice by slice (`re.sub` holds 8 bytes per match while it works)."""
+    return sum(len(p) - len(char_class.sub("", p)) for p in (text[a:a + _SLICE] for a in range(0, len(text), _SLICE)))
 
 
 def _nonspace(text: str) -> int:
@@ -188,17 +191,29 @@ def quality_signals(text: str, ngram: int = 5) -> dict[str, float]:
 
 def _repeated_ngrams(s: str, n: int) -> tuple[int, int]:
     """(number of character n-grams, how many of them occur more than once), from 64-bit polynomial hashes
-    of the n-grams (vectorised, 8 bytes per n-gram instead of a string each)."""
+    of the n-grams (vectorised, 8 bytes per n-gram instead of a string each): the hashes are computed and
+    compared slice by slice and sorted in place, so a long text costs those 8 bytes per character and little
+    more."""
     m = len(s) - n + 1
     if m <= 0:
         return 0, 0
-    cps = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    h = np.zeros(m, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(n):
-            h = h * np.uint64(0x100000001B3) + cps[k:k + m] + np.uint64(1)
-    _, counts = np.unique(h, return_counts=True)
-    return m, int(counts[counts > 1].sum())
+    h = np.empty(m, dtype=np.uint64)
+    for a in range(0, m, _SLICE):
+        b = min(m, a + _SLICE)
+        cps = np.frombuffer(s[a:b + n - 1].encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        g = np.zeros(b - a, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n):
+                g = g * np.uint64(0x100000001B3) + cps[k:k + b - a] + np.uint64(1)
+        h[a:b] = g
+    h.sort()
+    singles = 0  # hashes that differ from both neighbours (occur once)
+    for a in range(0, m, _SLICE):
+        b = min(m, a + _SLICE)
+        ext = h[max(a - 1, 0):min(b + 1, m)]
+        ne = np.concatenate([[True] if a == 0 else [], ext[1:] != ext[:-1], [True] if b == m else []]).astype(bool)
+        singles += int(np.count_nonzero(ne[:-1] & ne[1:]))
+    return m, m - singles
 
 
 def check_quality(text: str, config: QualityConfig = QualityConfig()) -> str | None:

@@ -38,7 +38,7 @@ from .dedup_steps import (
     NearDedupFilter,
     dedup_layout,
 )
-from .executors import ExecutorKind, ensure_ray, make_executor, quiet_datatrove_logs
+from .executors import ExecutorKind, ensure_ray, make_executor, quiet_datatrove_logs, release_free_memory
 from .filters import LanguageConfig, LengthConfig, PiiConfig, QualityConfig, RelevanceConfig
 from .finalize import FinalizeStep, StageOutputs
 from .readers import FieldMap
@@ -340,6 +340,7 @@ def run_curation(cfg: CurationConfig, force: bool = False) -> list[StageReport]:
             executor = make_executor(cfg.executor, ph.steps, tasks=ph.tasks, workers=cfg.workers, logging_dir=ph.dir,
                                      engine=cfg.engine, job_name=f"curate-{ph.name}")
             executor.run()
+            release_free_memory()
             failed = [r for r in range(ph.tasks) if not (ph.dir / "completions" / f"{r:05d}").is_file()]
             if failed:
                 raise DataError(f"curation phase {ph.name}: task(s) {failed} did not finish; see "

@@ -335,9 +335,12 @@ def iter_jsonl_range(unit: ReadUnit, fields: FieldMap) -> Iterator[Document | Da
                 else:
                     try:
                         d = _record_doc(obj, ppath, lineno, fields)
-                        yield make_document(d.id, d.source, d.text, d.meta, unit.file.index * ORDER_SCALE + line_pos)
                     except DataError as err:
                         yield err
+                    else:
+                        doc = make_document(d.id, d.source, d.text, d.meta, unit.file.index * ORDER_SCALE + line_pos)
+                        del raw, text, obj, d  # while the document goes down the pipeline, no other copy waits here
+                        yield doc
             lineno += 1
 
 
@@ -436,5 +439,7 @@ class ShardReader(PipelineStep):
         with open(Path(self.folder) / f"{rank:05d}.jsonl", encoding="utf-8") as fh:
             for line in fh:
                 r = loads(line)
-                yield Document(text=r["text"], id=r["id"],
+                doc = Document(text=r["text"], id=r["id"],
                                metadata={"source": r["source"], "meta": r["meta"], "order": r["order"]})
+                del line, r  # only the document keeps the text while it goes down the pipeline
+                yield doc

@@ -207,6 +207,49 @@ def estimate(target: str, draft_spec: str, data_path: str, top_p: float) -> None
     click.echo(json.dumps(est.as_metrics(), indent=2))
 
 
+def _feature_kd_keys() -> list[tuple[str, type, str, tuple[str, ...]]]:
+    """The keys `feature-draft --set` accepts, for its --help."""
+    from .feature_kd import FeatureKDConfig
+
+    return [("Feature-draft keys (--set KEY=VALUE)", FeatureKDConfig, "", ())]
+
+
+@main.command("feature-draft", cls=KeysHelpCommand, set_keys=_feature_kd_keys)
+@click.option("--target", default=DEFAULT_MODEL, show_default=True, help="target model spec")
+@click.option("--train", "train_path", required=True, help="training token data (JSONL/Parquet, input_ids + labels)")
+@click.option("--dev", "dev_path", default=None, help="dev token data (default: a split of --train)")
+@click.option("--heldout", "heldout_path", default=None, help="held-out token data, evaluated once at the end")
+@click.option("--out", "out_dir", required=True, help="output directory (resumed if it holds a checkpoint)")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML FeatureKDConfig (options below override it)")
+@click.option("--steps", type=int, default=None, help="optimizer steps")
+@click.option("--time-budget-s", type=float, default=None, help="wall-clock training budget in seconds")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a FeatureKDConfig field, e.g. --set head_tokens=4096 (keys below)")
+def feature_draft(target: str, train_path: str, dev_path: str | None, heldout_path: str | None, out_dir: str,
+                  config_path: str | None, steps: int | None, time_budget_s: float | None,
+                  sets: tuple[str, ...]) -> None:
+    """Train an EAGLE-style feature-conditioned draft head on the target's last hidden states."""
+    import torch
+
+    from soaes_core import load_model, load_tokenizer
+
+    from .feature_kd import FeatureKDConfig, train_feature_draft
+    from .token_data import load_token_examples
+
+    cfg = build_config(FeatureKDConfig, config_path, {"steps": steps, "time_budget_s": time_budget_s}, sets)
+    train = load_token_examples(train_path)
+    dev = load_token_examples(dev_path) if dev_path else None
+    held = load_token_examples(heldout_path) if heldout_path else None
+    res = train_feature_draft(load_model(target, dtype=torch.float32, device="cpu"), train, dev, cfg, out_dir,
+                              heldout_examples=held, tokenizer=load_tokenizer(target))
+    click.echo(f"draft saved to {res.draft_dir} (best step {res.best_step} of {res.steps}; "
+               f"extract {res.extract_seconds:.0f}s, train {res.train_seconds:.0f}s)")
+    click.echo("dev: " + json.dumps(res.dev_metrics))
+    if res.heldout_metrics is not None:
+        click.echo("held-out: " + json.dumps(res.heldout_metrics))
+
+
 @main.command(cls=KeysHelpCommand, set_keys=_experiment_keys)
 @click.option("--out", "out_dir", default="runs/distill-experiment", show_default=True)
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,

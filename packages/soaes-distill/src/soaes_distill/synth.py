@@ -71,6 +71,20 @@ def blackbox_sft_records(model: Any, tokenizer: Any, prompts: Sequence[dict[str,
             for p, a in zip(prompts, answers, strict=False)]
 
 
+def sampled_sft_records(model: Any, tokenizer: Any, prompts: Sequence[dict[str, Any]], max_new_tokens: int = 128,
+                        batch_size: int = 8, temperature: float = 1.0, top_p: float = 0.7, seed: int = 0,
+                        system: str | None = None) -> list[dict[str, Any]]:
+    """Like `blackbox_sft_records`, but each answer sampled at `temperature` / `top_p` (the serving setting), so a
+    draft trained on them sees the text the target produces when it samples; source `target-sampled`."""
+    ids = [encode_chat_prompt(tokenizer, p["prompt"], system) for p in prompts]
+    answers = generate_texts(model, tokenizer, ids, max_new_tokens, batch_size, do_sample=True,
+                             temperature=temperature, top_p=top_p, seed=seed)
+    return [{"id": p["id"], "messages": [{"role": "user", "content": p["prompt"]},
+                                         {"role": "assistant", "content": a}], "source": "target-sampled",
+             "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed}}
+            for p, a in zip(prompts, answers, strict=False)]
+
+
 def chat_records_to_examples(tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int,
                              rejects: list[dict[str, Any]] | None = None) -> list[TokenExample]:
     """Tokenize chat records (assistant-only labels via `soaes_data.chat.encode_chat`); example ids are the

@@ -110,10 +110,10 @@ class SpecDecLM(HFLM):
                 raise InvalidArgumentError(f"draft {spec!r}: expected layers:N with an integer N") from None
             return make_layer_draft(self.model, n)
         try:
-            from soaes_specdec.draft import load_draft
+            from soaes_specdec.draft import load_any_draft
 
-            draft = load_draft(spec, dtype=self.model.dtype, device=str(self.device), target=self.target_name,
-                               target_tokenizer=self.tokenizer)  # a draft with another tokenizer is refused
+            draft = load_any_draft(spec, dtype=self.model.dtype, device=str(self.device), target=self.target_name,
+                                   target_tokenizer=self.tokenizer)  # a draft with another tokenizer is refused
         except ModelLoadError:
             raise
         except Exception as exc:  # a spec that soaes_core could not turn into a model

@@ -9,10 +9,12 @@ from .decoding import (
     SpeculativeDecoder,
     autoregressive_generate,
 )
-from .draft import make_layer_draft
+from .draft import load_any_draft, make_layer_draft
+from .feature_draft import FeatureDraft
 from .sampling import SamplingParams
 
 __all__ = [
+    "FeatureDraft",
     "PromptLookupDecoder",
     "SamplingParams",
     "SpecDecodeOutput",
@@ -20,5 +22,6 @@ __all__ = [
     "SpeculativeDecoder",
     "__version__",
     "autoregressive_generate",
+    "load_any_draft",
     "make_layer_draft",
 ]

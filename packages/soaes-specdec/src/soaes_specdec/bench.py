@@ -7,7 +7,9 @@ acceptance and mean accepted length (new tokens per target call, bonus included)
 decoder it also reports the measured cost ratios c (draft step / target step) and c_v (target pass over
 n+1 tokens / target step), the theoretical speedup S = E[L] / (n*c + c_v) with E[L] = (1 - a^(n+1)) / (1 - a)
 (Leviathan et al. 2023), and measured / S. Plain decoding's achieved bandwidth (weight bytes x tokens/s)
-is compared with the machine's, measured by a large matrix-vector product.
+is compared with the machine's, measured by a large matrix-vector product. The draft is a layer draft or a
+feature-conditioned one (`config.draft` a `FeatureDraft` directory); for the latter a draft step, and so c, is
+fc + its one layer + its norm + its (restricted) head.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from soaes_core.progress import progress
 from soaes_core.prompts import encode_chat_prompt, read_prompt_records
 
 from .decoding import PromptLookupDecoder, SpecDecodeOutput, SpecStats, SpeculativeDecoder, autoregressive_generate
-from .draft import check_draft_tokenizer, load_draft, make_layer_draft
+from .draft import check_draft_tokenizer, load_any_draft, make_layer_draft
+from .feature_draft import FeatureDraft
+from .feature_runner import FeatureDraftRunner
 from .runner import CachedCausalLM
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,8 @@ class BenchConfig:
 
     target: str = field(default=DEFAULT_MODEL, metadata={"help": "Target model spec."})
     draft: str | None = field(default=None, metadata={
-        "help": "Draft model spec; unset = the target's first --draft-layers layers."})
+        "help": "Draft model spec (a layer draft or a feature-draft directory); unset = the target's first "
+                "--draft-layers layers."})
     draft_layers: int = field(default=4, metadata={"help": "Layers kept when deriving the draft from the target."})
     prompts: str | None = field(default=None, metadata={
         "help": 'JSONL of {"messages": [...]} or {"prompt": "..."} per line; unset = the packaged prompts.'})
@@ -183,26 +188,41 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 7, device: str | torc
 
 
 @torch.inference_mode()
-def measure_costs(target: CachedCausalLM, draft: CachedCausalLM, n: int, context: int,
+def measure_costs(target: CachedCausalLM, draft: CachedCausalLM | FeatureDraftRunner, n: int, context: int,
                   repeats: int = 15, warmup: int = 3) -> dict[str, float]:
     """Seconds of one target step, one draft step and one target pass over n+1 tokens at `context` tokens.
 
     The three are timed in interleaved rounds (after `warmup` untimed rounds), so a slow start or a load
-    change shifts all three alike instead of biasing the ratios c and c_v.
+    change shifts all three alike instead of biasing the ratios c and c_v. A feature draft's step is what the
+    decoder runs per speculative token: fc on (embedding, feature) + its layer + norm + head, returning g; with a
+    feature draft the target's verify also returns its hidden states, as the decoder asks.
     """
     vocab = min(target.vocab_size, draft.vocab_size)
     prompt = torch.randint(0, vocab, (1, context), device=target.device)
     starts = torch.zeros(1, dtype=torch.long, device=target.device)
     at_end = torch.full((1,), context, dtype=torch.long, device=target.device)
     last = torch.zeros(1, dtype=torch.long, device=target.device)
-    for runner in (target, draft):
-        runner.start(1, context + n + 2)
-        runner.forward(prompt, starts, need_logits=False)
+    target.start(1, context + n + 2)
+    target.forward(prompt, starts, need_logits=False)
     one = prompt[:, -1:]
     block = prompt[:, -(n + 1):]
+    feature = isinstance(draft, FeatureDraftRunner)
+    draft.start(1, context + n + 2)
+    if isinstance(draft, FeatureDraftRunner):
+        features = torch.randn(1, context, draft.hidden_size, device=draft.device, dtype=draft.dtype)
+        draft.step(features, prompt, starts, logits_at=torch.full_like(starts, context - 1))
+        state = features[:, -1:]
+
+        def draft_step() -> Any:
+            return draft.step(state, one, at_end, logits_at=last)
+    else:
+        draft.forward(prompt, starts, need_logits=False)
+
+        def draft_step() -> Any:
+            return draft.forward(one, at_end, logits_at=last)
     calls = {"target_step_s": lambda: target.forward(one, at_end, logits_at=last),
-             "draft_step_s": lambda: draft.forward(one, at_end, logits_at=last),
-             "verify_step_s": lambda: target.forward(block, at_end)}
+             "draft_step_s": draft_step,
+             "verify_step_s": lambda: target.forward(block, at_end, return_hidden=feature)}
     times: dict[str, list[float]] = {k: [] for k in calls}
     for round_ in range(warmup + repeats):
         for key, fn in calls.items():
@@ -288,6 +308,10 @@ class BenchRunner:
                  prompts: list[torch.Tensor], reference: Any | None = None) -> None:
         self.config, self.target, self.draft, self.tokenizer, self.prompts = config, target, draft, tokenizer, prompts
         self.reference = reference  # the target in `config.reference_dtype`, or None
+        if isinstance(draft, FeatureDraft) and "hf_assisted" in config.methods:
+            raise InvalidArgumentError(
+                f"methods: hf_assisted needs a layer draft (a causal LM transformers can run), but the draft "
+                f"{config.draft or ''!r} is a feature-conditioned draft: drop hf_assisted from methods")
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
@@ -365,9 +389,15 @@ class BenchRunner:
         return self._reference_runner
 
     @property
-    def draft_runner(self) -> CachedCausalLM:
+    def draft_kind(self) -> str:
+        return "feature" if isinstance(self.draft, FeatureDraft) else "layer"
+
+    @property
+    def draft_runner(self) -> CachedCausalLM | FeatureDraftRunner:
+        """The draft's cached runner: a `CachedCausalLM` (layer draft) or a `FeatureDraftRunner`."""
         if not hasattr(self, "_draft_runner"):
-            self._draft_runner = CachedCausalLM(self.draft)
+            self._draft_runner = (FeatureDraftRunner(self.draft) if isinstance(self.draft, FeatureDraft)
+                                  else CachedCausalLM(self.draft))
         return self._draft_runner
 
     def closure(self, method: str, mode: str, n: int) -> Callable[..., tuple[int, Any]]:
@@ -432,13 +462,14 @@ def _new_tokens(output: Any) -> list[int]:
 
 
 def load_bench_models(config: BenchConfig) -> tuple[Any, Any, Any]:
-    """Target, draft (loaded or derived from the target's first layers) and the target's tokenizer."""
+    """Target, draft (loaded, of either kind, or derived from the target's first layers) and the target's
+    tokenizer."""
     tokenizer = load_tokenizer(config.target)
     if config.draft:  # a draft with another tokenizer is refused before any model is loaded
         check_draft_tokenizer(config.target, config.draft, target_tokenizer=tokenizer)
     target = load_model(config.target, dtype=config.dtype, device="cpu" if not torch.cuda.is_available() else None)
-    if config.draft:  # restricted head applied
-        draft = load_draft(config.draft, dtype=config.dtype, device=target.device)
+    if config.draft:  # restricted head applied; a feature-draft directory loads as a FeatureDraft
+        draft = load_any_draft(config.draft, dtype=config.dtype, device=target.device)
     else:
         draft = make_layer_draft(target, config.draft_layers)
     return target, draft, tokenizer
@@ -505,6 +536,7 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
                     "device": str(runner.target_runner.device), "matvec_bandwidth_gb_s": bandwidth,
                     "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "target_weight_bytes": target_bytes,
+        "draft_kind": runner.draft_kind,
         "draft_weight_bytes": runner.draft_runner.num_parameter_bytes(),
         "num_prompts": len(prompts),
         "context_for_costs": context,
@@ -565,10 +597,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     """A readable table per mode plus the cost model and bandwidth lines."""
     cfg, machine = report["config"], report["machine"]
     draft = cfg["draft"] or f"first {cfg['draft_layers']} layers of the target"
+    kind = " (feature-conditioned)" if report.get("draft_kind") == "feature" else ""
     load = ", ".join(f"{x:.1f}" for x in machine["load_average"] or ())
     lines = [
         "# Speculative decoding benchmark", "",
-        f"target `{cfg['target']}`, draft `{draft}`, "
+        f"target `{cfg['target']}`, draft `{draft}`{kind}, "
         f"{report['num_prompts']} prompts, max_new_tokens {cfg['max_new_tokens']}, batch 1, {cfg['dtype']}, "
         f"warm-up {cfg['warmup']}, median of {cfg['repeats']} interleaved repeats; "
         f"{machine['torch_threads']} threads on {machine['cpu_count']} CPUs (load average at end {load}).", "",

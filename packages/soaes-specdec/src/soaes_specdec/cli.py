@@ -39,7 +39,8 @@ def bench(config: BenchConfig, out_dir: str) -> None:
 @main.command()
 @click.argument("prompt")
 @click.option("--target", default=DEFAULT_MODEL, show_default=True, help="Target model spec.")
-@click.option("--draft", help="Draft model spec (default: derived from the target's first --draft-layers layers).")
+@click.option("--draft", help="Draft model spec, a layer draft or a feature-draft directory (default: derived from "
+                              "the target's first --draft-layers layers).")
 @click.option("--draft-layers", type=int, default=4, show_default=True)
 @click.option("--method", type=click.Choice(["speculative", "prompt_lookup", "plain"]), default="speculative",
               show_default=True)
@@ -60,7 +61,7 @@ def generate(prompt: str, target: str, draft: str | None, draft_layers: int, met
     from soaes_core import encode_chat_prompt, load_model, load_tokenizer
 
     from .decoding import PromptLookupDecoder, SpeculativeDecoder, autoregressive_generate
-    from .draft import load_draft, make_layer_draft
+    from .draft import load_any_draft, make_layer_draft
 
     tokenizer = load_tokenizer(target)
     model = load_model(target, dtype=torch.float32)
@@ -69,8 +70,8 @@ def generate(prompt: str, target: str, draft: str | None, draft_layers: int, met
     else:
         ids = tokenizer(prompt)["input_ids"]
     if method == "speculative":
-        draft_model = (load_draft(draft, dtype=torch.float32, target=target, target_tokenizer=tokenizer) if draft
-                       else make_layer_draft(model, draft_layers))
+        draft_model = (load_any_draft(draft, dtype=torch.float32, target=target, target_tokenizer=tokenizer)
+                       if draft else make_layer_draft(model, draft_layers))
         decoder: Any = SpeculativeDecoder(model, draft_model, num_speculative_tokens)
     elif method == "prompt_lookup":
         decoder = PromptLookupDecoder(model, num_speculative_tokens)
@@ -130,3 +131,18 @@ def vllm_bench(target: str, draft: str | None, num_speculative_tokens: int, prom
     result = run_vllm_benchmark(settings, texts, repeats=repeats)
     atomic_write_json(out_file, result)
     click.echo(json.dumps(result, indent=2))
+
+
+@main.command("export-vllm")
+@click.argument("draft_dir", type=click.Path())
+@click.option("--target", required=True, help="The target's HF model directory (what vLLM serves).")
+@click.option("-n", "--num-speculative-tokens", type=int, default=3, show_default=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="serve", show_default=True)
+def export_vllm(draft_dir: str, target: str, num_speculative_tokens: int, out_dir: str) -> None:
+    """Export DRAFT_DIR for vLLM (full-head HF directory + the target's tokenizer) and write the `vllm serve`
+    command (OUT/vllm_serve.sh, OUT/README.md)."""
+    from .export import export_for_vllm
+
+    result = export_for_vllm(draft_dir, out_dir, target, num_speculative_tokens)
+    click.echo(result.serve_command() or result.note)
+    click.echo(f"wrote {out_dir}: {', '.join(result.files)}", err=True)

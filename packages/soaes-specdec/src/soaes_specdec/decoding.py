@@ -1,4 +1,6 @@
-"""Decoders sharing one sampling path: plain autoregressive, prompt lookup, and draft-model speculative decoding.
+"""Decoders sharing one sampling path: plain autoregressive, prompt lookup, and draft-model speculative decoding
+(with a layer draft, a causal LM of its own, or a feature-conditioned `FeatureDraft` that reads the target's
+hidden states).
 
 All three draw every token through `sampling.sample_next` / `verify.verify_block`, so for greedy decoding
 their outputs are identical token for token and for sampling they draw from the same distribution. Rows of a
@@ -18,6 +20,8 @@ import torch
 from soaes_core.errors import InvalidArgumentError
 
 from . import sampling, verify
+from .feature_draft import FeatureDraft
+from .feature_runner import FeatureDraftRunner
 from .lookup import propose_ngram_continuations
 from .runner import CachedCausalLM
 from .sampling import SamplingParams
@@ -248,6 +252,10 @@ def _prompt_block(rows: _Rows) -> torch.Tensor:
 def _as_runner(model: Any, batch_invariant: bool = False) -> CachedCausalLM:
     """`model` as a cached runner; with `batch_invariant`, one that runs each row alone and each cached
     continuation token by token, bit-identical to plain batch-1 decoding (runner.py)."""
+    if isinstance(model, (FeatureDraft, FeatureDraftRunner)):
+        raise InvalidArgumentError("a feature draft (FeatureDraft) cannot decode on its own or serve as a target: it "
+                                   "reads a target's hidden states; pass it as the draft of "
+                                   "SpeculativeDecoder(target, draft)")
     runner = model if isinstance(model, CachedCausalLM) else CachedCausalLM(model)
     return runner.with_batch_invariance() if batch_invariant else runner
 
@@ -331,13 +339,18 @@ def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_
 
 def _verify_and_append(target: CachedCausalLM, rows: _Rows, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
                        num_draft: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                       stats: SpecStats, use_kernel: bool | None) -> None:
-    """One target call over [pending token, drafts...]; accept, append, roll the target cache back."""
+                       stats: SpecStats, use_kernel: bool | None, return_hidden: bool = False) -> torch.Tensor | None:
+    """One target call over [pending token, drafts...]; accept, append, roll the target cache back. With
+    `return_hidden`, returns the target's post-norm hidden states of the block's rows [B, n+1, H] (else None)."""
     width = drafts.shape[1]
     old_lengths = rows.lengths.clone()
     active = rows.active.clone()
     block = torch.cat([rows.last_tokens().unsqueeze(1), drafts], dim=1)
-    logits = target.forward(block, old_lengths - 1)
+    hidden = None
+    if return_hidden:
+        logits, hidden = target.forward(block, old_lengths - 1, return_hidden=True)
+    else:
+        logits = target.forward(block, old_lengths - 1)
     stats.target_calls += 1
     num_accepted, next_token = verify.verify_block(logits, drafts, draft_probs, num_draft, params, generator,
                                                    use_kernel=use_kernel)
@@ -348,6 +361,7 @@ def _verify_and_append(target: CachedCausalLM, rows: _Rows, drafts: torch.Tensor
     stats.decode_row_calls += int(active.sum())
     stats.decode_tokens += int(kept.sum())
     target.cache.set_lengths(rows.lengths - 1)  # pending token not yet in the cache; rejected entries are stale
+    return hidden
 
 
 class SpeculativeDecoder:
@@ -358,11 +372,32 @@ class SpeculativeDecoder:
     length: drafting stops early once every active row's top draft probability falls below it.
     `batch_invariant=True` verifies token by token through plain decoding's one-row calls: greedy output then
     equals plain batch-1 decoding bit for bit in every dtype (bfloat16 included), but a verify costs n+1 steps.
+
+    `draft` is a layer draft (a causal LM sharing the target's vocabulary, or its `CachedCausalLM`) or a
+    feature-conditioned `FeatureDraft` (or its `FeatureDraftRunner`): the target's prefill and verify passes then
+    also return their post-norm hidden states, the draft proposes from (feature, token) pairs, and after each
+    verify it catches up on the accepted tokens and the bonus with the target's true features (its speculative
+    cache entries rolled back), whose last row yields the next block's first proposal.
     """
 
     def __init__(self, target: Any, draft: Any, num_speculative_tokens: int = 3, draft_confidence: float = 0.0,
                  use_kernel: bool | None = None, batch_invariant: bool = False) -> None:
-        self.target, self.draft = _as_runner(target, batch_invariant), _as_runner(draft)
+        self.target = _as_runner(target, batch_invariant)
+        self.feature: FeatureDraftRunner | None = None
+        if isinstance(draft, (FeatureDraft, FeatureDraftRunner)):
+            self.feature = draft if isinstance(draft, FeatureDraftRunner) else FeatureDraftRunner(draft)
+            self.draft = self.feature.lm
+            target_hidden = int(self.target.config.hidden_size)
+            if self.feature.hidden_size != target_hidden:
+                raise InvalidArgumentError(
+                    f"the feature draft's hidden size ({self.feature.hidden_size}) differs from the target's "
+                    f"({target_hidden}): a feature draft reads the target's hidden states, so it must be built for "
+                    "this target")
+            if self.feature.device != self.target.device:
+                raise InvalidArgumentError(f"the feature draft is on {self.feature.device} but the target on "
+                                           f"{self.target.device}: move both to one device")
+        else:
+            self.draft = _as_runner(draft)
         self.num_speculative_tokens = check_num_speculative_tokens(num_speculative_tokens)
         if self.target.vocab_size != self.draft.vocab_size:
             raise InvalidArgumentError(
@@ -372,6 +407,26 @@ class SpeculativeDecoder:
             raise InvalidArgumentError(f"draft_confidence must be in [0, 1), got {draft_confidence!r}")
         self.draft_confidence = draft_confidence
         self.use_kernel = use_kernel
+
+    def _sample_drafts(self, logits: torch.Tensor, step: Callable[[int, torch.Tensor], torch.Tensor],
+                       rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
+                       stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draw up to n draft tokens: the first from `logits`, each next from `step(i, previous token)` (one draft
+        call); stops early under `draft_confidence`. Returns tokens [B, m] and their warped q [B, m, V] (sampling)."""
+        tokens, probs = [], []
+        for i in range(self.num_speculative_tokens):
+            if i > 0:
+                logits = step(i, tokens[-1])
+                stats.draft_calls += 1
+            tok, q = draft_sample(logits, params, generator)
+            tokens.append(tok)
+            if q is not None:
+                probs.append(q)
+            if self.draft_confidence > 0 and i + 1 < self.num_speculative_tokens:
+                top = (q if q is not None else torch.softmax(logits, dim=-1)).max(dim=-1).values
+                if not bool((top[rows.active] >= self.draft_confidence).any()):
+                    break
+        return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
 
     def _propose(self, rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
                  stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -384,22 +439,49 @@ class SpeculativeDecoder:
         logits = draft.forward(block, draft.cache.lengths, logits_at=behind - 1)
         stats.draft_calls += 1
         draft.cache.set_lengths(rows.lengths)
-        tokens, probs = [], []
-        for i in range(self.num_speculative_tokens):
-            if i > 0:
-                logits = draft.forward(tokens[-1].unsqueeze(1), rows.lengths + i - 1,
-                                       logits_at=torch.zeros_like(rows.lengths))
-                stats.draft_calls += 1
-            tok, q = draft_sample(logits, params, generator)
-            tokens.append(tok)
-            if q is not None:
-                probs.append(q)
-            if self.draft_confidence > 0 and i + 1 < self.num_speculative_tokens:
-                top = (q if q is not None else torch.softmax(logits, dim=-1)).max(dim=-1).values
-                if not bool((top[rows.active] >= self.draft_confidence).any()):
-                    break
-        draft.cache.set_lengths(rows.lengths + len(tokens) - 1)  # the last proposal is not in the cache
-        return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
+        at = torch.zeros_like(rows.lengths)
+
+        def step(i: int, token: torch.Tensor) -> torch.Tensor:
+            return draft.forward(token.unsqueeze(1), rows.lengths + i - 1, logits_at=at)
+
+        drafts, probs = self._sample_drafts(logits, step, rows, params, generator, stats)
+        draft.cache.set_lengths(rows.lengths + drafts.shape[1] - 1)  # the last proposal is not in the cache
+        return drafts, probs
+
+    def _propose_from_features(self, rows: _Rows, first: tuple[torch.Tensor, torch.Tensor], params: SamplingParams,
+                               generator: torch.Generator | None, stats: SpecStats,
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feature draft: the first proposal from `first` (logits, g) of the last true-feature pass, each next one
+        from a step on (g, previous token) at the draft positions after the pending token's."""
+        assert self.feature is not None
+        feature = self.feature
+        logits, state = first
+        base = rows.lengths - 1  # the draft cache's length: (true feature, token) pairs up to the pending token
+        at = torch.zeros_like(base)
+
+        def step(i: int, token: torch.Tensor) -> torch.Tensor:
+            nonlocal state
+            out, state = feature.step(state.unsqueeze(1), token.unsqueeze(1), base + i - 1, logits_at=at)
+            return out
+
+        drafts, probs = self._sample_drafts(logits, step, rows, params, generator, stats)
+        feature.cache.set_lengths(base)  # the speculative entries go: the catch-up rewrites them with true features
+        return drafts, probs
+
+    def _catch_up(self, rows: _Rows, old_lengths: torch.Tensor, hidden: torch.Tensor,
+                  stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature draft after a verify: run the rows' newly appended tokens (accepted drafts + bonus) with the
+        target's true features at the positions before them (the verify's rows 0..k), from draft position
+        old_length - 1 on; returns (logits, g) at each row's last new token: the next block's first proposal."""
+        assert self.feature is not None
+        kept = rows.lengths - old_lengths  # k + 1 for rows still active; stopped rows' results are unused
+        width = max(int(kept.max()), 1)
+        cols = old_lengths[:, None] + torch.arange(width, device=kept.device)[None, :]
+        tokens = rows.tokens.gather(1, cols.clamp(max=rows.tokens.shape[1] - 1))
+        out = self.feature.step(hidden[:, :width], tokens, old_lengths - 1, logits_at=(kept - 1).clamp(min=0))
+        stats.draft_calls += 1
+        self.feature.cache.set_lengths(rows.lengths - 1)
+        return out
 
     @torch.inference_mode()
     def generate(self, input_ids: Any, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
@@ -413,6 +495,10 @@ class SpeculativeDecoder:
         rows = _start_rows(self.target, input_ids, attention_mask, max_new_tokens, n + 1, eos_token_id, streamer)
         self.draft.start(rows.batch, rows.max_prompt + max_new_tokens + n + 1)
         stats = SpecStats()
+        if self.feature is not None:
+            self._generate_from_features(rows, params, generator, stats)
+            stats.wall_time_s = time.perf_counter() - t0
+            return rows.output(stats)
         _prefill(self.draft, rows, need_logits=False)  # before the first token is appended: prompts only
         stats.draft_calls += 1
         _prefill_and_sample_first(self.target, rows, params, generator, stats)
@@ -425,6 +511,31 @@ class SpeculativeDecoder:
             self.draft.cache.rollback(rows.lengths - 1)
         stats.wall_time_s = time.perf_counter() - t0
         return rows.output(stats)
+
+    def _generate_from_features(self, rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
+                                stats: SpecStats) -> None:
+        """The decoding loop with a feature draft (see the class docstring); the draft cache holds rows.lengths - 1
+        (true feature, token) pairs after every cycle."""
+        assert self.feature is not None
+        starts = torch.zeros(rows.batch, dtype=torch.long, device=rows.tokens.device)
+        last = rows.prompt_lengths - 1
+        logits, features = self.target.forward(_prompt_block(rows), starts, logits_at=last, return_hidden="all")
+        self.target.cache.set_lengths(rows.prompt_lengths)
+        stats.target_calls += 1
+        token, _ = sampling.sample_next(logits, params, generator)
+        rows.append(token.unsqueeze(1), torch.ones_like(token))
+        # draft positions 0..L-1 read (f[p], x[p+1]); x[L] is the token just sampled
+        first = self.feature.step(features, rows.tokens[:, 1:rows.max_prompt + 1], starts, logits_at=last)
+        self.feature.cache.set_lengths(rows.lengths - 1)
+        stats.draft_calls += 1
+        while bool(rows.active.any()):
+            drafts, probs = self._propose_from_features(rows, first, params, generator, stats)
+            num_draft = torch.full_like(rows.lengths, drafts.shape[1])
+            old_lengths = rows.lengths.clone()
+            hidden = _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
+                                        self.use_kernel, return_hidden=True)
+            if bool(rows.active.any()):
+                first = self._catch_up(rows, old_lengths, hidden, stats)
 
 
 class PromptLookupDecoder:

@@ -8,6 +8,7 @@ logits, so decoding stays exact while the draft's head costs S/V of the full one
 `head_token_ids.json` beside a normal HF directory and applied by `load_draft`. A draft loaded for a target
 must share the target's tokenizer (same ids for the same tokens, same special tokens), which `load_draft`
 checks by fingerprint when it is told the target: equal vocabulary sizes alone let a foreign tokenizer through.
+`load_any_draft` loads either a layer draft or a feature-conditioned one (`feature_draft.FeatureDraft`).
 """
 
 from __future__ import annotations
@@ -162,10 +163,24 @@ def load_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = No
     """Load a draft saved by `save_draft`; applies its restricted head when `head_token_ids.json` exists.
 
     With `target` (its spec or name) the draft's tokenizer is first checked against the target's
-    (`check_draft_tokenizer`; `target_tokenizer` saves reloading it).
+    (`check_draft_tokenizer`; `target_tokenizer` saves reloading it). A feature-draft directory is refused: its
+    1-layer model reads the target's hidden states and is no stand-alone draft (`load_any_draft` loads both kinds).
     """
+    from .feature_draft import FEATURE_DRAFT_FILE, is_feature_draft_dir
+
+    if is_feature_draft_dir(spec):
+        raise ModelLoadError(f"draft {str(spec)!r} is a feature-conditioned draft ({FEATURE_DRAFT_FILE}): it reads the "
+                             "target's hidden states and cannot run as a layer draft; load it with "
+                             "soaes_specdec.draft.load_any_draft or FeatureDraft.from_pretrained")
     if target is not None:
         check_draft_tokenizer(target, spec, target_tokenizer=target_tokenizer)
+    return load_hf_draft(spec, dtype=dtype, device=device, restrict_head=restrict_head)
+
+
+def load_hf_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = None,
+                  restrict_head: bool = True) -> Any:
+    """The HF causal LM of a draft directory (restricted head applied when recorded), with no kind or tokenizer
+    check: `load_draft` for layer drafts, `FeatureDraft.from_pretrained` for a feature draft's 1-layer model."""
     model = load_model(str(spec), dtype=dtype, device=device)
     ids_file = Path(str(spec)) / HEAD_IDS_FILE
     if restrict_head and ids_file.is_file():
@@ -175,3 +190,19 @@ def load_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = No
             raise ModelLoadError(f"{ids_file}: unreadable restricted-head token ids ({err})") from None
         restrict_output_head(model, ids)
     return model.eval()
+
+
+def load_any_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = None,
+                   restrict_head: bool = True, target: str | os.PathLike[str] | None = None,
+                   target_tokenizer: Any = None) -> Any:
+    """A draft of either kind: a `FeatureDraft` when `spec` is a feature-draft directory (`is_feature_draft_dir`),
+    else a layer draft (`load_draft`); with `target`, the tokenizer is checked against the target's first. Both
+    kinds go straight into `SpeculativeDecoder(target, draft)`."""
+    from .feature_draft import FeatureDraft, is_feature_draft_dir
+
+    if not is_feature_draft_dir(spec):
+        return load_draft(spec, dtype=dtype, device=device, restrict_head=restrict_head, target=target,
+                          target_tokenizer=target_tokenizer)
+    if target is not None:
+        check_draft_tokenizer(target, spec, target_tokenizer=target_tokenizer)
+    return FeatureDraft.from_pretrained(spec, dtype=dtype, device=device, restrict_head=restrict_head)

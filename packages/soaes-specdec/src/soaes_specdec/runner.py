@@ -19,6 +19,7 @@ dtype, but a verify then costs n+1 steps (the speed-up is gone); see the package
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -56,10 +57,39 @@ def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def default_linear_mode(device: torch.device, dtype: torch.dtype) -> str:
-    """The projection mode for `linear="auto"`: "stream" (`stream_linear`) on CPU in fp32 with MKL, where it was
-    measured faster; "module" (the modules' own forward) elsewhere: GPUs, bf16, BLAS libraries not measured."""
+    """Where `linear="auto"` considers `stream_linear` at all: "stream" on CPU in fp32 with MKL (then the runner
+    times both modes on the model's own weights, `calibrate_linear_mode`); "module" (the modules' own forward)
+    elsewhere: GPUs, bf16, BLAS libraries not measured."""
     mkl = torch.backends.mkl.is_available()
     return "stream" if device.type == "cpu" and dtype == torch.float32 and mkl else "module"
+
+
+_CALIBRATED: dict[tuple[Any, ...], str] = {}
+
+
+@torch.no_grad()
+def calibrate_linear_mode(weights: list[torch.Tensor], passes: int = 3) -> str:
+    """"stream" or "module", whichever computes a 1-row decoding step over `weights` faster on this machine (the
+    best of `passes` interleaved passes each); cached per process for the same shapes, dtype and thread count.
+
+    Measured, not assumed: on an AMD EPYC host MKL's `weight @ x.T` streamed the weights 2x faster than
+    `F.linear`; on an Intel Xeon host the opposite held (docs/benchmarks.md, "Streaming projections")."""
+    if not weights:
+        return "module"
+    key = (tuple(tuple(w.shape) for w in weights), weights[0].dtype, torch.get_num_threads())
+    if key not in _CALIBRATED:
+        xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+        fns = {"module": F.linear, "stream": stream_linear}
+        best = {m: float("inf") for m in fns}
+        for i in range(passes + 1):  # pass 0 warms both paths up and is not counted
+            for mode, fn in fns.items():
+                t0 = time.perf_counter()
+                for w in weights:
+                    fn(xs[w.shape[1]], w)
+                if i:
+                    best[mode] = min(best[mode], time.perf_counter() - t0)
+        _CALIBRATED[key] = min(best, key=lambda m: best[m])
+    return _CALIBRATED[key]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +141,9 @@ class CachedCausalLM:
         if linear not in ("auto", "stream", "module"):
             raise InvalidArgumentError(f"linear must be 'auto', 'stream' or 'module', got {linear!r}")
         self.linear_mode = default_linear_mode(self.device, self.dtype) if linear == "auto" else linear
+        if linear == "auto" and self.linear_mode == "stream":
+            self.linear_mode = calibrate_linear_mode(
+                [m.weight for layer in self.layers for m in layer.modules() if type(m) is torch.nn.Linear])
         gated = ("gate_proj", "up_proj", "down_proj", "act_fn")  # per layer, decided once (not on every step)
         self._stream_mlp = [self.linear_mode == "stream" and all(hasattr(layer.mlp, a) for a in gated)
                             for layer in self.layers]
@@ -180,13 +213,21 @@ class CachedCausalLM:
         return self._proj(attn.o_proj, out.transpose(1, 2).reshape(b, t, -1))
 
     def forward(self, tokens: torch.Tensor, starts: torch.Tensor, logits_at: torch.Tensor | None = None,
-                need_logits: bool = True) -> torch.Tensor | None:
+                need_logits: bool = True, inputs_embeds: torch.Tensor | None = None,
+                return_hidden: bool | str = False) -> Any:
         """Run `tokens` [B, T], row b occupying positions starts[b]..starts[b]+T-1, writing K/V into the cache.
 
         Returns fp32 logits [B, T, V], or [B, V] at per-row block index `logits_at` [B], or None when
         `need_logits` is False (prefilling a draft). The caller then moves the lengths with `cache.set_lengths`
         (tokens past a row's real length are padding: stale entries a later write overwrites).
         A block that would run past the cache is refused in one line.
+
+        `inputs_embeds` [B, T, H] replaces `embed(tokens)` as the first layer's input (a feature draft's fc output;
+        `tokens` still give the shape). `return_hidden=True` returns `(logits or None, hidden)` with hidden the
+        post-norm last hidden state (what the head reads) where the logits are: [B, T, H], or [B, H] at `logits_at`;
+        `return_hidden="all"` gives hidden [B, T, H] for every row even with `logits_at` (a prefill that needs all
+        prompt features but logits only at the last token; in batch-invariant mode a prompt row's positions past
+        `logits_at` are not computed and are zeros).
         """
         b, t = tokens.shape
         hi = int(starts.max())
@@ -196,53 +237,85 @@ class CachedCausalLM:
             raise InvalidArgumentError(
                 f"a block of {t} tokens at position {hi} needs {hi + t} cache slots but the cache holds "
                 f"{self.cache.capacity}: verify fewer tokens or start() a larger cache")
+        if return_hidden not in (False, True, "all"):
+            raise InvalidArgumentError(f"return_hidden must be False, True or 'all', got {return_hidden!r}")
+        if inputs_embeds is not None and tuple(inputs_embeds.shape) != (b, t, self.config.hidden_size):
+            raise InvalidArgumentError(f"inputs_embeds must have shape {(b, t, self.config.hidden_size)} (tokens "
+                                       f"[B, T] and the hidden size), got {tuple(inputs_embeds.shape)}")
         if self.batch_invariant and (b > 1 or (hi > 0 and t > 1)):
-            return self._forward_rows(tokens, starts, logits_at, need_logits)
-        return self._forward_block(tokens, starts, logits_at, need_logits, row=None)
+            logits, hidden = self._forward_rows(tokens, starts, logits_at, need_logits, inputs_embeds, return_hidden)
+        else:
+            logits, hidden = self._forward_block(tokens, starts, logits_at, need_logits, None, inputs_embeds,
+                                                 return_hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of post-norm hidden states [..., H] through the (possibly restricted) head, as `forward`."""
+        return self._head(hidden).float()
 
     def _forward_rows(self, tokens: torch.Tensor, starts: torch.Tensor, logits_at: torch.Tensor | None,
-                      need_logits: bool) -> torch.Tensor | None:
+                      need_logits: bool, inputs_embeds: torch.Tensor | None = None, return_hidden: bool | str = False,
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`forward` through exactly the calls plain batch-1 decoding makes, so every logit is bit-identical to it:
         each row alone; a row at position 0 (a prompt) as one block over its own length (`logits_at[r] + 1` tokens),
         a row that continues its cache one token at a time, in order (each attends to keys just written)."""
         b, t = tokens.shape
         first = torch.zeros(1, dtype=torch.long, device=tokens.device)
-        rows = []
+        all_hidden = return_hidden == "all"
+        rows, hiddens = [], []
         for r in range(b):
             if int(starts[r]) == 0:
                 end = t if logits_at is None else int(logits_at[r]) + 1
-                out = self._forward_block(tokens[r:r + 1, :end], starts[r:r + 1],
-                                          None if logits_at is None else logits_at[r:r + 1], need_logits, row=r)
+                emb = None if inputs_embeds is None else inputs_embeds[r:r + 1, :end]
+                out, hid = self._forward_block(tokens[r:r + 1, :end], starts[r:r + 1],
+                                               None if logits_at is None else logits_at[r:r + 1], need_logits, r,
+                                               emb, return_hidden)
                 if out is not None:
                     rows.append(out[0])
+                if hid is not None:
+                    if all_hidden and end < t:  # positions past the prompt are padding: not computed
+                        hid = torch.cat([hid, hid.new_zeros(1, t - end, hid.shape[-1])], dim=1)
+                    hiddens.append(hid[0])
                 continue
-            row_logits = []
+            row_logits, row_hidden = [], []
             for i in range(t):
-                want = need_logits and (logits_at is None or int(logits_at[r]) == i)
-                out = self._forward_block(tokens[r:r + 1, i:i + 1], starts[r:r + 1] + i, first, want, row=r)
+                at = logits_at is None or int(logits_at[r]) == i
+                want = need_logits and at
+                emb = None if inputs_embeds is None else inputs_embeds[r:r + 1, i:i + 1]
+                out, hid = self._forward_block(tokens[r:r + 1, i:i + 1], starts[r:r + 1] + i, first, want, r, emb,
+                                               bool(return_hidden) and (at or all_hidden))
                 if out is not None:
                     row_logits.append(out[0])
+                if hid is not None:
+                    row_hidden.append(hid[0])
             if need_logits:
                 rows.append(torch.stack(row_logits) if logits_at is None else row_logits[0])
-        return torch.stack(rows) if need_logits else None
+            if return_hidden:
+                hiddens.append(torch.stack(row_hidden) if (logits_at is None or all_hidden) else row_hidden[0])
+        return (torch.stack(rows) if need_logits else None), (torch.stack(hiddens) if return_hidden else None)
 
     def _forward_block(self, tokens: torch.Tensor, starts: torch.Tensor, logits_at: torch.Tensor | None,
-                       need_logits: bool, row: int | None) -> torch.Tensor | None:
-        """The batched forward of `forward` (over cache row `row` only, when given)."""
+                       need_logits: bool, row: int | None, inputs_embeds: torch.Tensor | None = None,
+                       return_hidden: bool | str = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The batched forward of `forward` (over cache row `row` only, when given): (logits, hidden or None)."""
         b, t = tokens.shape
         lo, hi = int(starts.min()), int(starts.max())
         common_start = lo if lo == hi else None
         positions = starts[:, None] + torch.arange(t, device=tokens.device)[None, :]
         kv_len = hi + t
         mask = None if (t == 1 and common_start is not None) else block_attention_mask(positions, kv_len)
-        h = self.embed(tokens)
+        h = self.embed(tokens) if inputs_embeds is None else inputs_embeds.to(self.dtype)
         cos, sin = self.rotary(h, positions)
         for idx, layer in enumerate(self.layers):
             h = h + self._attention(layer, idx, layer.input_layernorm(h), cos, sin, common_start, positions,
                                     mask, kv_len, row)
             h = h + self._mlp(idx, layer.mlp, layer.post_attention_layernorm(h))
-        if not need_logits:
-            return None
+        if not need_logits and not return_hidden:
+            return None, None
+        # "all" with logits_at: every row's hidden state, while the logits rows are normed alone as without it
+        every = self.norm(h) if (return_hidden == "all" and logits_at is not None) else None
         if logits_at is not None:
             h = h[torch.arange(b, device=h.device), logits_at]
-        return self._head(self.norm(h)).float()
+        normed = self.norm(h) if (need_logits or every is None) else None
+        hidden = (every if every is not None else normed) if return_hidden else None
+        return (self._head(normed).float() if need_logits else None), hidden

@@ -104,15 +104,23 @@ def recipes_cmd() -> None:
 @click.option("--offload-param/--no-offload-param", default=False, show_default=True)
 def estimate_cmd(model: str, zero_stage: int, gpus: int, nodes: int, offload_optimizer: bool,
                  offload_param: bool) -> None:
-    """Estimate ZeRO model-state memory for MODEL (DeepSpeed's estimator, on a meta-device copy)."""
+    """Estimate ZeRO model-state memory for MODEL (DeepSpeed's estimator, on a meta-device copy). MODEL is a model
+    spec or directory; qwen2.5-7b / qwen2.5-72b (or their hub ids) use shipped configs, offline."""
+    from soaes_core.errors import ModelLoadError
+
     from .config import DeepSpeedConfig
     from .deepspeed_setup import estimate_zero_memory
-    from .recipes import resolve_training_model
+    from .recipes import architecture_source
     from .trainer import meta_param_counts
 
     ds = DeepSpeedConfig(enabled=True, stage=zero_stage, offload_optimizer=offload_optimizer,
                          offload_param=offload_param and zero_stage == 3, num_gpus_per_node=gpus, num_nodes=nodes)
-    total, largest = meta_param_counts(resolve_training_model(model))
+    source = architecture_source(model)
+    try:
+        total, largest = meta_param_counts(source)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{model}: cannot read its config ({first})") from None
     est = estimate_zero_memory(total, largest, ds)
     click.echo(json.dumps(est.as_dict(), indent=2))
 

@@ -16,6 +16,23 @@ from soaes_core.errors import ConfigError
 
 TINY_QWEN2_SPEC = "testing:tiny-qwen2"
 
+# Architecture-only configs (public config.json values) of the paper's models, so `soaes-train estimate` sizes
+# them offline; the hub ids and short names that map to each.
+SHIPPED_ARCHITECTURES = {
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct"),
+    "qwen2.5-72b": ("Qwen/Qwen2.5-72B", "Qwen/Qwen2.5-72B-Instruct"),
+}
+
+
+def architecture_source(spec: str) -> str:
+    """A directory with the config.json of `spec`: the shipped architecture for the paper's models (by short name,
+    `hf:ORG/NAME` or hub id; no download), otherwise `resolve_training_model(spec)`."""
+    key = spec.removeprefix("hf:")
+    for name, hub_ids in SHIPPED_ARCHITECTURES.items():
+        if key.lower() == name or key in hub_ids:
+            return str(recipe_dir() / "model_configs" / name)
+    return resolve_training_model(spec)
+
 
 def recipe_dir() -> Path:
     """Directory of the shipped recipe YAML files."""

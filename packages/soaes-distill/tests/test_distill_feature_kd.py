@@ -1,0 +1,201 @@
+"""Feature-conditioned draft training (`soaes_distill.feature_kd`): loss goes down, the teacher-forced
+estimator equals a direct computation, resume equals an uninterrupted run, bad input fails with one clear error."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from soaes_core.errors import DataError, ModelLoadError
+from soaes_distill.acceptance import acceptance_probabilities
+from soaes_distill.cli import main
+from soaes_distill.feature_kd import (
+    CHECKPOINT_FILE,
+    FeatureKDConfig,
+    _batch,
+    build_draft,
+    estimate_feature_acceptance,
+    extract_features,
+    feature_kd_loss,
+    head_weight,
+    sampled_acceptance,
+    train_feature_draft,
+    two_step_hidden,
+)
+from soaes_distill.token_data import TokenExample, write_token_jsonl
+from soaes_specdec.feature_draft import FeatureDraft
+
+FAST = {"batch_size": 4, "warmup_steps": 2, "checkpoint_every": 5, "head_tokens": 256, "threads": 0,
+        "examples_per_shard": 5, "dev_fraction": 0.1, "top_p": 1.0}  # top-p < 1 on a flat random model sorts 49k
+
+
+TEXTS = [
+    "State-owned enterprises report their assets to the supervision commission every quarter.",
+    "The board approved the annual budget after a long discussion about risk control.",
+    "国有资产监督管理委员会负责监管中央企业。",
+    "Speculative decoding uses a small draft model to propose tokens.",
+    "Knowledge distillation trains a student to match a teacher's distribution.",
+    "The audit found no material weaknesses in internal controls.",
+    "Mixed-ownership reform introduces private capital into state firms.",
+    "A temperature above one softens the teacher's probabilities.",
+    "企业应当建立健全内部控制制度。",
+    "Dividends are paid to the state shareholder according to the rules.",
+]
+
+
+@pytest.fixture(scope="module")
+def examples(embedded_tokenizer) -> list[TokenExample]:
+    """Real text; the first 4 tokens play the prompt (labels -100), the rest the answer."""
+    out = []
+    for i, text in enumerate(TEXTS):
+        ids = embedded_tokenizer(text)["input_ids"]
+        out.append(TokenExample(i, ids, [-100] * 4 + ids[4:]))
+    return out
+
+
+def _data_loss(draft, target, examples) -> float:
+    """The training objective (no noise) of `draft` over all counted positions of `examples`."""
+    f_in, ids, f_next, mask = _batch(examples, extract_features(target, examples))
+    with torch.no_grad():
+        return float(feature_kd_loss(draft(f_in, ids), f_next, mask, head_weight(draft)[0], 1.0, 1.0)[0])
+
+
+def test_loss_decreases_and_draft_saves(tiny_qwen2, examples, tmp_path, embedded_tokenizer):
+    cfg = FeatureKDConfig(steps=20, learning_rate=1e-2, **{**FAST, "checkpoint_every": 10})
+    res = train_feature_draft(tiny_qwen2, examples, None, cfg, tmp_path, heldout_examples=examples[:2],
+                              tokenizer=embedded_tokenizer)
+    assert res.steps == 20 and res.counts["dev_examples"] == 1 and 0 < res.head_tokens < 300
+    loaded = FeatureDraft.from_pretrained(res.draft_dir)
+    before = _data_loss(build_draft(tiny_qwen2, examples, cfg), tiny_qwen2, examples)
+    after = _data_loss(loaded, tiny_qwen2, examples)
+    assert after < 0.85 * before
+    assert (res.draft_dir / "tokenizer_config.json").is_file()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["heldout_metrics"]["acceptance_greedy"] == res.heldout_metrics["acceptance_greedy"]
+    best = load_file(str(tmp_path / "best.safetensors"))  # the saved draft is the best checkpoint
+    assert torch.equal(loaded.fc.weight, best["fc.weight"])
+
+
+def test_estimator_equals_direct_computation(tiny_qwen2, examples):
+    cfg = FeatureKDConfig(head_tokens=128, threads=0)
+    torch.manual_seed(0)
+    draft = build_draft(tiny_qwen2, examples, cfg)
+    with torch.no_grad():  # move it away from the pass-through init so step 1 and step 2 differ
+        for p in draft.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    data = examples[:2]
+    feats = extract_features(tiny_qwen2, data)
+    got = estimate_feature_acceptance(tiny_qwen2, draft, data, feats, top_p=1.0, temperature=0.5)
+    greedy, sampled, greedy2 = [], [], []
+    with torch.no_grad():
+        for ex in data:
+            ids = torch.tensor([ex.input_ids])
+            out = tiny_qwen2(ids, output_hidden_states=True)
+            f, logits = out.hidden_states[-1], out.logits
+            T = ids.shape[1]
+            for p in range(T - 2):
+                if ex.labels[p + 2] == -100:
+                    continue
+                g = draft(f[:, : p + 1], ids[:, 1: p + 2])[:, -1]
+                q = draft.logits(g)
+                greedy.append(float(q.argmax(-1) == logits[0, p + 1].argmax(-1)))
+                sampled.append(float(acceptance_probabilities(logits[:, p + 1], q, temperature=0.5, top_p=1.0)))
+                if p >= 1:  # fed-back step: context with true features, the last input is g[p-1]
+                    g_prev = draft(f[:, :p], ids[:, 1: p + 1])[:, -1:]
+                    g2 = draft(torch.cat([f[:, :p], g_prev], 1), ids[:, 1: p + 2])[:, -1]
+                    greedy2.append(float(draft.logits(g2).argmax(-1) == logits[0, p + 1].argmax(-1)))
+    assert got["positions"] == len(greedy)
+    assert got["acceptance_greedy"] == pytest.approx(sum(greedy) / len(greedy), abs=1e-9)
+    assert got["acceptance_top_p"] == pytest.approx(sum(sampled) / len(sampled), abs=1e-5)
+    assert got["step2_acceptance_greedy"] == pytest.approx(sum(greedy2) / len(greedy2), abs=1e-9)
+
+
+def test_sampled_acceptance_fast_path_matches_reference():
+    torch.manual_seed(0)
+    vocab, keep = 500, torch.arange(0, 500, 3)
+    t = torch.randn(6, vocab) * 4
+    d = torch.full((6, vocab), float("-inf"))
+    d[:, keep] = torch.randn(6, keep.numel()) * 4
+    ref = acceptance_probabilities(t, d, temperature=1.0, top_p=0.7)
+    fast = sampled_acceptance(t, d, keep, 0.7, 1.0, k=64)
+    assert torch.allclose(fast, ref, atol=1e-6)
+    assert torch.allclose(sampled_acceptance(t, d, keep, 0.7, 1.0, k=2), ref, atol=1e-6)  # falls back
+
+
+def test_two_step_loss_trains_and_matches_mask(tiny_qwen2, examples):
+    cfg = FeatureKDConfig(head_tokens=64, threads=0)
+    frozen = copy.deepcopy(tiny_qwen2).requires_grad_(False)  # a frozen target still gives a trainable layer
+    draft = build_draft(frozen, examples, cfg)
+    feats = extract_features(tiny_qwen2, examples[:2])
+    f = feats[0][None]
+    ids = torch.tensor([examples[0].input_ids])
+    g1, _ = two_step_hidden(draft, f[:, :-1], ids[:, 1:])
+    assert torch.allclose(g1, draft(f[:, :-1], ids[:, 1:]), atol=1e-5)
+    weight, _ = head_weight(draft)
+    mask = torch.ones(g1.shape[:2], dtype=torch.bool)
+    loss, parts = feature_kd_loss(g1, f[:, 1:], mask, weight, 1.0, 1.0)
+    loss.backward()
+    assert parts["kl"] >= 0 and weight.grad is None and draft.lm.get_input_embeddings().weight.grad is None
+    trained = [draft.fc.weight, draft.lm.model.norm.weight, *draft.lm.model.layers[0].parameters()]
+    assert all(p.grad is not None for p in trained)  # fc, the layer and the norm train; embeddings/head don't
+
+
+def test_resume_equals_uninterrupted(tiny_qwen2, examples, tmp_path, monkeypatch):
+    cfg = FeatureKDConfig(steps=6, unroll_weight=0.5, **{**FAST, "checkpoint_every": 3})
+    full = train_feature_draft(tiny_qwen2, examples, None, cfg, tmp_path / "full")
+    real_save, calls = torch.save, []
+
+    def killed_at_second_checkpoint(obj, f, *args, **kwargs):  # a kill while step 6's checkpoint is written
+        calls.append(f)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_at_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_feature_draft(tiny_qwen2, examples, None, cfg, tmp_path / "resumed")
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)
+    assert json.loads(state["meta"])["step"] == 3
+    resumed = train_feature_draft(tiny_qwen2, examples, None, cfg, tmp_path / "resumed")
+    a = torch.load(tmp_path / "full" / CHECKPOINT_FILE, weights_only=True)["params"]
+    b = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["params"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.steps == full.steps == 6 and resumed.dev_metrics == full.dev_metrics
+
+
+def test_bad_input_errors(tiny_qwen2, examples, tmp_path, embedded_model_dir):
+    cfg = FeatureKDConfig(steps=2, **FAST)
+    short = [TokenExample(i, [1, 2], [1, 2]) for i in range(4)]
+    with pytest.raises(DataError, match="no usable training examples"):
+        train_feature_draft(tiny_qwen2, short, None, cfg, tmp_path / "short")
+    train_feature_draft(tiny_qwen2, examples, None, cfg, tmp_path / "run")
+    from soaes_core import load_model
+    from soaes_core.testing import make_tiny_qwen2
+
+    other = load_model(make_tiny_qwen2(tmp_path / "wide", hidden_size=32, intermediate_size=64), dtype=torch.float32)
+    with pytest.raises(DataError, match="hidden size 64, the target has 32"):
+        train_feature_draft(other, examples, None, cfg, tmp_path / "run")
+    (tmp_path / "run" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="unreadable checkpoint"):
+        train_feature_draft(tiny_qwen2, examples, None, cfg, tmp_path / "run")
+
+
+def test_cli_feature_draft(tiny_qwen2_dir, examples, tmp_path):
+    data = write_token_jsonl(tmp_path / "train.jsonl", examples)
+    runner = CliRunner()
+    res = runner.invoke(main, ["feature-draft", "--target", str(tiny_qwen2_dir), "--train", str(data),
+                               "--heldout", str(data), "--out", str(tmp_path / "out"), "--steps", "3",
+                               "--set", "head_tokens=64", "--set", "threads=0", "--set", "top_p=1",
+                               "--set", "checkpoint_every=3"])
+    assert res.exit_code == 0, res.output
+    assert "held-out" in res.output and (tmp_path / "out" / "draft" / "feature_draft.json").is_file()
+    res = runner.invoke(main, ["feature-draft", "--target", str(tiny_qwen2_dir), "--train",
+                               str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out2")])
+    assert res.exit_code == 2 and "error:" in res.output and "missing.jsonl" in res.output
