@@ -373,7 +373,7 @@ def _teacher_prompts(r: PipelineRecipe, rejects: list[dict[str, Any]]) -> tuple[
                                                                                    list[dict[str, Any]]]:
     """Training and held-out prompts of the teacher_data stage; what is dropped goes to `rejects` with the reason."""
     from soaes_core import read_prompts
-    from soaes_data.decontam import char_ngrams
+    from soaes_distill.domain_queries import held_out_matcher
 
     s = r.teacher_data
     prompts = [p for f in s.prompts for p in read_prompts(resolve_path(r, f))]
@@ -385,10 +385,10 @@ def _teacher_prompts(r: PipelineRecipe, rejects: list[dict[str, Any]]) -> tuple[
     else:
         held = read_prompts(resolve_path(r, s.heldout_prompts))
         held = held[: s.max_heldout] if s.max_heldout else held
-        grams = {g for h in held for g in char_ngrams(h["prompt"], s.decontam_ngram)}
+        held_out_index = held_out_matcher([h["prompt"] for h in held], s.decontam_ngram)
         train = []
         for p in prompts:
-            if grams.intersection(char_ngrams(p["prompt"], s.decontam_ngram)):
+            if held_out_index(p["prompt"]) is not None:
                 rejects.append({"id": p.get("id"), "reason": f"shares a {s.decontam_ngram}-character span with a "
                                 "held-out prompt"})
             else:
@@ -498,17 +498,18 @@ class DistillDraft(Stage):
         ctx.fail_point(self.name, "before_train")
         res = train_feature_draft(target, train, None, s.feature, out / "distilled", heldout_examples=held,
                                   tokenizer=tok)
-        feats = extract_features(target, held, batch_size=s.feature.extract_batch_size)
+        with torch.no_grad():  # the distilled draft was scored on the held-out answers by train_feature_draft
+            draft = FeatureDraft.from_pretrained(init, dtype=torch.float32, device="cpu")
+            feats = extract_features(target, held, batch_size=s.feature.extract_batch_size)
+            init_est = estimate_feature_acceptance(target, draft, held, feats, top_p=s.feature.top_p,
+                                                   temperature=s.feature.temperature, block_sizes=(3,))
         drafts: dict[str, Any] = {
-            "undistilled": {"dir": "undistilled", "kind": "feature"},
+            "undistilled": {"dir": "undistilled", "kind": "feature", "offline_acceptance": init_est},
             "distilled": {"dir": "distilled/draft", "kind": "feature", "train_seconds": round(res.train_seconds, 2),
                           "extract_seconds": round(res.extract_seconds, 2), "steps": res.steps,
-                          "best_step": res.best_step}}
-        with torch.no_grad():
-            for info in drafts.values():
-                draft = FeatureDraft.from_pretrained(out / info["dir"], dtype=torch.float32, device="cpu")
-                est = estimate_feature_acceptance(target, draft, held, feats, top_p=0.7, block_sizes=(3,))
-                info["offline_acceptance"] = {k: round(float(v), 6) for k, v in est.items()}
+                          "best_step": res.best_step, "offline_acceptance": res.heldout_metrics or {}}}
+        for info in drafts.values():
+            info["offline_acceptance"] = {k: round(float(v), 6) for k, v in info["offline_acceptance"].items()}
         atomic_write_json(out / "drafts.json", drafts)
         return {"drafts": len(drafts), "heldout_examples": len(held), "kind": "feature"}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,26 +111,36 @@ class DomainQueries:
     terms: list[str]
 
 
+def held_out_matcher(held_out: Sequence[str], ngram: int) -> Callable[[str], int | None]:
+    """A function giving the index of the held-out prompt a text equals (stripped) or shares an `ngram`-character
+    span with, else None: the one contamination rule for generated and given training prompts."""
+    from soaes_data.decontam import char_ngrams
+
+    grams: dict[str, int] = {}
+    for k, h in enumerate(held_out):
+        for g in char_ngrams(h, ngram):
+            grams.setdefault(g, k)
+    exact = {h.strip(): k for k, h in enumerate(held_out)}
+
+    def match(text: str) -> int | None:
+        hit = exact.get(text.strip())
+        return hit if hit is not None else next((grams[g] for g in char_ngrams(text, ngram) if g in grams), None)
+
+    return match
+
+
 def build_domain_queries(texts: Sequence[str], held_out: Sequence[str], cfg: DomainQueryConfig) -> DomainQueries:
     """Template and passage prompts from `texts`; exact duplicates, held-out prompts and queries sharing a
     `decontam_ngram`-character span with one go to `rejects` with the reason."""
-    from soaes_data.decontam import char_ngrams
-
     terms = domain_terms(texts, cfg.num_terms)
     candidates = template_queries(terms, cfg.templates, cfg.max_queries, cfg.seed)
     candidates += passage_prompts(texts, cfg.passage_chars, cfg.passage_stride)
-    held_grams: dict[str, int] = {}
-    for k, h in enumerate(held_out):
-        for g in char_ngrams(h, cfg.decontam_ngram):
-            held_grams.setdefault(g, k)
-    held_exact = {h.strip(): k for k, h in enumerate(held_out)}
+    held_out_index = held_out_matcher(held_out, cfg.decontam_ngram)
     prompts: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, q in enumerate(candidates):
-        hit = held_exact.get(q.strip())
-        if hit is None:
-            hit = next((held_grams[g] for g in char_ngrams(q, cfg.decontam_ngram) if g in held_grams), None)
+        hit = held_out_index(q)
         if q in seen:
             rejects.append({"index": i, "prompt": q, "reason": "exact duplicate"})
         elif hit is not None:
