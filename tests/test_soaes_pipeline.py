@@ -80,6 +80,7 @@ def test_report_has_the_paper_tables_with_links_sizes_and_directions(quick_run: 
         assert (base / png).stat().st_size > 1000
     # each speedup is over the fastest plain decoding in the same bench run: the plain rows read 1.00
     assert _table_numbers(report, "Table 5:")[1] == "1.00"
+    assert "| SPD + prompt lookup | 3 |" in report.split("Table 5:", 1)[1].split("Table 6:", 1)[0]  # lookup_tokens
 
 
 def test_export_hands_off_the_draft(quick_run: Path) -> None:

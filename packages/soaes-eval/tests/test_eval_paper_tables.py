@@ -104,6 +104,17 @@ def test_tables_and_directions(run: Path) -> None:
     assert t6.direction.startswith("reproduces") and "greedy 1.50× vs top-p 1.20×" in t6.direction
 
 
+def test_table5_adds_the_draft_with_prompt_lookup_when_benchmarked(run: Path) -> None:
+    bench = run / "stages" / "11_specdec_bench" / "distilled" / "bench.json"
+    data = json.loads(bench.read_text())
+    data["config"]["methods"] = ["plain", "prompt_lookup", "speculative", "speculative_lookup"]
+    data["results"] += [_bench_row("speculative_lookup", "top_p", 3, 32.0, 0.75)]
+    bench.write_text(json.dumps(data))
+    t5 = _cells(next(t for t in build_run_tables(run) if t.name == "table5_spd_vs_lookup"))
+    assert t5[-2][:2] == ["SPD + prompt lookup", 3] and t5[-2][3] == pytest.approx(32.0 / 20.0)
+    assert t5[-1][:2] == ["SPD + prompt lookup", 5] and t5[-1][3] is None  # not benchmarked at n = 5
+
+
 def test_direction_says_when_the_paper_does_not_reproduce(run: Path) -> None:
     bench = run / "stages" / "11_specdec_bench" / "undistilled" / "bench.json"
     data = json.loads(bench.read_text())

@@ -154,3 +154,31 @@ def test_known_bad_sampler_fails_with_a_feature_draft(pair: tuple[Any, Any], fea
     params = SamplingParams(True, 1.0, 1.0)
     samples = sample_speculative(pair[0], feature_draft, 3, params, seed=5)
     assert chi_square_p(samples, exact_joint(pair[0], params)) < 1e-3
+
+
+def sample_with_lookup(target: Any, draft: Any, params: SamplingParams, seed: int) -> tuple[torch.Tensor, Any]:
+    """Drafts of 2, prompt lookup on 1-gram matches: with 16 tokens, rows mix lookup and draft blocks."""
+    g = torch.Generator().manual_seed(seed)
+    out = SpeculativeDecoder(target, draft, 2, lookup_tokens=2, lookup_min_ngram=1).generate(
+        PROMPT.expand(SAMPLES, -1), NEW, do_sample=True, temperature=params.temperature, top_p=params.top_p,
+        generator=g)
+    return out.sequences[:, PROMPT.numel():], out.stats
+
+
+@pytest.mark.parametrize("kind", ["layer", "feature"])
+@pytest.mark.parametrize(("top_p", "temperature"), [(1.0, 1.0), (0.7, 1.0)])
+def test_sampling_with_prompt_lookup_matches_target_distribution(pair: tuple[Any, Any], feature_draft: FeatureDraft,
+                                                                 kind: str, top_p: float, temperature: float) -> None:
+    target, draft = pair
+    params = SamplingParams(True, temperature, top_p)
+    samples, stats = sample_with_lookup(target, draft if kind == "layer" else feature_draft, params, seed=13)
+    assert 0.1 * stats.proposed < stats.lookup_proposed < 0.9 * stats.proposed  # both sources in play
+    assert chi_square_p(samples, exact_joint(target, params)) > 1e-3
+
+
+def test_lookup_with_a_wrong_q_fails_the_same_test(pair: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup proposal's q must be one-hot; claiming a uniform q biases the output and the test sees it."""
+    monkeypatch.setattr(decoding, "_one_hot", lambda tokens, vocab: torch.full((*tokens.shape, vocab), 1.0 / vocab))
+    params = SamplingParams(True, 1.0, 1.0)
+    samples, _ = sample_with_lookup(*pair, params, seed=13)
+    assert chi_square_p(samples, exact_joint(pair[0], params)) < 1e-3

@@ -157,6 +157,15 @@ class BenchSettings:
     repeats: int = 3
     warmup: int = 1
     exactness_prompts: int = 4
+    # > 0: also bench the distilled draft with prompt lookup beside it (soaes-specdec method speculative_lookup):
+    # rows whose last lookup_min_ngram+ tokens occurred before propose the lookup_tokens that followed
+    lookup_tokens: int = 0
+    lookup_min_ngram: int = 2
+
+    def __post_init__(self) -> None:
+        if self.lookup_tokens < 0 or self.lookup_min_ngram < 1:
+            raise ValueError(f"lookup_tokens must be >= 0 and lookup_min_ngram >= 1, got {self.lookup_tokens} and "
+                             f"{self.lookup_min_ngram}")
 
 
 @dataclass

@@ -606,9 +606,11 @@ class SpecdecBench(Stage):
                   "max_new_tokens": s.max_new_tokens, "repeats": s.repeats, "warmup": s.warmup, "dtype": s.dtype,
                   "reference_dtype": s.reference_dtype, "seed": r.seed}
         counts: dict[str, Any] = {}
+        lookup = {"lookup_tokens": s.lookup_tokens, "lookup_min_ngram": s.lookup_min_ngram} if s.lookup_tokens else {}
         jobs = [("distilled", BenchConfig(draft=draft_path("distilled"), modes=list(s.modes),
                                           num_speculative_tokens=list(s.num_speculative_tokens),
-                                          methods=["plain", "prompt_lookup", "speculative"], **common)),
+                                          methods=["plain", "prompt_lookup", "speculative"]
+                                          + (["speculative_lookup"] if lookup else []), **lookup, **common)),
                 ("undistilled", BenchConfig(draft=draft_path("undistilled"), modes=["greedy"],
                                             num_speculative_tokens=[3], methods=["plain", "speculative"], **common))]
         jobs += [(key, BenchConfig(draft=draft_path(key), modes=["greedy"], num_speculative_tokens=[3],

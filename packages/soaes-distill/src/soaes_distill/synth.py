@@ -15,6 +15,7 @@ import torch
 
 from soaes_core import encode_chat_prompt
 from soaes_core.errors import DataError, InvalidArgumentError
+from soaes_core.progress import progress_bar
 from soaes_data.chat import encode_chat
 from soaes_specdec.decoding import autoregressive_generate
 
@@ -50,13 +51,16 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     eos = end_of_turn_ids(tokenizer)
     gen = torch.Generator().manual_seed(seed) if do_sample else None
     out: list[str] = []
-    for s in range(0, len(prompts), batch_size):
-        batch = [list(p) for p in prompts[s:s + batch_size]]
-        res = autoregressive_generate(model, batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                      temperature=temperature, top_p=top_p, eos_token_id=eos, generator=gen)
-        for row in range(len(batch)):
-            toks = [t for t in res.new_tokens(row) if t not in eos]
-            out.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
+    with progress_bar(total=len(prompts), desc="sampling answers" if do_sample else "greedy answers",
+                      unit="prompt") as bar:
+        for s in range(0, len(prompts), batch_size):
+            batch = [list(p) for p in prompts[s:s + batch_size]]
+            res = autoregressive_generate(model, batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                          temperature=temperature, top_p=top_p, eos_token_id=eos, generator=gen)
+            for row in range(len(batch)):
+                toks = [t for t in res.new_tokens(row) if t not in eos]
+                out.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
+            bar.update(len(batch))
     return out
 
 

@@ -324,7 +324,9 @@ def table5(run: RunFolder) -> PaperTable | None:
                        Cell(1.0, src)])
     ns = list(bench["config"]["num_speculative_tokens"])
     sp: dict[tuple[str, int], float | None] = {}
-    for method, label in (("speculative", "SPD"), ("prompt_lookup", "Prompt Lookup")):
+    hybrid = "speculative_lookup" in bench["config"].get("methods", [])
+    for method, label in (("speculative", "SPD"), ("prompt_lookup", "Prompt Lookup"),
+                          *((("speculative_lookup", "SPD + prompt lookup"),) if hybrid else ())):
         for n in ns:
             r = _row(bench, method, mode, n)
             sp[(method, n)] = _speedup(r, plain)

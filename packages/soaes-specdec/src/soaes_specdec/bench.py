@@ -43,7 +43,8 @@ from .runner import CachedCausalLM
 
 log = logging.getLogger(__name__)
 
-METHODS = ("plain", "prompt_lookup", "speculative", "hf_assisted", "hf_prompt_lookup")
+METHODS = ("plain", "prompt_lookup", "speculative", "speculative_lookup", "hf_assisted", "hf_prompt_lookup")
+DEFAULT_METHODS = ("plain", "prompt_lookup", "speculative", "hf_assisted", "hf_prompt_lookup")
 REFERENCE = "plain_reference"  # plain decoding in `reference_dtype` (added to the jobs when that is set)
 PLAIN = ("plain", REFERENCE)  # no block size, no decoder stats
 MODES = ("greedy", "top_p")
@@ -65,12 +66,17 @@ class BenchConfig:
         "help": "Draft block sizes to compare, comma-separated (e.g. 1,3,5)."})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
         "help": f"Decoding modes, comma-separated subset of {','.join(MODES)}."})
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={
-        "help": f"Methods, comma-separated subset of {','.join(METHODS)}."})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={
+        "help": f"Methods, comma-separated subset of {','.join(METHODS)} (speculative_lookup: the draft, with "
+                "prompt lookup's proposals wherever the text repeats an earlier n-gram)."})
     top_p: float = field(default=0.7, metadata={"help": "Top-p of the sampling mode (the paper's 0.7)."})
     temperature: float = field(default=1.0, metadata={"help": "Temperature of the sampling mode."})
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per prompt."})
     max_ngram: int = field(default=3, metadata={"help": "Longest n-gram prompt lookup matches."})
+    lookup_tokens: int = field(default=3, metadata={
+        "help": "speculative_lookup: tokens proposed from a prompt-lookup match (the draft proposes n)."})
+    lookup_min_ngram: int = field(default=2, metadata={
+        "help": "speculative_lookup: shortest suffix n-gram that counts as a match (shorter ones use the draft)."})
     draft_confidence: float = field(default=0.0, metadata={
         "help": "Dynamic draft length: end a block when the draft's top probability is below this; 0 = off."})
     warmup: int = field(default=1, metadata={"help": "Warm-up passes (first prompt only) before the timed repeats."})
@@ -103,6 +109,9 @@ class BenchConfig:
             raise ValueError(f"draft_confidence must be in [0, 1), got {self.draft_confidence}")
         if self.max_new_tokens < 1 or self.repeats < 1 or self.warmup < 0 or self.draft_layers < 1:
             raise ValueError("max_new_tokens, repeats and draft_layers must be >= 1 and warmup >= 0")
+        if self.lookup_tokens < 1 or not 1 <= self.lookup_min_ngram <= self.max_ngram:
+            raise ValueError(f"need lookup_tokens >= 1 and 1 <= lookup_min_ngram <= max_ngram, got {self.lookup_tokens}"
+                             f", {self.lookup_min_ngram} and {self.max_ngram}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1 (or null for all prompts), got {self.max_prompts}")
         if self.threads is not None and self.threads < 1:
@@ -335,8 +344,10 @@ class BenchRunner:
             gen = PromptLookupDecoder(self.target_runner, n, cfg.max_ngram,
                                       batch_invariant=cfg.batch_invariant).generate
         else:
+            lookup = {"lookup_tokens": cfg.lookup_tokens, "lookup_max_ngram": cfg.max_ngram,
+                      "lookup_min_ngram": cfg.lookup_min_ngram} if method == "speculative_lookup" else {}
             gen = SpeculativeDecoder(self.target_runner, self.draft_runner, n, draft_confidence=cfg.draft_confidence,
-                                     batch_invariant=cfg.batch_invariant).generate
+                                     batch_invariant=cfg.batch_invariant, **lookup).generate
         sampling = self._sampling(mode)
 
         def run_all(warmup: bool = False) -> tuple[int, Any]:
@@ -431,6 +442,14 @@ class BenchRunner:
             if method not in PLAIN and not method.startswith("hf_"):
                 for key, value in _sum_stats(outs).items():
                     setattr(result, key, value)
+            if method == "speculative_lookup":  # how much of the proposing prompt lookup did, and how well
+                total = SpecStats.merge(o.stats for o in outs)
+                result.extra = {"lookup_share_of_proposed": total.lookup_proposed / max(total.proposed, 1),
+                                "lookup_acceptance": (total.lookup_accepted / total.lookup_proposed
+                                                      if total.lookup_proposed else None),
+                                "draft_acceptance": ((total.accepted - total.lookup_accepted)
+                                                     / (total.proposed - total.lookup_proposed)
+                                                     if total.proposed > total.lookup_proposed else None)}
             results.append(result)
             new_tokens.append([_new_tokens(o) for o in outs])
         self._record_exactness(results, new_tokens)

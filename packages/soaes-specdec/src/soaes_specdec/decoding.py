@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,6 +49,8 @@ class SpecStats:
     wall_time_s: float = 0.0
     position_proposed: list[int] = field(default_factory=list)
     position_accepted: list[int] = field(default_factory=list)
+    lookup_proposed: int = 0  # of `proposed`: tokens that came from prompt lookup (SpeculativeDecoder lookup_tokens)
+    lookup_accepted: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -73,6 +76,7 @@ class SpecStats:
             "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length,
             "wall_time_s": self.wall_time_s, "tokens_per_s": self.tokens_per_s,
             "acceptance_by_position": self.acceptance_by_position,
+            "lookup_proposed": self.lookup_proposed, "lookup_accepted": self.lookup_accepted,
         }
 
     def __add__(self, other: SpecStats) -> SpecStats:
@@ -90,6 +94,8 @@ class SpecStats:
             new_tokens=self.new_tokens + other.new_tokens,
             decode_row_calls=self.decode_row_calls + other.decode_row_calls,
             decode_tokens=self.decode_tokens + other.decode_tokens, wall_time_s=self.wall_time_s + other.wall_time_s,
+            lookup_proposed=self.lookup_proposed + other.lookup_proposed,
+            lookup_accepted=self.lookup_accepted + other.lookup_accepted,
             position_proposed=[a + b for a, b in zip(padded(self.position_proposed),
                                                      padded(other.position_proposed), strict=True)],
             position_accepted=[a + b for a, b in zip(padded(self.position_accepted),
@@ -339,9 +345,11 @@ def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_
 
 def _verify_and_append(target: CachedCausalLM, rows: _Rows, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
                        num_draft: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                       stats: SpecStats, use_kernel: bool | None, return_hidden: bool = False) -> torch.Tensor | None:
+                       stats: SpecStats, use_kernel: bool | None, return_hidden: bool = False,
+                       from_lookup: torch.Tensor | None = None) -> torch.Tensor | None:
     """One target call over [pending token, drafts...]; accept, append, roll the target cache back. With
-    `return_hidden`, returns the target's post-norm hidden states of the block's rows [B, n+1, H] (else None)."""
+    `return_hidden`, returns the target's post-norm hidden states of the block's rows [B, n+1, H] (else None).
+    `from_lookup` [B] marks rows whose drafts came from prompt lookup (counted apart in `stats`)."""
     width = drafts.shape[1]
     old_lengths = rows.lengths.clone()
     active = rows.active.clone()
@@ -355,6 +363,10 @@ def _verify_and_append(target: CachedCausalLM, rows: _Rows, drafts: torch.Tensor
     num_accepted, next_token = verify.verify_block(logits, drafts, draft_probs, num_draft, params, generator,
                                                    use_kernel=use_kernel)
     stats.record_block(num_draft, num_accepted, active, width)
+    if from_lookup is not None:
+        mine = active & from_lookup
+        stats.lookup_proposed += int(num_draft[mine].sum())
+        stats.lookup_accepted += int(num_accepted[mine].sum())
     emitted = torch.cat([drafts, next_token.unsqueeze(1)], dim=1)
     emitted.scatter_(1, num_accepted.unsqueeze(1), next_token.unsqueeze(1))
     kept = rows.append(emitted, num_accepted + 1)
@@ -373,6 +385,12 @@ class SpeculativeDecoder:
     `batch_invariant=True` verifies token by token through plain decoding's one-row calls: greedy output then
     equals plain batch-1 decoding bit for bit in every dtype (bfloat16 included), but a verify costs n+1 steps.
 
+    `lookup_tokens` > 0 adds prompt lookup: a row whose last `lookup_min_ngram`..`lookup_max_ngram` tokens occurred
+    earlier in its prompt or output proposes the (up to `lookup_tokens`) tokens that followed, free of draft cost,
+    instead of the draft's; rows without a match use the draft (no draft call when every row has one). Domain
+    answers that quote their question or passage gain most. Exactness is unchanged (a lookup proposal is a
+    one-hot q).
+
     `draft` is a layer draft (a causal LM sharing the target's vocabulary, or its `CachedCausalLM`) or a
     feature-conditioned `FeatureDraft` (or its `FeatureDraftRunner`): the target's prefill and verify passes then
     also return their post-norm hidden states, the draft proposes from (feature, token) pairs, and after each
@@ -381,7 +399,8 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, target: Any, draft: Any, num_speculative_tokens: int = 3, draft_confidence: float = 0.0,
-                 use_kernel: bool | None = None, batch_invariant: bool = False) -> None:
+                 use_kernel: bool | None = None, batch_invariant: bool = False, lookup_tokens: int = 0,
+                 lookup_max_ngram: int = 3, lookup_min_ngram: int = 2) -> None:
         self.target = _as_runner(target, batch_invariant)
         self.feature: FeatureDraftRunner | None = None
         if isinstance(draft, (FeatureDraft, FeatureDraftRunner)):
@@ -407,6 +426,44 @@ class SpeculativeDecoder:
             raise InvalidArgumentError(f"draft_confidence must be in [0, 1), got {draft_confidence!r}")
         self.draft_confidence = draft_confidence
         self.use_kernel = use_kernel
+        if not isinstance(lookup_tokens, int) or isinstance(lookup_tokens, bool) or lookup_tokens < 0:
+            raise InvalidArgumentError(
+                f"lookup_tokens must be an int >= 0 (0 = no prompt lookup), got {lookup_tokens!r}")
+        if not (isinstance(lookup_min_ngram, int) and isinstance(lookup_max_ngram, int)
+                and 1 <= lookup_min_ngram <= lookup_max_ngram):
+            raise InvalidArgumentError(f"need 1 <= lookup_min_ngram <= lookup_max_ngram, got {lookup_min_ngram!r} "
+                                       f"and {lookup_max_ngram!r}")
+        self.lookup_tokens = int(lookup_tokens)
+        self.lookup_max_ngram, self.lookup_min_ngram = lookup_max_ngram, lookup_min_ngram
+
+    def _block_width(self) -> int:
+        """The most tokens one block proposes (draft or lookup)."""
+        return max(self.num_speculative_tokens, self.lookup_tokens)
+
+    def _draft_or_lookup(self, rows: _Rows, params: SamplingParams,
+                         propose: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """One block's proposals (drafts [B, w], q [B, w, V] when sampling, num_draft [B], from_lookup [B] or None):
+        prompt-lookup continuations where a row has one (see the class docstring), `propose()` for the others."""
+        if not self.lookup_tokens:
+            drafts, probs = propose()
+            return drafts, probs, torch.full_like(rows.lengths, drafts.shape[1]), None
+        found, counts = propose_ngram_continuations(rows.tokens, rows.lengths, rows.active, self.lookup_tokens,
+                                                    self.lookup_max_ngram, self.lookup_min_ngram)
+        use = counts > 0
+        vocab = self.target.vocab_size
+        if bool(use[rows.active].all()):  # every live row has a continuation: no draft call this block
+            return found, (_one_hot(found, vocab) if params.do_sample else None), counts, use
+        drafts, probs = propose()
+        num_draft = torch.full_like(rows.lengths, drafts.shape[1])
+        if not bool(use.any()):
+            return drafts, probs, num_draft, use
+        width = max(drafts.shape[1], found.shape[1])
+        found, drafts = _pad_columns(found, width), _pad_columns(drafts, width)
+        merged = torch.where(use[:, None], found, drafts)
+        if probs is not None:
+            probs = torch.where(use[:, None, None], _one_hot(found, vocab), _pad_columns(probs, width))
+        return merged, probs, torch.where(use, counts, num_draft), use
 
     def _sample_drafts(self, logits: torch.Tensor, step: Callable[[int, torch.Tensor], torch.Tensor],
                        rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
@@ -491,7 +548,7 @@ class SpeculativeDecoder:
         """Generate up to `max_new_tokens` per row; same arguments and output as `autoregressive_generate`."""
         t0 = time.perf_counter()
         params = SamplingParams(do_sample, temperature, top_p, top_k)
-        n = self.num_speculative_tokens
+        n = self._block_width()
         rows = _start_rows(self.target, input_ids, attention_mask, max_new_tokens, n + 1, eos_token_id, streamer)
         self.draft.start(rows.batch, rows.max_prompt + max_new_tokens + n + 1)
         stats = SpecStats()
@@ -503,10 +560,12 @@ class SpeculativeDecoder:
         stats.draft_calls += 1
         _prefill_and_sample_first(self.target, rows, params, generator, stats)
         while bool(rows.active.any()):
-            drafts, probs = self._propose(rows, params, generator, stats)
-            num_draft = torch.full_like(rows.lengths, drafts.shape[1])
+            drafts, probs, num_draft, from_lookup = self._draft_or_lookup(
+                rows, params, partial(self._propose, rows, params, generator, stats))
+            if from_lookup is not None:  # the draft's speculative entries of lookup rows are not what is verified
+                self.draft.cache.rollback(torch.where(from_lookup, rows.lengths, self.draft.cache.lengths))
             _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
-                               self.use_kernel)
+                               self.use_kernel, from_lookup=from_lookup)
             # The draft holds old_len + k - 1 tokens (it never saw its last proposal); keep only the valid prefix.
             self.draft.cache.rollback(rows.lengths - 1)
         stats.wall_time_s = time.perf_counter() - t0
@@ -529,13 +588,26 @@ class SpeculativeDecoder:
         self.feature.cache.set_lengths(rows.lengths - 1)
         stats.draft_calls += 1
         while bool(rows.active.any()):
-            drafts, probs = self._propose_from_features(rows, first, params, generator, stats)
-            num_draft = torch.full_like(rows.lengths, drafts.shape[1])
+            drafts, probs, num_draft, from_lookup = self._draft_or_lookup(
+                rows, params, partial(self._propose_from_features, rows, first, params, generator, stats))
             old_lengths = rows.lengths.clone()
             hidden = _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
-                                        self.use_kernel, return_hidden=True)
+                                        self.use_kernel, return_hidden=True, from_lookup=from_lookup)
             if bool(rows.active.any()):
                 first = self._catch_up(rows, old_lengths, hidden, stats)
+
+
+def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    """`x` [B, w, ...] right-padded with zeros to `width` columns."""
+    if x.shape[1] >= width:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], width - x.shape[1], *x.shape[2:]))], dim=1)
+
+
+def _one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The q of deterministic proposals: fp32 one-hot rows [B, w, V]."""
+    probs = torch.zeros(*tokens.shape, vocab, device=tokens.device)
+    return probs.scatter_(2, tokens.unsqueeze(2), 1.0)
 
 
 class PromptLookupDecoder:
@@ -570,10 +642,7 @@ class PromptLookupDecoder:
         while bool(rows.active.any()):
             drafts, num_draft = propose_ngram_continuations(rows.tokens, rows.lengths, rows.active, n,
                                                             self.max_ngram)
-            probs = None
-            if params.do_sample and drafts.shape[1] > 0:
-                probs = torch.zeros(*drafts.shape, vocab, device=drafts.device)
-                probs.scatter_(2, drafts.unsqueeze(2), 1.0)
+            probs = _one_hot(drafts, vocab) if params.do_sample and drafts.shape[1] > 0 else None
             _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats, False)
         stats.wall_time_s = time.perf_counter() - t0
         return rows.output(stats)

@@ -1,0 +1,117 @@
+"""Speculative decoding with prompt lookup beside the draft (`SpeculativeDecoder(lookup_tokens=...)`): greedy output
+equals plain decoding with layer and feature drafts in batches whose rows mix lookup and draft blocks; the layer
+draft's cache stays right after lookup blocks (its proposals equal uncached greedy drafting); the lookup counters;
+the bench method; refusals. (Sampling exactness with lookup: test_specdec_decoding_chisq.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from soaes_core.errors import InvalidArgumentError
+from soaes_specdec.bench import BenchConfig
+from soaes_specdec.decoding import SpecStats, SpeculativeDecoder, autoregressive_generate
+from soaes_specdec.feature_draft import FeatureDraft
+
+NEW = 40
+
+
+def feature_draft(target: Any, alpha: float) -> FeatureDraft:
+    """Token embedding plus a little of the target's feature (as in test_specdec_feature_draft.py)."""
+    draft = FeatureDraft.from_target(target)
+    hidden = draft.hidden_size
+    with torch.no_grad():
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, :hidden] = torch.eye(hidden)
+        draft.fc.weight[:, hidden:] = alpha * torch.eye(hidden)
+    return draft
+
+
+def mixed_prompts() -> list[torch.Tensor]:
+    """One prompt that repeats a 4-gram (lookup matches from the start) and two random ones (the draft's)."""
+    g = torch.Generator().manual_seed(5)
+    return [torch.tensor([7, 8, 9, 10] * 3), torch.randint(2, 512, (9,), generator=g),
+            torch.randint(2, 512, (5,), generator=g)]
+
+
+@pytest.fixture(scope="module")
+def target(qwen2_factory: Any) -> Any:
+    return qwen2_factory(0, layers=1)
+
+
+@pytest.mark.parametrize("kind", ["layer", "feature"])
+@pytest.mark.parametrize(("n", "lookup", "min_ngram"), [(1, 3, 1), (3, 2, 2), (2, 4, 2)])
+def test_lookup_greedy_equals_plain(target: Any, qwen2_factory: Any, kind: str, n: int, lookup: int,
+                                    min_ngram: int) -> None:
+    draft = feature_draft(target, 0.02) if kind == "feature" else qwen2_factory(4, layers=1)
+    batch = mixed_prompts()
+    reference = [autoregressive_generate(target, p, NEW).new_tokens() for p in batch]
+    decoder = SpeculativeDecoder(target, draft, n, lookup_tokens=lookup, lookup_min_ngram=min_ngram)
+    for i, p in enumerate(batch):
+        assert decoder.generate(p, NEW).new_tokens() == reference[i]
+    out = decoder.generate(batch, NEW)
+    assert [out.new_tokens(i) for i in range(3)] == reference
+    stats = out.stats
+    assert 0 < stats.lookup_proposed < stats.proposed  # both sources proposed in this batch
+    assert 0 <= stats.lookup_accepted <= stats.lookup_proposed and stats.accepted <= stats.proposed
+    assert len(stats.acceptance_by_position) == max(n, lookup)
+    plain = SpeculativeDecoder(target, draft, n).generate(batch, NEW).stats
+    assert plain.lookup_proposed == 0 and plain.lookup_accepted == 0
+
+
+def test_lookup_blocks_leave_the_layer_drafts_cache_right(target: Any, qwen2_factory: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """After blocks proposed by lookup (whose verified tokens the draft never proposed), every draft proposal still
+    equals greedy drafting by the uncached draft on the row's true prefix."""
+    draft = qwen2_factory(4, layers=1)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = SpeculativeDecoder._propose
+
+    def wrapped(self: Any, rows: Any, *args: Any, **kwargs: Any) -> Any:
+        lengths = rows.lengths.clone()
+        drafts, probs = original(self, rows, *args, **kwargs)
+        seen.append((lengths, drafts.clone()))
+        return drafts, probs
+
+    monkeypatch.setattr(SpeculativeDecoder, "_propose", wrapped)
+    batch = mixed_prompts()
+    out = SpeculativeDecoder(target, draft, 3, lookup_tokens=3, lookup_min_ngram=2).generate(batch, NEW)
+    assert out.stats.lookup_proposed > 0
+    checked = 0
+    with torch.inference_mode():
+        for b in range(3):
+            seq = out.sequences[b, :out.sequence_lengths[b]].tolist()
+            for lengths, drafts in seen:
+                length = int(lengths[b])
+                if length >= out.sequence_lengths[b]:
+                    continue
+                ids = seq[:length]
+                for j in range(drafts.shape[1]):
+                    token = int(draft(torch.tensor([ids])).logits[0, -1].argmax())
+                    assert token == int(drafts[b, j]), (b, length, j)
+                    ids.append(token)
+                    checked += 1
+    assert checked > 30
+
+
+def test_stats_count_lookup_apart_and_add_up() -> None:
+    a = SpecStats(proposed=10, accepted=6, lookup_proposed=4, lookup_accepted=3)
+    b = SpecStats(proposed=5, accepted=1, lookup_proposed=2, lookup_accepted=0)
+    total = a + b
+    assert (total.lookup_proposed, total.lookup_accepted) == (6, 3)
+    assert total.to_dict()["lookup_proposed"] == 6
+
+
+def test_lookup_refuses_bad_arguments_in_one_line(target: Any, qwen2_factory: Any) -> None:
+    draft = qwen2_factory(4, layers=1)
+    for kwargs, words in (({"lookup_tokens": -1}, "lookup_tokens must be an int >= 0"),
+                          ({"lookup_tokens": 2, "lookup_min_ngram": 4, "lookup_max_ngram": 3},
+                           "lookup_min_ngram <= lookup_max_ngram"),
+                          ({"lookup_tokens": 2, "lookup_min_ngram": 0}, "lookup_min_ngram")):
+        with pytest.raises(InvalidArgumentError) as err:
+            SpeculativeDecoder(target, draft, 2, **kwargs)
+        assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(ValueError, match="lookup_min_ngram <= max_ngram"):
+        BenchConfig(methods=["speculative_lookup"], lookup_min_ngram=4, max_ngram=3)
