@@ -113,6 +113,9 @@ def test_table5_adds_the_draft_with_prompt_lookup_when_benchmarked(run: Path) ->
     t5 = _cells(next(t for t in build_run_tables(run) if t.name == "table5_spd_vs_lookup"))
     assert t5[-2][:2] == ["SPD + prompt lookup", 3] and t5[-2][3] == pytest.approx(32.0 / 20.0)
     assert t5[-1][:2] == ["SPD + prompt lookup", 5] and t5[-1][3] is None  # not benchmarked at n = 5
+    t6 = _cells(next(t for t in build_run_tables(run) if t.name == "table6_greedy_vs_top_p"))
+    assert t6[2][1] == "SPD + prompt lookup (n = 3)" and t6[2][3] == pytest.approx(32.0 / 20.0)
+    assert [r[1] for r in t6].count("SPD + prompt lookup (n = 3)") == 1  # greedy has no such row
 
 
 def test_direction_says_when_the_paper_does_not_reproduce(run: Path) -> None:

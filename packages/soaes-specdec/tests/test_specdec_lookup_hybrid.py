@@ -115,3 +115,14 @@ def test_lookup_refuses_bad_arguments_in_one_line(target: Any, qwen2_factory: An
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
     with pytest.raises(ValueError, match="lookup_min_ngram <= max_ngram"):
         BenchConfig(methods=["speculative_lookup"], lookup_min_ngram=4, max_ngram=3)
+
+
+@pytest.mark.parametrize("kind", ["layer", "feature"])
+def test_lookup_batch_invariant_bfloat16_equals_plain_batch_one(qwen2_factory: Any, kind: str) -> None:
+    target = qwen2_factory(0, layers=1).to(torch.bfloat16)
+    draft = feature_draft(target, 0.02) if kind == "feature" else qwen2_factory(4, layers=1).to(torch.bfloat16)
+    batch = mixed_prompts()
+    reference = [autoregressive_generate(target, p, NEW).new_tokens() for p in batch]
+    out = SpeculativeDecoder(target, draft, 2, batch_invariant=True, lookup_tokens=4).generate(batch, NEW)
+    assert [out.new_tokens(i) for i in range(len(batch))] == reference
+    assert out.stats.lookup_proposed > 0

@@ -230,8 +230,8 @@ def _row(bench: dict[str, Any], method: str, mode: str, n: int) -> dict[str, Any
     return next((r for r in bench["results"] if r["method"] == method and r["mode"] == mode and r["n"] == n), None)
 
 
-def _fastest_speculative(bench: dict[str, Any], mode: str) -> dict[str, Any] | None:
-    rows = [r for r in bench["results"] if r["method"] == "speculative" and r["mode"] == mode]
+def _fastest_speculative(bench: dict[str, Any], mode: str, method: str = "speculative") -> dict[str, Any] | None:
+    rows = [r for r in bench["results"] if r["method"] == method and r["mode"] == mode]
     return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
 
 
@@ -365,6 +365,10 @@ def table6(run: RunFolder) -> PaperTable | None:
             t.rows.append([label, f"Autoregression ({_dtype_of(bench, plain)})", Cell(plain["tokens_per_s"], src),
                            Cell(1.0, src)])
         t.rows.append([label, "SPD", Cell(spd["tokens_per_s"] if spd else None, src), Cell(sp[mode], src)])
+        hyb = _fastest_speculative(bench, mode, "speculative_lookup")
+        if hyb is not None:  # the draft with prompt lookup beside it, at its fastest n
+            t.rows.append([label, f"SPD + prompt lookup (n = {hyb['n']})", Cell(hyb["tokens_per_s"], src),
+                           Cell(_speedup(hyb, plain), src)])
     t.sizes = _sizes(bench)
     g, p = sp.get("greedy"), sp.get("top_p")
     if g is None or p is None:
