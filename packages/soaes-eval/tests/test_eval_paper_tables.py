@@ -118,6 +118,18 @@ def test_table5_adds_the_draft_with_prompt_lookup_when_benchmarked(run: Path) ->
     assert [r[1] for r in t6].count("SPD + prompt lookup (n = 3)") == 1  # greedy has no such row
 
 
+def test_without_n3_table6_uses_the_fastest_n_and_table4_says_why_it_is_unchecked(run: Path) -> None:
+    bench = run / "stages" / "11_specdec_bench" / "distilled" / "bench.json"
+    data = json.loads(bench.read_text())
+    data["results"] = [r for r in data["results"] if r["n"] != 3]
+    bench.write_text(json.dumps(data))
+    tables = {t.name: t for t in build_run_tables(run)}
+    t6 = _cells(tables["table6_greedy_vs_top_p"])
+    assert t6[1][1] == "SPD (n = 5, its fastest; n = 3 not run)" and t6[1][3] == pytest.approx(22.0 / 20.0)
+    assert tables["table6_greedy_vs_top_p"].direction.startswith("reproduces")
+    assert "not benchmarked at n = 3" in tables["table4_drafts"].direction
+
+
 def test_direction_says_when_the_paper_does_not_reproduce(run: Path) -> None:
     bench = run / "stages" / "11_specdec_bench" / "undistilled" / "bench.json"
     data = json.loads(bench.read_text())
