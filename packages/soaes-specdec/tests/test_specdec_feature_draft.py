@@ -30,21 +30,12 @@ from soaes_specdec.draft import (
 from soaes_specdec.feature_draft import FC_FILE, is_feature_draft_dir
 from soaes_specdec.feature_runner import FeatureDraftRunner
 from soaes_specdec.runner import CachedCausalLM
-from soaes_specdec.testing import swap_tokenizer_ids
+from soaes_specdec.testing import identity_feature_draft, swap_tokenizer_ids
 
 NEW = 24
 
 
-def feature_draft(target: Any, alpha: float, layer: int = 0) -> FeatureDraft:
-    """A deterministic, imperfect draft: the target's layer `layer` reading fc = [I | alpha*I] (the token's embedding
-    plus a little of the target's feature), so proposals depend on the features and are accepted only in part."""
-    draft = FeatureDraft.from_target(target, layer=layer)
-    hidden = draft.hidden_size
-    with torch.no_grad():
-        draft.fc.weight.zero_()
-        draft.fc.weight[:, :hidden] = torch.eye(hidden)
-        draft.fc.weight[:, hidden:] = alpha * torch.eye(hidden)
-    return draft
+feature_draft = identity_feature_draft
 
 
 def prompts(lengths: tuple[int, ...], vocab: int = 512, seed: int = 3) -> list[torch.Tensor]:

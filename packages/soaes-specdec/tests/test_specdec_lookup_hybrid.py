@@ -13,20 +13,11 @@ import torch
 from soaes_core.errors import InvalidArgumentError
 from soaes_specdec.bench import BenchConfig
 from soaes_specdec.decoding import SpecStats, SpeculativeDecoder, autoregressive_generate
-from soaes_specdec.feature_draft import FeatureDraft
+from soaes_specdec.testing import identity_feature_draft as feature_draft
 
 NEW = 40
 
 
-def feature_draft(target: Any, alpha: float) -> FeatureDraft:
-    """Token embedding plus a little of the target's feature (as in test_specdec_feature_draft.py)."""
-    draft = FeatureDraft.from_target(target)
-    hidden = draft.hidden_size
-    with torch.no_grad():
-        draft.fc.weight.zero_()
-        draft.fc.weight[:, :hidden] = torch.eye(hidden)
-        draft.fc.weight[:, hidden:] = alpha * torch.eye(hidden)
-    return draft
 
 
 def mixed_prompts() -> list[torch.Tensor]:

@@ -1,5 +1,6 @@
 """Test inputs shared by the test suites and the kernel benchmark: random verification blocks, nucleus boundary
-cases, support probes of the fused kernel, and a same-size foreign tokenizer for draft compatibility checks."""
+cases, support probes of the fused kernel, a same-size foreign tokenizer for draft compatibility checks, and a
+deterministic feature draft for decoding tests."""
 
 from __future__ import annotations
 
@@ -83,3 +84,18 @@ def swap_tokenizer_ids(model_dir: str | os.PathLike[str], first: int = 1000, sec
     vocab[by_id[first]], vocab[by_id[second]] = second, first
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+def identity_feature_draft(target: Any, alpha: float, layer: int = 0) -> Any:
+    """A deterministic, imperfect `FeatureDraft` for tests: the target's layer `layer` reading fc = [I | alpha*I] (the
+    token's embedding plus a little of the target's feature), so proposals depend on the features and are accepted
+    only in part."""
+    from .feature_draft import FeatureDraft
+
+    draft = FeatureDraft.from_target(target, layer=layer)
+    hidden = draft.hidden_size
+    with torch.no_grad():
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, :hidden] = torch.eye(hidden)
+        draft.fc.weight[:, hidden:] = alpha * torch.eye(hidden)
+    return draft
