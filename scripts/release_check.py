@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"installed alone: {p.name} (install {p.timings.get('install', 0):.1f}s, "
                   f"import + CLI {p.timings.get('run', 0):.1f}s): {'ok' if not p.problems else 'PROBLEMS'}",
                   flush=True)
+            if not args.keep:  # seven venvs with torch at once need several GB; one at a time is enough
+                shutil.rmtree(venv, ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
