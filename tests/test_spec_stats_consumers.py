@@ -1,7 +1,8 @@
 """Every summary of speculative-decoding runs goes through `SpecStats.merge` and keeps its old numbers.
 
-The lm-eval model's totals and the distill experiment each summed the counters themselves before;
-their former formulas are kept here as references, checked on real runs of a tiny target and layer draft.
+The lm-eval model's totals and the distill experiment (`benchmarks/distill/experiment.py`) each summed the counters
+themselves before; their former formulas are kept here as references, checked on real runs of a tiny target and
+layer draft.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ def test_eval_totals(runs: tuple[Any, Any, list[list[int]], list[SpecStats]]) ->
 
 def test_experiment_speed(runs: tuple[Any, Any, list[list[int]], list[SpecStats]],
                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from soaes_distill import experiment
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "distill" / "experiment.py"
+    spec = importlib.util.spec_from_file_location("soaes_distill_experiment_script", script)
+    assert spec is not None and spec.loader is not None
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
 
     target, draft, prompts, _ = runs
     recorded: list[SpecStats] = []

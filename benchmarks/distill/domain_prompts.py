@@ -11,15 +11,17 @@ import argparse
 import json
 from pathlib import Path
 
+from experiment import ExperimentConfig, sample_prompts
+
 from soaes_core import read_jsonl, read_prompts, write_jsonl
 from soaes_data.samples import sample_path
 from soaes_distill.domain_queries import DomainQueryConfig, build_domain_queries
-from soaes_distill.experiment import ExperimentConfig, sample_prompts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("experiment_dir", type=Path, help="a `soaes-distill experiment` output (its train_records.jsonl)")
+    ap.add_argument("experiment_dir", type=Path,
+                    help="a `benchmarks/distill/experiment.py` output (its train_records.jsonl)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-queries", type=int, default=6000)
     ap.add_argument("--num-terms", type=int, default=200)

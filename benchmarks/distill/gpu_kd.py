@@ -3,6 +3,10 @@
 `soaes_distill.losses.distillation_loss` under a wall-clock budget, selected on a dev split of the generated
 data by the offline acceptance estimator, and its trained tensors are written as bf16 safetensors shards.
 
+Superseded: the library's `soaes_distill.feature_kd.train_feature_draft` (the pipeline's `distill_draft` stage,
+CPU or GPU with bfloat16 autocast, step or wall-clock budget, dev-split selection) trains the best draft now; this
+script stays only to reproduce the run recorded in docs/benchmarks.md (soaes-distill section 3).
+
 Runs on CPU too (tiny settings) so it can be checked before a device call. Example (GPU machine):
     python benchmarks/distill/gpu_kd.py --target gguf:/root/m/SmolLM2-135M-Instruct.Q4_1.gguf \
         --prompts prompts.jsonl --heldout runs/distill-exp/heldout_tokens.jsonl --out $OUT --train-seconds 240

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import torch
+from experiment import ExperimentConfig, _estimate, _train
 
 from soaes_core import from_dict, load_model, seed_everything
-from soaes_distill.experiment import ExperimentConfig, _estimate, _train
 from soaes_distill.store import TeacherLogitStore
 from soaes_distill.token_data import load_token_examples
 from soaes_distill.trainer import KDConfig

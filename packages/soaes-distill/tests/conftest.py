@@ -35,6 +35,12 @@ def make_examples(tokenizer, texts=TEXTS, start_id: int = 0) -> list[TokenExampl
 
 
 @pytest.fixture(scope="session")
+def distill_texts() -> list[str]:
+    """The shared real sentences (English and Chinese) the tests tokenize."""
+    return list(TEXTS)
+
+
+@pytest.fixture(scope="session")
 def token_dataset(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("distill-data") / "tokens.jsonl"
     return write_token_jsonl(path, make_examples(embedded_tokenizer))

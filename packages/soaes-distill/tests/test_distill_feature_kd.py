@@ -11,13 +11,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from soaes_core.errors import DataError, ModelLoadError
+from soaes_core.errors import ConfigError, DataError, ModelLoadError
 from soaes_distill.acceptance import acceptance_probabilities
 from soaes_distill.cli import main
 from soaes_distill.feature_kd import (
     CHECKPOINT_FILE,
     FeatureKDConfig,
     _batch,
+    autocast_dtype,
     build_draft,
     estimate_feature_acceptance,
     extract_features,
@@ -34,25 +35,12 @@ FAST = {"batch_size": 4, "warmup_steps": 2, "checkpoint_every": 5, "head_tokens"
         "examples_per_shard": 5, "dev_fraction": 0.1, "top_p": 1.0}  # top-p < 1 on a flat random model sorts 49k
 
 
-TEXTS = [
-    "State-owned enterprises report their assets to the supervision commission every quarter.",
-    "The board approved the annual budget after a long discussion about risk control.",
-    "国有资产监督管理委员会负责监管中央企业。",
-    "Speculative decoding uses a small draft model to propose tokens.",
-    "Knowledge distillation trains a student to match a teacher's distribution.",
-    "The audit found no material weaknesses in internal controls.",
-    "Mixed-ownership reform introduces private capital into state firms.",
-    "A temperature above one softens the teacher's probabilities.",
-    "企业应当建立健全内部控制制度。",
-    "Dividends are paid to the state shareholder according to the rules.",
-]
-
-
 @pytest.fixture(scope="module")
-def examples(embedded_tokenizer) -> list[TokenExample]:
-    """Real text; the first 4 tokens play the prompt (labels -100), the rest the answer."""
+def examples(embedded_tokenizer, distill_texts: list[str]) -> list[TokenExample]:
+    """Real text (the first 10 shared sentences); the first 4 tokens play the prompt (labels -100), the rest the
+    answer."""
     out = []
-    for i, text in enumerate(TEXTS):
+    for i, text in enumerate(distill_texts[:10]):
         ids = embedded_tokenizer(text)["input_ids"]
         out.append(TokenExample(i, ids, [-100] * 4 + ids[4:]))
     return out
@@ -79,6 +67,31 @@ def test_loss_decreases_and_draft_saves(tiny_qwen2, examples, tmp_path, embedded
     assert metrics["heldout_metrics"]["acceptance_greedy"] == res.heldout_metrics["acceptance_greedy"]
     best = load_file(str(tmp_path / "best.safetensors"))  # the saved draft is the best checkpoint
     assert torch.equal(loaded.fc.weight, best["fc.weight"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_mixed_precision_training_learns_on_each_device(tiny_qwen2, examples, tmp_path, device):
+    """bfloat16 autocast (forced on the CPU; `auto` on a GPU) trains the fp32 weights as the fp32 loop does: the
+    objective falls, the draft saves in fp32, and held-out acceptance is measured on the same device."""
+    target = copy.deepcopy(tiny_qwen2).to(device)
+    setting = "bfloat16" if device == "cpu" else "auto"
+    cfg = FeatureKDConfig(steps=20, learning_rate=1e-2, autocast=setting, **{**FAST, "checkpoint_every": 10})
+    res = train_feature_draft(target, examples, None, cfg, tmp_path, heldout_examples=examples[:2])
+    loaded = FeatureDraft.from_pretrained(res.draft_dir)
+    assert loaded.fc.weight.dtype == torch.float32 and res.heldout_metrics is not None
+    cpu_target = copy.deepcopy(tiny_qwen2).cpu()
+    before = _data_loss(build_draft(cpu_target, examples, cfg), cpu_target, examples)
+    assert _data_loss(loaded, cpu_target, examples) < 0.85 * before
+
+
+def test_autocast_setting():
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("off", torch.device("cuda")) is None
+    assert autocast_dtype("float16", torch.device("cpu")) is torch.float16
+    with pytest.raises(ConfigError, match="autocast must be one of"):
+        FeatureKDConfig(autocast="fp8")
 
 
 def test_estimator_equals_direct_computation(tiny_qwen2, examples):

@@ -188,7 +188,7 @@ def test_batch_invariant_decoders_equal_plain_batch_one_decoding(qwen2_factory: 
     assert [out.new_tokens(i) for i in range(len(batch))] == reference
 
 
-# Held-out Chinese domain prompts (soaes_data's SFT pools, every 4th held out by soaes_distill.experiment.
+# Held-out Chinese domain prompts (soaes_data's SFT pools, every 4th held out by benchmarks/distill/experiment.py's
 # sample_prompts: ids exp-007, exp-019, dlg-013, never trained on). In bfloat16 the default (batched) verify rounds
 # a near-tie on each the other way than a one-row step: with a 4-layer draft, speculative output left plain
 # decoding at new token 8 / 5 (n = 1 / 3) of exp-007, 22 / 9 of exp-019, 28 / 28 of dlg-013 (2-core x86, torch 2.13).

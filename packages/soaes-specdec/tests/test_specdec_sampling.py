@@ -68,6 +68,31 @@ def test_top_p_exact_sum_ties_on_random_distributions(temperature: float, top_k:
                 assert int((warped > 0).sum()) == expected, (row, j, top_p)
 
 
+def _full_sort_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus rule written with one full sort (the definition `apply_top_p` must reproduce bit for bit)."""
+    probs = torch.softmax(logits, dim=-1)
+    ordered = torch.sort(probs, dim=-1, descending=True).values
+    mass_before = torch.nn.functional.pad(torch.cumsum(ordered.double(), dim=-1)[..., :-1], (1, 0))
+    kept = (mass_before < top_p_limit(top_p)).sum(dim=-1, keepdim=True).clamp(min=1)
+    return logits.masked_fill(probs < torch.gather(ordered, -1, kept - 1), float("-inf"))
+
+
+@pytest.mark.parametrize("search_k", [2, 16, 256])
+def test_top_p_top_k_search_equals_a_full_sort(search_k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The top-k search and its full-sort fallback give the full sort's mask exactly: peaked rows (nucleus inside
+    the k searched), flat rows (wider: fallback), ties, and batches mixing both."""
+    import soaes_specdec.sampling as sampling
+
+    monkeypatch.setattr(sampling, "NUCLEUS_SEARCH_K", search_k)
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.0, 0.5, 2.0, 8.0):
+        logits = torch.randn(6, 5000, generator=g) * scale
+        logits[1] = torch.round(logits[1])  # many ties
+        logits[2] = 0.01 * logits[2]  # nearly flat: a nucleus of thousands of tokens
+        for top_p in (0.05, 0.5, 0.7, 0.95, 0.999):
+            assert torch.equal(apply_top_p(logits, top_p), _full_sort_top_p(logits, top_p)), (scale, top_p)
+
+
 def test_top_p_limit_is_fp32_and_below_top_p() -> None:
     for top_p in (0.1, 0.7, 0.8, 0.95, 0.999):
         limit = top_p_limit(top_p)

@@ -54,7 +54,7 @@ def _old_bench_sum(stats: list[SpecStats]) -> dict[str, Any]:
 
 
 def test_bench_summary_of_real_runs_is_unchanged(qwen2_factory: Callable[..., Any]) -> None:
-    from soaes_specdec.bench import _sum_stats
+    from soaes_specdec.bench import _stats_fields
 
     target, draft = qwen2_factory(0), qwen2_factory(1, layers=1)
     g = torch.Generator().manual_seed(0)
@@ -62,4 +62,15 @@ def test_bench_summary_of_real_runs_is_unchanged(qwen2_factory: Callable[..., An
     prompts.append(torch.tensor([[7, 8, 9, 7, 8, 9, 7, 8]]))  # repeats: prompt lookup drafts of varying width
     for decoder in (SpeculativeDecoder(target, draft, 3, draft_confidence=0.4), PromptLookupDecoder(target, 4)):
         outs = [decoder.generate(p, max_new_tokens=12) for p in prompts]
-        assert _sum_stats(outs) == _old_bench_sum([o.stats for o in outs])
+        assert _stats_fields(SpecStats.merge(o.stats for o in outs)) == _old_bench_sum([o.stats for o in outs])
+
+
+def test_lookup_fields_split_the_acceptance_by_source() -> None:
+    from soaes_specdec.bench import _lookup_fields
+
+    total = SpecStats(proposed=10, accepted=6, lookup_proposed=4, lookup_accepted=3)
+    assert _lookup_fields(total) == {"lookup_share_of_proposed": 0.4, "lookup_acceptance": 0.75,
+                                     "draft_acceptance": 0.5}
+    only_lookup = SpecStats(proposed=4, accepted=1, lookup_proposed=4, lookup_accepted=1)
+    assert _lookup_fields(only_lookup)["draft_acceptance"] is None
+    assert _lookup_fields(SpecStats())["lookup_acceptance"] is None

@@ -21,13 +21,6 @@ def _recipe_keys() -> list[tuple[str, type, str, tuple[str, ...]]]:
     return [("Recipe keys (--set KEY=VALUE)", DistillRecipe, "", ())]
 
 
-def _experiment_keys() -> list[tuple[str, type, str, tuple[str, ...]]]:
-    """The keys `experiment --set` accepts, for its --help."""
-    from .experiment import ExperimentConfig
-
-    return [("Experiment keys (--set KEY=VALUE)", ExperimentConfig, "", ())]
-
-
 @click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="soaes-distill")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug logging")
@@ -248,24 +241,6 @@ def feature_draft(target: str, train_path: str, dev_path: str | None, heldout_pa
     click.echo("dev: " + json.dumps(res.dev_metrics))
     if res.heldout_metrics is not None:
         click.echo("held-out: " + json.dumps(res.heldout_metrics))
-
-
-@main.command(cls=KeysHelpCommand, set_keys=_experiment_keys)
-@click.option("--out", "out_dir", default="runs/distill-experiment", show_default=True)
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML ExperimentConfig (sizes of the run)")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="override a field, e.g. --set steps=40 --set grid=false (keys below)")
-@click.option("--quick", is_flag=True, help="tiny smoke run (few prompts, few steps)")
-def experiment(out_dir: str, config_path: str | None, sets: tuple[str, ...], quick: bool) -> None:
-    """The draft-training experiment (benchmark): acceptance and speedup of each method."""
-    from .experiment import ExperimentConfig, run_experiment
-
-    cfg = build_config(ExperimentConfig, config_path, {"output_dir": out_dir}, sets)
-    if quick:
-        cfg = cfg.quick()
-    report = run_experiment(cfg)
-    click.echo(report.markdown)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_AUTOCAST = {"auto": None, "off": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the training forward autocasts to on `device` (None = full fp32): `auto` is bfloat16 on CUDA."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return _AUTOCAST[setting]
 
 
 @dataclass
@@ -88,6 +96,9 @@ class FeatureKDConfig:
     top_p: float = field(default=0.7, metadata={"help": "top-p of the sampled acceptance estimate"})
     temperature: float = field(default=1.0, metadata={"help": "temperature of the sampled acceptance estimate"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads (0 = leave as is)"})
+    autocast: str = field(default="auto", metadata={"help": "mixed precision of the training forward: auto "
+                                                            "(bfloat16 on a GPU, off on the CPU), bfloat16, "
+                                                            "float16 or off; weights and optimizer stay fp32"})
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "max_length": self.max_length,
@@ -113,6 +124,8 @@ class FeatureKDConfig:
             raise ConfigError(f"feature_dtype must be one of {sorted(_DTYPES)}, got {self.feature_dtype!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.autocast not in _AUTOCAST:
+            raise ConfigError(f"autocast must be one of {sorted(_AUTOCAST)}, got {self.autocast!r}")
 
 
 @dataclass
@@ -398,19 +411,21 @@ def estimate_feature_acceptance(target: Any, draft: FeatureDraft, examples: Sequ
     block-walk numbers (`acceptance_rate_*`, `accepted_length_*`) assume step-1 acceptance at every step."""
     head = target.get_output_embeddings()
     _, head_ids = head_weight(draft)
+    head_ids = None if head_ids is None else head_ids.cpu()
     was_training = draft.training
     draft.eval()
     acc: dict[str, list[torch.Tensor]] = {"g1": [], "s1": [], "g2": [], "s2": []}
+    device = next(draft.parameters()).device
     for ex, f in zip(examples, features, strict=True):
-        f_in, ids, f_next, mask = _batch([ex], [f])
+        f_in, ids, f_next, mask = (t.to(device) for t in _batch([ex], [f]))
         g1, g2 = two_step_hidden(draft, f_in, ids)
         m = mask[0]
-        t_logits = head(f_next[0][m]).float()
-        later = m.nonzero()[:, 0] >= 1  # step 2 needs a step-1 output before it
+        t_logits = head(f_next[0][m]).float().cpu()
+        later = m.nonzero()[:, 0].cpu() >= 1  # step 2 needs a step-1 output before it
         for step, g, rows in (("1", g1[0][m], torch.ones_like(later)), ("2", g2[0][m], later)):
             if not rows.any():
                 continue
-            d_logits = draft.logits(g).float()[rows]
+            d_logits = draft.logits(g).float().cpu()[rows]
             t = t_logits[rows]
             acc["g" + step].append((t.argmax(-1) == d_logits.argmax(-1)).float())
             acc["s" + step].append(sampled_acceptance(t, d_logits, head_ids, top_p, temperature))
@@ -519,6 +534,8 @@ def train_feature_draft(target: Any, train_examples: Sequence[TokenExample],
     draft = build_draft(target, train, cfg, special)
     params = trainable_parameters(draft)
     weight, head_ids = head_weight(draft)
+    device = next(draft.parameters()).device
+    amp = autocast_dtype(cfg.autocast, device)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     step, elapsed, best_step, best_metric = 0, 0.0, -1, -math.inf
     best_metrics: dict[str, float] = {}
@@ -548,13 +565,13 @@ def train_feature_draft(target: Any, train_examples: Sequence[TokenExample],
         if metrics[cfg.select_metric] > best_metric:
             best_step, best_metric, best_metrics = step, metrics[cfg.select_metric], metrics
             tmp = temp_path(out / BEST_FILE)
-            save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp))
+            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp))
             os.replace(tmp, out / BEST_FILE)
         meta = {"step": step, "elapsed": elapsed, "best_step": best_step, "best_metric": best_metric,
                 "best_metrics": best_metrics, "history": history}
         tmp = temp_path(ckpt)
-        torch.save({"params": {n: p.detach().clone() for n, p in params.items()}, "optimizer": opt.state_dict(),
-                    "meta": json.dumps(meta)}, tmp)
+        torch.save({"params": {n: p.detach().cpu().clone() for n, p in params.items()},
+                    "optimizer": opt.state_dict(), "meta": json.dumps(meta)}, tmp)
         os.replace(tmp, ckpt)
 
     draft.train()
@@ -564,20 +581,23 @@ def train_feature_draft(target: Any, train_examples: Sequence[TokenExample],
         rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = _step_batch(rng, len(train), cfg.batch_size)
         f_in, ids, f_next, mask = _batch([train[i] for i in idx], [train_feats[i] for i in idx])
-        if cfg.feature_noise:
+        if cfg.feature_noise:  # drawn on the CPU: the same noise whatever the device
             f_in = f_in + (torch.rand(f_in.shape, generator=rng) * 2 - 1) * cfg.feature_noise
+        f_in, ids, f_next, mask = (t.to(device, non_blocking=True) for t in (f_in, ids, f_next, mask))
         for g in opt.param_groups:
             g["lr"] = cfg.learning_rate * lr_factor(step, cfg, elapsed)
-        if cfg.unroll_weight:
-            g1, g2 = two_step_hidden(draft, f_in, ids)
-        else:
-            g1, g2 = draft(f_in, ids), None
-        loss, parts = feature_kd_loss(g1, f_next, mask, weight, cfg.feature_weight, cfg.kl_weight)
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            if cfg.unroll_weight:
+                g1, g2 = two_step_hidden(draft, f_in, ids)
+            else:
+                g1, g2 = draft(f_in, ids), None
+        # the loss in fp32: log-softmax over thousands of head rows and SmoothL1 on features
+        loss, parts = feature_kd_loss(g1.float(), f_next, mask, weight, cfg.feature_weight, cfg.kl_weight)
         if g2 is not None:
             mask2 = mask.clone()
             mask2[:, 0] = False
             if mask2.any():
-                loss2, parts2 = feature_kd_loss(g2, f_next, mask2, weight, cfg.feature_weight, cfg.kl_weight)
+                loss2, parts2 = feature_kd_loss(g2.float(), f_next, mask2, weight, cfg.feature_weight, cfg.kl_weight)
                 loss = loss + cfg.unroll_weight * loss2
                 parts.update({f"step2_{k}": v for k, v in parts2.items()})
         opt.zero_grad(set_to_none=True)

@@ -301,13 +301,20 @@ class MethodResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _sum_stats(outputs: list[SpecDecodeOutput]) -> dict[str, Any]:
-    """Decoder counters of a method's runs, summed by `SpecStats.merge` (None where nothing was proposed)."""
-    total = SpecStats.merge(o.stats for o in outputs)
+def _stats_fields(total: SpecStats) -> dict[str, Any]:
+    """The result fields of a method's summed decoder counters (None where nothing was proposed)."""
     return {"acceptance_rate": total.acceptance_rate if total.proposed else None,
             "acceptance_by_position": total.acceptance_by_position,
             "mean_accepted_length": total.mean_accepted_length if total.decode_row_calls else None,
             "target_calls": total.target_calls}
+
+
+def _lookup_fields(total: SpecStats) -> dict[str, Any]:
+    """How much of the proposing prompt lookup did beside the draft, and how well each source was accepted."""
+    return {"lookup_share_of_proposed": total.lookup_proposed / max(total.proposed, 1),
+            "lookup_acceptance": total.lookup_accepted / total.lookup_proposed if total.lookup_proposed else None,
+            "draft_acceptance": ((total.accepted - total.lookup_accepted) / (total.proposed - total.lookup_proposed)
+                                 if total.proposed > total.lookup_proposed else None)}
 
 
 class BenchRunner:
@@ -440,16 +447,11 @@ class BenchRunner:
                                   tokens_per_s=median_rate, new_tokens=tokens, wall_time_s=wall,
                                   repeats_tokens_per_s=rates)
             if method not in PLAIN and not method.startswith("hf_"):
-                for key, value in _sum_stats(outs).items():
+                total = SpecStats.merge(o.stats for o in outs)  # the counters of the median repeat's runs
+                for key, value in _stats_fields(total).items():
                     setattr(result, key, value)
-            if method == "speculative_lookup":  # how much of the proposing prompt lookup did, and how well
-                total = SpecStats.merge(o.stats for o in outs)
-                result.extra = {"lookup_share_of_proposed": total.lookup_proposed / max(total.proposed, 1),
-                                "lookup_acceptance": (total.lookup_accepted / total.lookup_proposed
-                                                      if total.lookup_proposed else None),
-                                "draft_acceptance": ((total.accepted - total.lookup_accepted)
-                                                     / (total.proposed - total.lookup_proposed)
-                                                     if total.proposed > total.lookup_proposed else None)}
+                if method == "speculative_lookup":
+                    result.extra = _lookup_fields(total)
             results.append(result)
             new_tokens.append([_new_tokens(o) for o in outs])
         self._record_exactness(results, new_tokens)

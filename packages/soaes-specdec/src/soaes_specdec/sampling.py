@@ -62,16 +62,37 @@ def top_p_limit(top_p: float) -> float:
     return float(torch.tensor(top_p - TOP_P_TOLERANCE, dtype=torch.float32))
 
 
+NUCLEUS_SEARCH_K = 256
+"""How many of the most probable tokens `apply_top_p` looks at before it falls back to a full sort: a language
+model's 0.7-0.95 nucleus almost always lies inside them, and a top-k of 256 costs ~0.2 ms per 49k-token row on a
+CPU where the full sort costs ~3.6 ms (more than a tenth of a 135M model's decoding step)."""
+
+
+def _nucleus_size(sorted_probs: torch.Tensor, limit: float) -> torch.Tensor:
+    """How many leading (descending) probabilities the nucleus keeps: those whose mass before them is < limit."""
+    # exclusive prefix sums in float64: exact enough that only the probabilities' own rounding remains
+    mass_before = torch.nn.functional.pad(torch.cumsum(sorted_probs.double(), dim=-1)[..., :-1], (1, 0))
+    return (mass_before < limit).sum(dim=-1, keepdim=True)
+
+
 def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask tokens whose strictly-more-probable mass reaches `top_p_limit(top_p)` (nucleus filtering, ties kept)."""
+    """Mask tokens whose strictly-more-probable mass reaches `top_p_limit(top_p)` (nucleus filtering, ties kept).
+
+    Exact in every case: the k largest probabilities (`torch.topk`, sorted) are the first k of the full sort and
+    their prefix sums are the same numbers, so whenever the nucleus closes inside them (the k-th token's mass
+    before it reaches the limit) the cut-off is the one a full sort gives; otherwise it sorts everything.
+    """
     if top_p >= 1.0:
         return logits
     probs = torch.softmax(logits, dim=-1)
-    sorted_probs = torch.sort(probs, dim=-1, descending=True).values
-    # exclusive prefix sums in float64: exact enough that only the probabilities' own rounding remains
-    mass_before = torch.nn.functional.pad(torch.cumsum(sorted_probs.double(), dim=-1)[..., :-1], (1, 0))
-    num_kept = (mass_before < top_p_limit(top_p)).sum(dim=-1, keepdim=True).clamp(min=1)
-    threshold = torch.gather(sorted_probs, -1, num_kept - 1)
+    limit = top_p_limit(top_p)
+    k = min(NUCLEUS_SEARCH_K, probs.shape[-1])
+    head = torch.topk(probs, k, dim=-1, sorted=True).values
+    num_kept = _nucleus_size(head, limit)
+    if k < probs.shape[-1] and bool((num_kept >= k).any()):  # some nucleus is wider than the k searched
+        head = torch.sort(probs, dim=-1, descending=True).values
+        num_kept = _nucleus_size(head, limit)
+    threshold = torch.gather(head, -1, num_kept.clamp(min=1) - 1)
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 

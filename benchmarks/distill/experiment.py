@@ -1,4 +1,5 @@
-"""`soaes-distill experiment`: which draft-training method gives the best speculative-decoding draft?
+"""The draft-training experiment (a benchmark, not library code): which draft-training method gives the best
+speculative-decoding draft?
 
 Target: the embedded SmolLM2-135M. Draft: its first 4 layers (+ norm + tied head). Data: prompts of the
 soaes-data sample pools (every 4th held out), article-summary prompts and Magpie queries; the target's
@@ -9,6 +10,11 @@ the SOAEs paper's Tables 3–4. Each draft gets the offline acceptance estimate 
 the main ones are also run through `soaes_specdec` (n = 3, greedy and top-p 0.7) for measured acceptance
 and speedup over plain autoregressive decoding of the target. This is a benchmark, not a test: it is
 small enough for a 2-core CPU and records exactly what it ran.
+
+It lived in the library as `soaes_distill.experiment` / `soaes-distill experiment` until the pipeline's
+`distill_draft` stage took over training the best draft; the measured numbers in docs/benchmarks.md came from it:
+    HF_HUB_OFFLINE=1 python benchmarks/distill/experiment.py --config benchmarks/distill/experiment_cpu.yaml \
+        --out runs/distill-exp
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 
 from soaes_core import (
@@ -37,18 +44,15 @@ from soaes_core import (
     seed_everything,
     write_jsonl,
 )
+from soaes_core.cli_options import KeysHelpCommand, build_config
+from soaes_core.clitools import setup_logging
 from soaes_data.samples import sample_path
-from soaes_specdec.decoding import SpecStats, SpeculativeDecoder, autoregressive_generate
-from soaes_specdec.draft import make_layer_draft
-from soaes_train.config import TrainConfig
-from soaes_train.trainer import build_training_arguments
-
-from .acceptance import AcceptanceAccumulator
-from .draft_init import freeze_embeddings, frequent_tokens, restrict_output_head, save_draft
-from .dump import DumpConfig, run_dump
-from .online import OnlineConfig, online_distill
-from .store import TeacherLogitStore
-from .synth import (
+from soaes_distill.acceptance import AcceptanceAccumulator
+from soaes_distill.draft_init import freeze_embeddings, frequent_tokens, restrict_output_head, save_draft
+from soaes_distill.dump import DumpConfig, run_dump
+from soaes_distill.online import OnlineConfig, online_distill
+from soaes_distill.store import TeacherLogitStore
+from soaes_distill.synth import (
     MagpieResult,
     QueryFilter,
     blackbox_sft_records,
@@ -56,8 +60,12 @@ from .synth import (
     end_of_turn_ids,
     magpie_generate,
 )
-from .token_data import TokenExample, write_token_jsonl
-from .trainer import KDCollator, KDConfig, KDDataset, KDTrainer
+from soaes_distill.token_data import TokenExample, write_token_jsonl
+from soaes_distill.trainer import KDCollator, KDConfig, KDDataset, KDTrainer
+from soaes_specdec.decoding import SpecStats, SpeculativeDecoder, autoregressive_generate
+from soaes_specdec.draft import make_layer_draft
+from soaes_train.config import TrainConfig
+from soaes_train.trainer import build_training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -350,3 +358,25 @@ def render_markdown(rows: list[dict[str, Any]], baseline: dict[str, Any], settin
     lines.append("Settings: " + json.dumps({k: v for k, v in settings.items() if k not in ("platform",)},
                                             ensure_ascii=False))
     return "\n".join(lines) + "\n"
+
+
+@click.command(cls=KeysHelpCommand, set_keys=lambda: [("Experiment keys (--set KEY=VALUE)", ExperimentConfig, "", ())],
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", "out_dir", default="runs/distill-experiment", show_default=True)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML ExperimentConfig (sizes of the run)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a field, e.g. --set steps=40 --set grid=false (keys below)")
+@click.option("--quick", is_flag=True, help="tiny smoke run (few prompts, few steps)")
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug logging")
+def main(out_dir: str, config_path: str | None, sets: tuple[str, ...], quick: bool, verbose: int) -> None:
+    """The draft-training experiment (benchmark): acceptance and speedup of each method."""
+    setup_logging(verbose)
+    cfg = build_config(ExperimentConfig, config_path, {"output_dir": out_dir}, sets)
+    if quick:
+        cfg = cfg.quick()
+    click.echo(run_experiment(cfg).markdown)
+
+
+if __name__ == "__main__":
+    main()
