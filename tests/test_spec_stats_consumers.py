@@ -49,12 +49,14 @@ def test_eval_totals(runs: tuple[Any, Any, list[list[int]], list[SpecStats]]) ->
 def test_experiment_speed(runs: tuple[Any, Any, list[list[int]], list[SpecStats]],
                           monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
+    import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "distill" / "experiment.py"
     spec = importlib.util.spec_from_file_location("soaes_distill_experiment_script", script)
     assert spec is not None and spec.loader is not None
     experiment = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, experiment)  # its dataclasses look their module up there
     spec.loader.exec_module(experiment)
 
     target, draft, prompts, _ = runs
