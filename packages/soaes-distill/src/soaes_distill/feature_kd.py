@@ -35,7 +35,7 @@ from soaes_core.atomic import temp_path
 from soaes_core.errors import ConfigError, DataError, InvalidArgumentError, ModelLoadError
 from soaes_specdec.draft import RestrictedLMHead, restrict_output_head
 from soaes_specdec.feature_draft import FeatureDraft
-from soaes_specdec.sampling import SamplingParams, top_p_limit, warp_probs
+from soaes_specdec.sampling import SamplingParams, nucleus_size, top_p_limit, warp_probs
 
 from .acceptance import acceptance_probabilities, block_walk
 from .draft_init import frequent_tokens
@@ -371,9 +371,8 @@ def sampled_acceptance(target_logits: torch.Tensor, draft_logits: torch.Tensor, 
     k = min(k, target_logits.shape[-1])
     probs = torch.softmax(target_logits.float() / temperature, -1)
     vals, idx = torch.topk(probs, k, dim=-1)
-    mass_before = F.pad(torch.cumsum(vals.double(), -1)[..., :-1], (1, 0))
     limit = top_p_limit(top_p) if top_p < 1.0 else math.inf
-    kept = (mass_before < limit).sum(-1, keepdim=True).clamp(min=1)
+    kept = nucleus_size(vals, limit).clamp(min=1)
     threshold = vals.gather(-1, kept - 1)
     inside = (kept < k).all() and bool((vals[..., -1:] < threshold).all())
     if not inside or head_ids is None:

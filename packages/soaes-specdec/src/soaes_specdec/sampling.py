@@ -68,8 +68,10 @@ model's 0.7-0.95 nucleus almost always lies inside them, and a top-k of 256 cost
 CPU where the full sort costs ~3.6 ms (more than a tenth of a 135M model's decoding step)."""
 
 
-def _nucleus_size(sorted_probs: torch.Tensor, limit: float) -> torch.Tensor:
-    """How many leading (descending) probabilities the nucleus keeps: those whose mass before them is < limit."""
+def nucleus_size(sorted_probs: torch.Tensor, limit: float) -> torch.Tensor:
+    """How many leading (descending) probabilities the nucleus keeps: those whose mass before them is < `limit`
+    (`top_p_limit(top_p)`), [..., 1]; 0 only when limit <= 0. Valid on any sorted prefix (e.g. a top-k) as long as
+    the count stays below the prefix's length."""
     # exclusive prefix sums in float64: exact enough that only the probabilities' own rounding remains
     mass_before = torch.nn.functional.pad(torch.cumsum(sorted_probs.double(), dim=-1)[..., :-1], (1, 0))
     return (mass_before < limit).sum(dim=-1, keepdim=True)
@@ -88,10 +90,10 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     limit = top_p_limit(top_p)
     k = min(NUCLEUS_SEARCH_K, probs.shape[-1])
     head = torch.topk(probs, k, dim=-1, sorted=True).values
-    num_kept = _nucleus_size(head, limit)
+    num_kept = nucleus_size(head, limit)
     if k < probs.shape[-1] and bool((num_kept >= k).any()):  # some nucleus is wider than the k searched
         head = torch.sort(probs, dim=-1, descending=True).values
-        num_kept = _nucleus_size(head, limit)
+        num_kept = nucleus_size(head, limit)
     threshold = torch.gather(head, -1, num_kept.clamp(min=1) - 1)
     return logits.masked_fill(probs < threshold, float("-inf"))
 
