@@ -93,6 +93,32 @@ def test_tiny_benchmark_writes_reports(tiny_qwen2_dir: Path, tmp_path: Path) -> 
     assert "| speculative | 2 |" in (tmp_path / "bench.md").read_text()
 
 
+def test_bench_prepacks_extends_mixes_and_samples_several_seeds(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    """prepack (auto: on for fp32 CPU with MKL), lookup_extend / lookup_mix reach the decoder, and sampling_seeds
+    decodes every prompt once per seed in the sampling mode (greedy once)."""
+    from soaes_specdec.runner import prepack_available
+
+    target = load_model(tiny_qwen2_dir, dtype=torch.float32)
+    models: tuple[Any, Any, Any] = (target, make_layer_draft(target, 1), load_tokenizer(tiny_qwen2_dir))
+    config = BenchConfig(target=str(tiny_qwen2_dir), max_new_tokens=6, max_prompts=2, warmup=0, repeats=1,
+                         num_speculative_tokens=[1], methods=["plain", "speculative_lookup"], lookup_tokens=3,
+                         lookup_extend=True, lookup_mix=0.5, sampling_seeds=3)
+    report = run_benchmark(config, tmp_path, models=models)
+    packs = [2, 4] if prepack_available(torch.device("cpu"), torch.float32) else []
+    assert report["prepacked_rows"] == packs and (report["prepacked_bytes"] > 0) == bool(packs)
+    tokens = {(r["mode"], r["method"]): r["new_tokens"] for r in report["results"]}
+    assert tokens[("top_p", "plain")] == 3 * tokens[("greedy", "plain")] == 3 * 2 * 6
+    row = next(r for r in report["results"] if r["method"] == "speculative_lookup" and r["mode"] == "greedy")
+    assert row["exact_match"] is True
+    off = run_benchmark(BenchConfig(**{**config.__dict__, "prepack": False, "modes": ["greedy"]}), tmp_path / "off",
+                        models=models)
+    assert off["prepacked_rows"] == [] and off["prepacked_bytes"] == 0
+    with pytest.raises(ValueError, match=r"lookup_tokens \(3\) must exceed"):
+        BenchConfig(methods=["speculative_lookup"], lookup_tokens=3, num_speculative_tokens=[3], lookup_extend=True)
+    with pytest.raises(ValueError, match="sampling_seeds"):
+        BenchConfig(sampling_seeds=0)
+
+
 def test_reference_dtype_adds_an_interleaved_plain_baseline(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
     target = load_model(tiny_qwen2_dir, dtype=torch.bfloat16)
     models: tuple[Any, Any, Any] = (target, make_layer_draft(target, 1), load_tokenizer(tiny_qwen2_dir))

@@ -10,6 +10,7 @@ import torch
 from soaes_core.errors import InvalidArgumentError
 from soaes_specdec.decoding import PromptLookupDecoder, SpeculativeDecoder, autoregressive_generate
 from soaes_specdec.draft import make_layer_draft
+from soaes_specdec.runner import prepack_available
 
 NEW = 24
 
@@ -217,3 +218,7 @@ def test_embedded_greedy_equals_plain_on_held_out_domain_prompts(embedded_model_
             assert out.new_tokens() == ref, (n, embedded_tokenizer.decode(p))
     out = SpeculativeDecoder(target, draft, 3, batch_invariant=invariant).generate(batch, new)
     assert [out.new_tokens(i) for i in range(len(batch))] == reference and out.stats.accepted > 0
+    if not invariant and prepack_available(target.device, target.dtype):  # the fastest float32 configuration
+        fast = SpeculativeDecoder(target, draft, 1, lookup_tokens=5, lookup_extend=True, prepack=True)
+        for p, ref in zip(batch, reference, strict=True):
+            assert fast.generate(p, new).new_tokens() == ref, embedded_tokenizer.decode(p)

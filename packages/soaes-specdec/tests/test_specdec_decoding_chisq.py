@@ -156,10 +156,11 @@ def test_known_bad_sampler_fails_with_a_feature_draft(pair: tuple[Any, Any], fea
     assert chi_square_p(samples, exact_joint(pair[0], params)) < 1e-3
 
 
-def sample_with_lookup(target: Any, draft: Any, params: SamplingParams, seed: int) -> tuple[torch.Tensor, Any]:
+def sample_with_lookup(target: Any, draft: Any, params: SamplingParams, seed: int, n: int = 2, lookup: int = 2,
+                       **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """Drafts of 2, prompt lookup on 1-gram matches: with 16 tokens, rows mix lookup and draft blocks."""
     g = torch.Generator().manual_seed(seed)
-    out = SpeculativeDecoder(target, draft, 2, lookup_tokens=2, lookup_min_ngram=1).generate(
+    out = SpeculativeDecoder(target, draft, n, lookup_tokens=lookup, lookup_min_ngram=1, **kwargs).generate(
         PROMPT.expand(SAMPLES, -1), NEW, do_sample=True, temperature=params.temperature, top_p=params.top_p,
         generator=g)
     return out.sequences[:, PROMPT.numel():], out.stats
@@ -182,3 +183,53 @@ def test_lookup_with_a_wrong_q_fails_the_same_test(pair: tuple[Any, Any], monkey
     params = SamplingParams(True, 1.0, 1.0)
     samples, _ = sample_with_lookup(*pair, params, seed=13)
     assert chi_square_p(samples, exact_joint(pair[0], params)) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["layer", "feature"])
+@pytest.mark.parametrize(("top_p", "mix"), [(1.0, 0.5), (0.7, 0.5), (0.7, 0.8)])
+def test_sampling_with_lookup_mixed_into_the_draft_matches_target_distribution(
+        pair: tuple[Any, Any], feature_draft: FeatureDraft, kind: str, top_p: float, mix: float) -> None:
+    """`lookup_mix`: the first proposal drawn from m * onehot(lookup) + (1 - m) * q_draft, then the lookup's or the
+    draft's continuation; rows with and without a lookup match share the batch."""
+    target, draft = pair
+    params = SamplingParams(True, 1.0, top_p)
+    samples, stats = sample_with_lookup(target, draft if kind == "layer" else feature_draft, params, seed=17,
+                                        lookup_mix=mix)
+    assert 0.1 * stats.proposed < stats.lookup_proposed < 0.9 * stats.proposed
+    assert chi_square_p(samples, exact_joint(target, params)) > 1e-3
+
+
+def test_lookup_mix_verified_against_the_drafts_q_alone_fails(pair: tuple[Any, Any],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verifying the mixture's first proposal against the draft's q instead of the mixture biases the output."""
+    original = SpeculativeDecoder._mix_lookup_and_draft
+
+    def wrong_q(self: Any, found: Any, counts: Any, use: Any, propose: Any, generator: Any) -> Any:
+        captured: dict[str, Any] = {}
+
+        def spy() -> Any:
+            captured["out"] = propose()
+            return captured["out"]
+
+        merged, q, num_draft, take = original(self, found, counts, use, spy, generator)
+        q[:, 0] = captured["out"][1][:, 0]
+        return merged, q, num_draft, take
+
+    monkeypatch.setattr(SpeculativeDecoder, "_mix_lookup_and_draft", wrong_q)
+    params = SamplingParams(True, 1.0, 1.0)
+    samples, _ = sample_with_lookup(*pair, params, seed=17, lookup_mix=0.5)
+    assert chi_square_p(samples, exact_joint(pair[0], params)) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["layer", "feature"])
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_sampling_with_lookup_extending_the_draft_matches_target_distribution(
+        pair: tuple[Any, Any], feature_draft: FeatureDraft, kind: str, top_p: float) -> None:
+    """`lookup_extend`: lookup tokens (one-hot q) after the draft's token, wherever text + draft repeats an n-gram."""
+    target, draft = pair
+    params = SamplingParams(True, 1.0, top_p)
+    samples, stats = sample_with_lookup(target, draft if kind == "layer" else feature_draft, params, seed=19, n=1,
+                                        lookup=3, lookup_extend=True)
+    assert stats.acceptance_by_position[1] > 0  # extensions were proposed and accepted
+    assert chi_square_p(samples, exact_joint(target, params)) > 1e-3
+

@@ -52,6 +52,29 @@ def test_lookup_greedy_equals_plain(target: Any, qwen2_factory: Any, kind: str, 
     assert plain.lookup_proposed == 0 and plain.lookup_accepted == 0
 
 
+@pytest.mark.parametrize("kind", ["layer", "feature"])
+@pytest.mark.parametrize(("n", "lookup"), [(1, 4), (2, 3)])
+def test_lookup_extending_the_draft_greedy_equals_plain(target: Any, qwen2_factory: Any, kind: str, n: int,
+                                                        lookup: int) -> None:
+    """`lookup_extend`: draft tokens followed by lookup tokens where text + drafts repeats an n-gram (1-grams here,
+    so extensions are frequent); the layer draft's cache catches up on accepted extension tokens it never saw."""
+    draft = feature_draft(target, 0.02) if kind == "feature" else qwen2_factory(4, layers=1)
+    batch = mixed_prompts()
+    reference = [autoregressive_generate(target, p, NEW).new_tokens() for p in batch]
+    decoder = SpeculativeDecoder(target, draft, n, lookup_tokens=lookup, lookup_min_ngram=1, lookup_extend=True)
+    for i, p in enumerate(batch):
+        assert decoder.generate(p, NEW).new_tokens() == reference[i]
+    out = decoder.generate(batch, NEW)
+    assert [out.new_tokens(i) for i in range(3)] == reference
+    plain = SpeculativeDecoder(target, draft, n, lookup_tokens=lookup, lookup_min_ngram=1).generate(batch, NEW)
+    assert out.stats.proposed > plain.stats.proposed  # the extensions proposed more tokens
+    # under sampling the extension and the mixture both apply (exactness: test_specdec_decoding_chisq.py)
+    sampled = SpeculativeDecoder(target, draft, n, lookup_tokens=lookup, lookup_min_ngram=1, lookup_extend=True,
+                                 lookup_mix=0.5).generate(batch, NEW, do_sample=True, top_p=0.7,
+                                                          generator=torch.Generator().manual_seed(0))
+    assert all(len(sampled.new_tokens(i)) == NEW for i in range(3))
+
+
 def test_lookup_blocks_leave_the_layer_drafts_cache_right(target: Any, qwen2_factory: Any,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """After blocks proposed by lookup (whose verified tokens the draft never proposed), every draft proposal still
@@ -100,7 +123,11 @@ def test_lookup_refuses_bad_arguments_in_one_line(target: Any, qwen2_factory: An
     for kwargs, words in (({"lookup_tokens": -1}, "lookup_tokens must be an int >= 0"),
                           ({"lookup_tokens": 2, "lookup_min_ngram": 4, "lookup_max_ngram": 3},
                            "lookup_min_ngram <= lookup_max_ngram"),
-                          ({"lookup_tokens": 2, "lookup_min_ngram": 0}, "lookup_min_ngram")):
+                          ({"lookup_tokens": 2, "lookup_min_ngram": 0}, "lookup_min_ngram"),
+                          ({"lookup_tokens": 2, "lookup_extend": True}, "lookup_tokens must exceed"),
+                          ({"lookup_tokens": 3, "lookup_extend": 1}, "lookup_extend must be True or False"),
+                          ({"lookup_tokens": 3, "lookup_mix": 1.0}, "lookup_mix must be a number in [0, 1)"),
+                          ({"lookup_mix": 0.5}, "it needs lookup_tokens > 0")):
         with pytest.raises(InvalidArgumentError) as err:
             SpeculativeDecoder(target, draft, 2, **kwargs)
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)

@@ -35,7 +35,14 @@ from soaes_core.models import resolve_dtype
 from soaes_core.progress import progress
 from soaes_core.prompts import encode_chat_prompt, read_prompt_records
 
-from .decoding import PromptLookupDecoder, SpecDecodeOutput, SpecStats, SpeculativeDecoder, autoregressive_generate
+from .decoding import (
+    PromptLookupDecoder,
+    SpecDecodeOutput,
+    SpecStats,
+    SpeculativeDecoder,
+    autoregressive_generate,
+    prepack_rows,
+)
 from .draft import check_draft_tokenizer, load_any_draft, make_layer_draft
 from .feature_draft import FeatureDraft
 from .feature_runner import FeatureDraftRunner
@@ -77,11 +84,20 @@ class BenchConfig:
         "help": "speculative_lookup: tokens proposed from a prompt-lookup match (the draft proposes n)."})
     lookup_min_ngram: int = field(default=2, metadata={
         "help": "speculative_lookup: shortest suffix n-gram that counts as a match (shorter ones use the draft)."})
+    lookup_extend: bool = field(default=False, metadata={
+        "help": "speculative_lookup: after the draft's n tokens, also propose what followed an earlier occurrence "
+                "of the text's last n-gram (up to lookup_tokens in all)."})
+    lookup_mix: float = field(default=0.0, metadata={
+        "help": "speculative_lookup, sampling: draw a lookup row's first proposal from this mixture of the lookup's "
+                "token and the draft's distribution (0 = the lookup's token)."})
     draft_confidence: float = field(default=0.0, metadata={
         "help": "Dynamic draft length: end a block when the draft's top probability is below this; 0 = off."})
     warmup: int = field(default=1, metadata={"help": "Warm-up passes (first prompt only) before the timed repeats."})
     repeats: int = field(default=3, metadata={"help": "Timed passes; the median is reported."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling mode."})
+    sampling_seeds: int = field(default=1, metadata={
+        "help": "Sampling mode: decode every prompt under this many seeds (seed, seed + 1, ...) per timed pass; "
+                "sampled continuations differ per seed, so more seeds average out their spread in acceptance."})
     dtype: str = field(default="float32", metadata={"help": "Target and draft dtype: float32, bfloat16, float16."})
     # plain decoding of the target in this dtype, interleaved with the rest, so that a speedup in `dtype` can be
     # read against the fastest baseline (e.g. bfloat16 runs against float32 plain decoding)
@@ -89,6 +105,9 @@ class BenchConfig:
         "help": "Also time plain decoding of the target in this dtype (e.g. float32), for a speedup against the "
                 "fastest baseline."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; unset = torch's choice."})
+    prepack: bool | None = field(default=None, metadata={
+        "help": "Pack the target's weights for each verify's row count (MKL, fp32 CPU): cheaper multi-row "
+                "verification at one weight copy per row count; unset = on where supported."})
     batch_invariant: bool = field(default=False, metadata={
         "help": "Verify token by token through plain decoding's one-row calls: greedy output bit-identical to plain "
                 "decoding in every dtype, but a verify costs n+1 steps (no speed-up)."})
@@ -112,6 +131,15 @@ class BenchConfig:
         if self.lookup_tokens < 1 or not 1 <= self.lookup_min_ngram <= self.max_ngram:
             raise ValueError(f"need lookup_tokens >= 1 and 1 <= lookup_min_ngram <= max_ngram, got {self.lookup_tokens}"
                              f", {self.lookup_min_ngram} and {self.max_ngram}")
+        if self.sampling_seeds < 1:
+            raise ValueError(f"sampling_seeds must be >= 1, got {self.sampling_seeds}")
+        if not 0.0 <= self.lookup_mix < 1.0:
+            raise ValueError(f"lookup_mix must be in [0, 1), got {self.lookup_mix}")
+        if self.lookup_extend and "speculative_lookup" in self.methods and \
+                max(self.num_speculative_tokens) >= self.lookup_tokens:
+            raise ValueError(f"lookup_extend appends lookup tokens after the draft's n, up to lookup_tokens in all: "
+                             f"lookup_tokens ({self.lookup_tokens}) must exceed every num_speculative_tokens "
+                             f"({self.num_speculative_tokens})")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1 (or null for all prompts), got {self.max_prompts}")
         if self.threads is not None and self.threads < 1:
@@ -348,21 +376,29 @@ class BenchRunner:
             def gen(p: torch.Tensor, **kw: Any) -> SpecDecodeOutput:
                 return autoregressive_generate(runner, p, **kw)
         elif method == "prompt_lookup":
-            gen = PromptLookupDecoder(self.target_runner, n, cfg.max_ngram,
-                                      batch_invariant=cfg.batch_invariant).generate
+            gen = PromptLookupDecoder(self.target_runner, n, cfg.max_ngram, batch_invariant=cfg.batch_invariant,
+                                      prepack=self.prepack).generate
         else:
             lookup = {"lookup_tokens": cfg.lookup_tokens, "lookup_max_ngram": cfg.max_ngram,
-                      "lookup_min_ngram": cfg.lookup_min_ngram} if method == "speculative_lookup" else {}
+                      "lookup_min_ngram": cfg.lookup_min_ngram, "lookup_extend": cfg.lookup_extend,
+                      "lookup_mix": cfg.lookup_mix} if method == "speculative_lookup" else {}
             gen = SpeculativeDecoder(self.target_runner, self.draft_runner, n, draft_confidence=cfg.draft_confidence,
-                                     batch_invariant=cfg.batch_invariant, **lookup).generate
+                                     batch_invariant=cfg.batch_invariant, prepack=self.prepack, **lookup).generate
         sampling = self._sampling(mode)
 
         def run_all(warmup: bool = False) -> tuple[int, Any]:
-            g = torch.Generator().manual_seed(cfg.seed)
-            outs = [gen(p, max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos, generator=g, **sampling)
-                    for p in self._prompts(warmup)]
+            outs = []
+            for seed in self._seeds(mode, warmup):
+                g = torch.Generator().manual_seed(seed)
+                outs += [gen(p, max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos, generator=g, **sampling)
+                         for p in self._prompts(warmup)]
             return sum(o.stats.new_tokens for o in outs), outs
         return run_all
+
+    def _seeds(self, mode: str, warmup: bool) -> list[int]:
+        """The seeds one pass decodes every prompt under: `sampling_seeds` of them when sampling, else one."""
+        count = 1 if (mode == "greedy" or warmup) else self.config.sampling_seeds
+        return [self.config.seed + i for i in range(count)]
 
     def _hf(self, method: str, mode: str, n: int) -> Callable[[], tuple[int, Any]]:
         cfg = self.config
@@ -382,13 +418,14 @@ class BenchRunner:
 
         @torch.inference_mode()
         def run_all(warmup: bool = False) -> tuple[int, Any]:
-            torch.manual_seed(cfg.seed)
             total, new = 0, []
-            for p in self._prompts(warmup):
-                ids = p.unsqueeze(0).to(self.target.device)
-                out = self.target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-                total += out.shape[1] - ids.shape[1]
-                new.append(out[0, ids.shape[1]:].tolist())
+            for seed in self._seeds(mode, warmup):
+                torch.manual_seed(seed)
+                for p in self._prompts(warmup):
+                    ids = p.unsqueeze(0).to(self.target.device)
+                    out = self.target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+                    total += out.shape[1] - ids.shape[1]
+                    new.append(out[0, ids.shape[1]:].tolist())
             return total, new
         return run_all
 
@@ -405,6 +442,23 @@ class BenchRunner:
         if not hasattr(self, "_reference_runner"):
             self._reference_runner = CachedCausalLM(self.reference)
         return self._reference_runner
+
+    @property
+    def prepack(self) -> bool:
+        """Whether the decoders prepack the target (`prepack` unset: where the target runner supports it)."""
+        if self.config.prepack is None:
+            return self.target_runner.supports_prepack and not self.config.batch_invariant
+        return self.config.prepack
+
+    def prepack_all(self) -> list[int]:
+        """Pack the target for every verify the jobs run (batch 1), before costs are measured; returns the rows."""
+        if not self.prepack:
+            return []
+        cfg = self.config
+        widths = list(cfg.num_speculative_tokens)
+        if "speculative_lookup" in cfg.methods:
+            widths.append(cfg.lookup_tokens)
+        return self.target_runner.prepack(prepack_rows(1, widths))
 
     @property
     def draft_kind(self) -> str:
@@ -514,6 +568,7 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
     bandwidth = measure_bandwidth(megabytes=256 if device.type == "cpu" else 4096, device=device)
     target_bytes = runner.target_runner.num_parameter_bytes()
     context = int(statistics.median(p.numel() for p in prompts)) + config.max_new_tokens // 2
+    packed_rows = runner.prepack_all()
     verifier = runner.target_runner.with_batch_invariance() if config.batch_invariant else runner.target_runner
     costs = {n: measure_costs(verifier, runner.draft_runner, n, context)  # c_v of the verify the decoders run
              for n in config.num_speculative_tokens}
@@ -557,6 +612,10 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
                     "device": str(runner.target_runner.device), "matvec_bandwidth_gb_s": bandwidth,
                     "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "target_weight_bytes": target_bytes,
+        "prepacked_rows": packed_rows,
+        "prepacked_bytes": runner.target_runner.prepacked_bytes(),
+        "padded_rows": {str(r): runner.target_runner.pass_rows(r) for r in range(2, max(packed_rows, default=0))
+                        if runner.target_runner.pass_rows(r) != r},
         "draft_kind": runner.draft_kind,
         "draft_weight_bytes": runner.draft_runner.num_parameter_bytes(),
         "num_prompts": len(prompts),

@@ -23,7 +23,7 @@ from soaes_core.errors import InvalidArgumentError
 from . import sampling, verify
 from .feature_draft import FeatureDraft
 from .feature_runner import FeatureDraftRunner
-from .lookup import propose_ngram_continuations
+from .lookup import find_ngram_continuation, propose_ngram_continuations
 from .runner import CachedCausalLM
 from .sampling import SamplingParams
 
@@ -266,6 +266,18 @@ def _as_runner(model: Any, batch_invariant: bool = False) -> CachedCausalLM:
     return runner.with_batch_invariance() if batch_invariant else runner
 
 
+def _check_prepack(runner: CachedCausalLM, prepack: bool) -> bool:
+    """`prepack` as a bool, refused in one line where the runner cannot pack (runner.prepack_available)."""
+    if not isinstance(prepack, bool):
+        raise InvalidArgumentError(f"prepack must be True or False, got {prepack!r}")
+    if prepack and not runner.supports_prepack:
+        raise InvalidArgumentError(
+            f"prepack needs a float32 target on a CPU with MKL's packed GEMM and batch_invariant off; this target is "
+            f"{runner.dtype} on {runner.device.type}{' (batch-invariant)' if runner.batch_invariant else ''}: "
+            "pass prepack=False")
+    return prepack
+
+
 def _pad_id(runner: CachedCausalLM, eos: list[int]) -> int:
     pad = getattr(runner.config, "pad_token_id", None)
     if pad is None:
@@ -343,22 +355,44 @@ def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_
 # ----------------------------------------------------------------------------------------- speculative step
 
 
+def padded_block_width(target: CachedCausalLM, batch: int, width: int, max_width: int) -> int:
+    """The draft width a verify of `width` drafts per row runs at: `width`, or a wider one (at most `max_width`)
+    whose batch x (width + 1) rows have prepacked weights that were measured faster than the unpadded pass
+    (`CachedCausalLM.pass_rows`). Padding rows are computed and discarded."""
+    if width < 1:
+        return width
+    rows = target.pass_rows(batch * (width + 1))
+    padded = rows // batch - 1
+    return padded if rows % batch == 0 and width < padded <= max_width else width
+
+
+def prepack_rows(batch: int, widths: Iterable[int]) -> list[int]:
+    """The row counts a verify of each block width in `widths` uses for `batch` rows: batch x (width + 1)."""
+    return sorted({batch * (w + 1) for w in widths if w > 0})
+
+
 def _verify_and_append(target: CachedCausalLM, rows: _Rows, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
                        num_draft: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                        stats: SpecStats, use_kernel: bool | None, return_hidden: bool = False,
-                       from_lookup: torch.Tensor | None = None) -> torch.Tensor | None:
+                       from_lookup: torch.Tensor | None = None, max_width: int = 0) -> torch.Tensor | None:
     """One target call over [pending token, drafts...]; accept, append, roll the target cache back. With
     `return_hidden`, returns the target's post-norm hidden states of the block's rows [B, n+1, H] (else None).
-    `from_lookup` [B] marks rows whose drafts came from prompt lookup (counted apart in `stats`)."""
+    `from_lookup` [B] marks rows whose drafts came from prompt lookup (counted apart in `stats`). When the target
+    has prepacked weights, the block may be padded up to `max_width` drafts to reach a packed row count."""
     width = drafts.shape[1]
     old_lengths = rows.lengths.clone()
     active = rows.active.clone()
     block = torch.cat([rows.last_tokens().unsqueeze(1), drafts], dim=1)
+    padded = padded_block_width(target, rows.batch, width, max_width)
+    if padded > width:  # a prepacked row count: the pass is cheaper with the padding than without its pack
+        block = _pad_columns(block, padded + 1)
     hidden = None
     if return_hidden:
         logits, hidden = target.forward(block, old_lengths - 1, return_hidden=True)
+        hidden = hidden[:, :width + 1]
     else:
         logits = target.forward(block, old_lengths - 1)
+    logits = logits[:, :width + 1]  # padding rows are never verified (nor warped)
     stats.target_calls += 1
     num_accepted, next_token = verify.verify_block(logits, drafts, draft_probs, num_draft, params, generator,
                                                    use_kernel=use_kernel)
@@ -391,6 +425,10 @@ class SpeculativeDecoder:
     answers that quote their question or passage gain most. Exactness is unchanged (a lookup proposal is a
     one-hot q).
 
+    `prepack=True` (fp32 on a CPU with MKL) packs the target's weights for the verify's row counts, batch x (n + 1)
+    and batch x (lookup_tokens + 1), on the first `generate`, and pads shorter lookup blocks up to a packed count:
+    cheaper verification at one weight copy per row count (runner.py). Refused in one line where it cannot work.
+
     `draft` is a layer draft (a causal LM sharing the target's vocabulary, or its `CachedCausalLM`) or a
     feature-conditioned `FeatureDraft` (or its `FeatureDraftRunner`): the target's prefill and verify passes then
     also return their post-norm hidden states, the draft proposes from (feature, token) pairs, and after each
@@ -400,8 +438,10 @@ class SpeculativeDecoder:
 
     def __init__(self, target: Any, draft: Any, num_speculative_tokens: int = 3, draft_confidence: float = 0.0,
                  use_kernel: bool | None = None, batch_invariant: bool = False, lookup_tokens: int = 0,
-                 lookup_max_ngram: int = 3, lookup_min_ngram: int = 2) -> None:
+                 lookup_max_ngram: int = 3, lookup_min_ngram: int = 2, lookup_extend: bool = False,
+                 lookup_mix: float = 0.0, prepack: bool = False) -> None:
         self.target = _as_runner(target, batch_invariant)
+        self.prepack = _check_prepack(self.target, prepack)
         self.feature: FeatureDraftRunner | None = None
         if isinstance(draft, (FeatureDraft, FeatureDraftRunner)):
             self.feature = draft if isinstance(draft, FeatureDraftRunner) else FeatureDraftRunner(draft)
@@ -435,6 +475,19 @@ class SpeculativeDecoder:
                                        f"and {lookup_max_ngram!r}")
         self.lookup_tokens = int(lookup_tokens)
         self.lookup_max_ngram, self.lookup_min_ngram = lookup_max_ngram, lookup_min_ngram
+        if not isinstance(lookup_extend, bool):
+            raise InvalidArgumentError(f"lookup_extend must be True or False, got {lookup_extend!r}")
+        if lookup_extend and self.lookup_tokens <= self.num_speculative_tokens:
+            raise InvalidArgumentError(
+                f"lookup_extend appends lookup tokens after the draft's {self.num_speculative_tokens}, up to "
+                f"lookup_tokens in all: lookup_tokens must exceed num_speculative_tokens, got {self.lookup_tokens}")
+        self.lookup_extend = lookup_extend
+        if not (isinstance(lookup_mix, (int, float)) and not isinstance(lookup_mix, bool) and 0.0 <= lookup_mix < 1.0):
+            raise InvalidArgumentError(f"lookup_mix must be a number in [0, 1), got {lookup_mix!r}")
+        if lookup_mix > 0 and not self.lookup_tokens:
+            raise InvalidArgumentError("lookup_mix mixes prompt lookup's proposal with the draft's: it needs "
+                                       "lookup_tokens > 0")
+        self.lookup_mix = float(lookup_mix)
 
     def _block_width(self) -> int:
         """The most tokens one block proposes (draft or lookup)."""
@@ -442,6 +495,7 @@ class SpeculativeDecoder:
 
     def _draft_or_lookup(self, rows: _Rows, params: SamplingParams,
                          propose: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+                         generator: torch.Generator | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """One block's proposals (drafts [B, w], q [B, w, V] when sampling, num_draft [B], from_lookup [B] or None):
         prompt-lookup continuations where a row has one (see the class docstring), `propose()` for the others."""
@@ -452,10 +506,14 @@ class SpeculativeDecoder:
                                                     self.lookup_max_ngram, self.lookup_min_ngram)
         use = counts > 0
         vocab = self.target.vocab_size
+        if params.do_sample and self.lookup_mix > 0 and bool(use[rows.active].any()):
+            return self._mix_lookup_and_draft(found, counts, use, propose, generator)
         if bool(use[rows.active].all()):  # every live row has a continuation: no draft call this block
             return found, (_one_hot(found, vocab) if params.do_sample else None), counts, use
         drafts, probs = propose()
         num_draft = torch.full_like(rows.lengths, drafts.shape[1])
+        if self.lookup_extend:
+            drafts, probs, num_draft = self._extend_with_lookup(rows, drafts, probs, rows.active & ~use, vocab)
         if not bool(use.any()):
             return drafts, probs, num_draft, use
         width = max(drafts.shape[1], found.shape[1])
@@ -464,6 +522,64 @@ class SpeculativeDecoder:
         if probs is not None:
             probs = torch.where(use[:, None, None], _one_hot(found, vocab), _pad_columns(probs, width))
         return merged, probs, torch.where(use, counts, num_draft), use
+
+    def _mix_lookup_and_draft(self, found: torch.Tensor, counts: torch.Tensor, use: torch.Tensor,
+                              propose: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+                              generator: torch.Generator | None,
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`lookup_mix` (sampling): a row with a lookup continuation draws its first proposal from the mixture
+        q' = m * onehot(lookup's first token) + (1 - m) * q_draft (a coin picks the lookup's token or the draft's
+        sample), verified against q'. If the proposal is the lookup's token the block goes on with the lookup's
+        tokens (one-hot q), else with the draft's. Each position's q is the distribution its token was drawn from
+        given the tokens before it, so rejection sampling stays exact; where lookup and draft disagree the mixture
+        can be accepted where either alone would be rejected."""
+        drafts, probs = propose()
+        assert probs is not None
+        m, vocab = drafts.shape[1], probs.shape[-1]
+        lam = self.lookup_mix
+        gen_device = generator.device if generator is not None else drafts.device
+        coin = torch.rand(drafts.shape[0], dtype=torch.float64, device=gen_device, generator=generator)
+        coin = coin.to(drafts.device) < lam
+        take = use & (coin | (drafts[:, 0] == found[:, 0]))  # the first proposal is the lookup's token
+        width = max(m, found.shape[1])
+        found, drafts, probs = _pad_columns(found, width), _pad_columns(drafts, width), _pad_columns(probs, width)
+        one_hot = _one_hot(found, vocab)
+        merged = torch.where(take[:, None], found, drafts)
+        q = torch.where(take[:, None, None], one_hot, probs)
+        q[:, 0] = torch.where(use[:, None], lam * one_hot[:, 0] + (1.0 - lam) * probs[:, 0], q[:, 0])
+        num_draft = torch.where(take, counts, torch.full_like(counts, m))
+        return merged, q, num_draft, take
+
+    def _extend_with_lookup(self, rows: _Rows, drafts: torch.Tensor, probs: torch.Tensor | None,
+                            rows_to_extend: torch.Tensor, vocab: int,
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """`lookup_extend`: after the draft's m tokens, a row whose text + drafts ends in an n-gram seen earlier
+        proposes what followed it too (up to lookup_tokens - m tokens, one-hot q): (drafts, q, num_draft)."""
+        m = drafts.shape[1]
+        room = self.lookup_tokens - m
+        num_draft = torch.full_like(rows.lengths, m)
+        if room < 1:
+            return drafts, probs, num_draft
+        extensions: dict[int, list[int]] = {}
+        for b in torch.nonzero(rows_to_extend).flatten().tolist():
+            text = rows.tokens[b, :int(rows.lengths[b])].tolist() + drafts[b].tolist()
+            ext = find_ngram_continuation(text, room, self.lookup_max_ngram, self.lookup_min_ngram)
+            if ext:
+                extensions[b] = ext
+        if not extensions:
+            return drafts, probs, num_draft
+        width = m + max(len(e) for e in extensions.values())
+        drafts = _pad_columns(drafts, width)
+        if probs is not None:
+            probs = _pad_columns(probs, width)
+        for b, ext in extensions.items():
+            tail = torch.tensor(ext, dtype=drafts.dtype, device=drafts.device)
+            drafts[b, m:m + len(ext)] = tail
+            if probs is not None:
+                probs[b, m:m + len(ext)] = 0.0
+                probs[b, torch.arange(m, m + len(ext), device=probs.device), tail] = 1.0
+            num_draft[b] = m + len(ext)
+        return drafts, probs, num_draft
 
     def _sample_drafts(self, logits: torch.Tensor, step: Callable[[int, torch.Tensor], torch.Tensor],
                        rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
@@ -550,6 +666,8 @@ class SpeculativeDecoder:
         params = SamplingParams(do_sample, temperature, top_p, top_k)
         n = self._block_width()
         rows = _start_rows(self.target, input_ids, attention_mask, max_new_tokens, n + 1, eos_token_id, streamer)
+        if self.prepack:
+            self.target.prepack(prepack_rows(rows.batch, (self.num_speculative_tokens, self.lookup_tokens)))
         self.draft.start(rows.batch, rows.max_prompt + max_new_tokens + n + 1)
         stats = SpecStats()
         if self.feature is not None:
@@ -561,11 +679,11 @@ class SpeculativeDecoder:
         _prefill_and_sample_first(self.target, rows, params, generator, stats)
         while bool(rows.active.any()):
             drafts, probs, num_draft, from_lookup = self._draft_or_lookup(
-                rows, params, partial(self._propose, rows, params, generator, stats))
+                rows, params, partial(self._propose, rows, params, generator, stats), generator)
             if from_lookup is not None:  # the draft's speculative entries of lookup rows are not what is verified
                 self.draft.cache.rollback(torch.where(from_lookup, rows.lengths, self.draft.cache.lengths))
             _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
-                               self.use_kernel, from_lookup=from_lookup)
+                               self.use_kernel, from_lookup=from_lookup, max_width=n)
             # The draft holds old_len + k - 1 tokens (it never saw its last proposal); keep only the valid prefix.
             self.draft.cache.rollback(rows.lengths - 1)
         stats.wall_time_s = time.perf_counter() - t0
@@ -589,10 +707,11 @@ class SpeculativeDecoder:
         stats.draft_calls += 1
         while bool(rows.active.any()):
             drafts, probs, num_draft, from_lookup = self._draft_or_lookup(
-                rows, params, partial(self._propose_from_features, rows, first, params, generator, stats))
+                rows, params, partial(self._propose_from_features, rows, first, params, generator, stats), generator)
             old_lengths = rows.lengths.clone()
             hidden = _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
-                                        self.use_kernel, return_hidden=True, from_lookup=from_lookup)
+                                        self.use_kernel, return_hidden=True, from_lookup=from_lookup,
+                                        max_width=self._block_width())
             if bool(rows.active.any()):
                 first = self._catch_up(rows, old_lengths, hidden, stats)
 
@@ -614,13 +733,14 @@ class PromptLookupDecoder:
     """Prompt-lookup decoding: drafts are n-gram continuations found in the prompt + generated text.
 
     The draft is deterministic, so its q is one-hot and rejection sampling stays exact: a proposal x is
-    accepted with probability p(x), and a rejection resamples from p with x removed. `batch_invariant` as in
-    `SpeculativeDecoder`.
+    accepted with probability p(x), and a rejection resamples from p with x removed. `batch_invariant` and `prepack`
+    as in `SpeculativeDecoder`.
     """
 
     def __init__(self, target: Any, num_speculative_tokens: int = 3, max_ngram: int = 3,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, prepack: bool = False) -> None:
         self.target = _as_runner(target, batch_invariant)
+        self.prepack = _check_prepack(self.target, prepack)
         self.num_speculative_tokens = check_num_speculative_tokens(num_speculative_tokens)
         if not isinstance(max_ngram, int) or max_ngram < 1:
             raise InvalidArgumentError(f"max_ngram must be an int >= 1, got {max_ngram!r}")
@@ -636,6 +756,8 @@ class PromptLookupDecoder:
         params = SamplingParams(do_sample, temperature, top_p, top_k)
         n = self.num_speculative_tokens
         rows = _start_rows(self.target, input_ids, attention_mask, max_new_tokens, n + 1, eos_token_id, streamer)
+        if self.prepack:
+            self.target.prepack(prepack_rows(rows.batch, (n,)))
         stats = SpecStats()
         _prefill_and_sample_first(self.target, rows, params, generator, stats)
         vocab = self.target.vocab_size
@@ -643,6 +765,7 @@ class PromptLookupDecoder:
             drafts, num_draft = propose_ngram_continuations(rows.tokens, rows.lengths, rows.active, n,
                                                             self.max_ngram)
             probs = _one_hot(drafts, vocab) if params.do_sample and drafts.shape[1] > 0 else None
-            _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats, False)
+            _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats, False,
+                               max_width=n)
         stats.wall_time_s = time.perf_counter() - t0
         return rows.output(stats)

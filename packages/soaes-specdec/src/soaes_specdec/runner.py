@@ -15,6 +15,11 @@ hence their summation order, by shape), so in bfloat16 a verification pass can f
 decoding resolves the other way. `batch_invariant=True` runs each row of a batch alone and every pass that
 continues cached rows token by token, through exactly the calls of plain batch-1 decoding: bit-identical in every
 dtype, but a verify then costs n+1 steps (the speed-up is gone); see the package README, "Exactness per dtype".
+
+`prepack(rows)` (fp32 on a CPU with MKL) keeps a copy of every projection and the head packed by MKL for a fixed
+row count (`torch.ops.mkl._mkl_linear`, what torch.compile's CPU backend uses for static shapes): a pass of exactly
+that many rows then skips MKL's per-call packing, which on the 2-core reference box makes a 6-row verify 24 % cheaper
+(docs/benchmarks.md, "Lever: prepacked verification"). It costs one copy of those weights per row count.
 """
 
 from __future__ import annotations
@@ -53,6 +58,28 @@ def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = out.contiguous()
     if bias is not None:
         out.add_(bias)
+    return out.reshape(*lead, weight.shape[0])
+
+
+PREPACK_MIN_ROWS = 2
+"""Row counts below this are never prepacked: one packed row was measured slower than `F.linear` (layers) here."""
+
+
+def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `CachedCausalLM.prepack` can pack weights here: fp32 on a CPU whose torch has MKL's packed GEMM."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkl.is_available():
+        return False
+    try:
+        return hasattr(torch.ops.mkl, "_mkl_linear") and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  rows: int) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through MKL's GEMM on `packed` (`weight` packed for exactly `rows` rows)."""
+    *lead, k = x.shape
+    out = torch.ops.mkl._mkl_linear(x.reshape(-1, k).contiguous(), packed, weight, bias, rows)
     return out.reshape(*lead, weight.shape[0])
 
 
@@ -145,10 +172,95 @@ class CachedCausalLM:
             self.linear_mode = calibrate_linear_mode(
                 [m.weight for layer in self.layers for m in layer.modules() if type(m) is torch.nn.Linear])
         gated = ("gate_proj", "up_proj", "down_proj", "act_fn")  # per layer, decided once (not on every step)
-        self._stream_mlp = [self.linear_mode == "stream" and all(hasattr(layer.mlp, a) for a in gated)
-                            for layer in self.layers]
+        self._gated_mlp = [all(hasattr(layer.mlp, a) for a in gated) for layer in self.layers]
+        self._stream_mlp = [self.linear_mode == "stream" and g for g in self._gated_mlp]
         self.batch_invariant = bool(batch_invariant)
         self.cache: StaticKVCache | None = None
+        self._packs: dict[int, dict[int, torch.Tensor]] = {}  # rows -> id(weight) -> MKL-packed weight
+        self._pad_to: dict[int, int] = {}  # rows -> the packed row count a pass of that many rows runs at
+
+    @property
+    def supports_prepack(self) -> bool:
+        """Whether `prepack` can work here (fp32 CPU, MKL's packed GEMM; not in batch-invariant mode)."""
+        return not self.batch_invariant and prepack_available(self.device, self.dtype)
+
+    def _packable(self) -> list[torch.nn.Linear]:
+        """The plain Linear projections of every layer, and the head when it is a plain Linear."""
+        mods = [m for layer in self.layers for m in layer.modules() if type(m) is torch.nn.Linear]
+        return mods + ([self.head] if type(self.head) is torch.nn.Linear else [])
+
+    @torch.no_grad()
+    def prepack(self, rows: Any) -> list[int]:
+        """Pack the projections and the head for passes of exactly each of `rows` rows (batch x block, >= 2); returns
+        the row counts packed now or before. One copy of those weights per row count (see the module docstring)."""
+        if not self.supports_prepack:
+            raise InvalidArgumentError(
+                f"prepack needs float32 weights on a CPU with MKL's packed GEMM and batch_invariant off; this runner "
+                f"is {self.dtype} on {self.device.type}{' (batch-invariant)' if self.batch_invariant else ''}: "
+                "turn prepack off")
+        wanted = sorted({int(r) for r in rows})
+        if any(r < 1 for r in wanted):
+            raise InvalidArgumentError(f"prepack rows must be >= 1, got {wanted}")
+        new = False
+        for r in wanted:
+            if r < PREPACK_MIN_ROWS or r > STREAM_MAX_ROWS or r in self._packs:
+                continue
+            self._packs[r] = {id(m.weight): torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), r)
+                              for m in self._packable()}
+            new = True
+        if new:
+            self._pad_to = self._calibrate_padding()
+        return sorted(self._packs)
+
+    def pass_rows(self, rows: int) -> int:
+        """How many rows a pass of `rows` rows should compute: `rows`, or a larger prepacked count where padding up
+        to it was measured faster (`prepack` times both on this machine's weights)."""
+        return self._pad_to.get(rows, rows)
+
+    @torch.no_grad()
+    def _calibrate_padding(self, passes: int = 3) -> dict[int, int]:
+        """For each unpacked row count below the largest packed one: the smallest packed count above it, when one
+        pass over the packable weights at that count (best of `passes`) beats the unpacked pass at its own count."""
+        mods = self._packable()
+        xs: dict[tuple[int, int], torch.Tensor] = {}
+
+        def one_pass(rows: int) -> float:
+            t0 = time.perf_counter()
+            for m in mods:
+                key = (rows, m.weight.shape[1])
+                if key not in xs:
+                    xs[key] = torch.randn(rows, m.weight.shape[1], dtype=self.dtype, device=self.device)
+                self._proj(m, xs[key])
+            return time.perf_counter() - t0
+
+        def best(rows: int) -> float:
+            one_pass(rows)  # warm-up, not counted
+            return min(one_pass(rows) for _ in range(passes))
+
+        pad_to: dict[int, int] = {}
+        packed = sorted(self._packs)
+        for rows in range(PREPACK_MIN_ROWS, packed[-1]):
+            if rows in self._packs:
+                continue
+            up = min(r for r in packed if r > rows)
+            if best(up) < best(rows):
+                pad_to[rows] = up
+        return pad_to
+
+    @property
+    def packed_rows(self) -> list[int]:
+        """Row counts with prepacked weights."""
+        return sorted(self._packs)
+
+    def prepacked_bytes(self) -> int:
+        """Memory held by the prepacked copies (one copy of the packed weights per row count)."""
+        per_copy = sum(m.weight.numel() * m.weight.element_size() for m in self._packable())
+        return per_copy * len(self._packs)
+
+    def clear_prepack(self) -> None:
+        """Drop every prepacked copy."""
+        self._packs.clear()
+        self._pad_to.clear()
 
     def with_batch_invariance(self) -> CachedCausalLM:
         """This runner, or a batch-invariant one over the same model and projection mode (weights shared)."""
@@ -157,14 +269,21 @@ class CachedCausalLM:
         return CachedCausalLM(self.model, linear=self.linear_mode, batch_invariant=True)
 
     def _proj(self, module: Any, x: torch.Tensor) -> torch.Tensor:
-        """Apply a projection module, through `stream_linear` in stream mode when it is a plain Linear."""
+        """Apply a projection module: through its prepacked weight when this pass's row count has one, else through
+        `stream_linear` in stream mode when it is a plain Linear, else its own forward."""
+        if self._packs and type(module) is torch.nn.Linear:
+            rows = x.numel() // x.shape[-1]
+            pack = self._packs.get(rows)
+            if pack is not None:
+                return packed_linear(x, pack[id(module.weight)], module.weight, module.bias, rows)
         if self.linear_mode == "stream" and type(module) is torch.nn.Linear:
             return stream_linear(x, module.weight, module.bias)
         return module(x)
 
     def _mlp(self, idx: int, mlp: Any, x: torch.Tensor) -> torch.Tensor:
-        """Gated MLP down(act(gate(x)) * up(x)) with `_proj` in stream mode; otherwise the MLP's own forward."""
-        if self._stream_mlp[idx]:
+        """Gated MLP down(act(gate(x)) * up(x)) through `_proj` in stream mode or when packed weights exist;
+        otherwise the MLP's own forward."""
+        if self._stream_mlp[idx] or (self._packs and self._gated_mlp[idx]):
             return self._proj(mlp.down_proj, mlp.act_fn(self._proj(mlp.gate_proj, x)) * self._proj(mlp.up_proj, x))
         return mlp(x)
 
