@@ -102,7 +102,7 @@ def test_bench_prepacks_extends_mixes_and_samples_several_seeds(tiny_qwen2_dir: 
     models: tuple[Any, Any, Any] = (target, make_layer_draft(target, 1), load_tokenizer(tiny_qwen2_dir))
     config = BenchConfig(target=str(tiny_qwen2_dir), max_new_tokens=6, max_prompts=2, warmup=0, repeats=1,
                          num_speculative_tokens=[1], methods=["plain", "speculative_lookup"], lookup_tokens=3,
-                         lookup_extend=True, lookup_mix=0.5, sampling_seeds=3)
+                         lookup_extend=["greedy"], lookup_mix=0.5, sampling_seeds=3)
     report = run_benchmark(config, tmp_path, models=models)
     packs = [2, 4] if prepack_available(torch.device("cpu"), torch.float32) else []
     assert report["prepacked_rows"] == packs and (report["prepacked_bytes"] > 0) == bool(packs)
@@ -114,7 +114,10 @@ def test_bench_prepacks_extends_mixes_and_samples_several_seeds(tiny_qwen2_dir: 
                         models=models)
     assert off["prepacked_rows"] == [] and off["prepacked_bytes"] == 0
     with pytest.raises(ValueError, match=r"lookup_tokens \(3\) must exceed"):
-        BenchConfig(methods=["speculative_lookup"], lookup_tokens=3, num_speculative_tokens=[3], lookup_extend=True)
+        BenchConfig(methods=["speculative_lookup"], lookup_tokens=3, num_speculative_tokens=[3],
+                    lookup_extend=["greedy"])
+    with pytest.raises(ValueError, match="lookup_extend: choose modes"):
+        BenchConfig(lookup_extend=["beam"])
     with pytest.raises(ValueError, match="sampling_seeds"):
         BenchConfig(sampling_seeds=0)
 

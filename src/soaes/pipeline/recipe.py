@@ -161,11 +161,21 @@ class BenchSettings:
     # rows whose last lookup_min_ngram+ tokens occurred before propose the lookup_tokens that followed
     lookup_tokens: int = 0
     lookup_min_ngram: int = 2
+    lookup_extend: list[str] = field(default_factory=list)  # modes with lookup tokens after the draft's too
+    lookup_mix: float = 0.0  # sampling: a lookup row's first proposal from this lookup/draft mixture
+    sampling_seeds: int = 1  # sampling mode: every prompt decoded under this many seeds per timed pass
+    prepack: bool | None = None  # MKL-packed verification (unset = on where supported)
 
     def __post_init__(self) -> None:
         if self.lookup_tokens < 0 or self.lookup_min_ngram < 1:
             raise ValueError(f"lookup_tokens must be >= 0 and lookup_min_ngram >= 1, got {self.lookup_tokens} and "
                              f"{self.lookup_min_ngram}")
+        if self.lookup_extend and self.lookup_tokens <= max(self.num_speculative_tokens, default=0):
+            raise ValueError(f"lookup_extend: lookup_tokens ({self.lookup_tokens}) must exceed every "
+                             f"num_speculative_tokens ({self.num_speculative_tokens})")
+        if not 0.0 <= self.lookup_mix < 1.0 or self.sampling_seeds < 1:
+            raise ValueError(f"need 0 <= lookup_mix < 1 and sampling_seeds >= 1, got {self.lookup_mix} and "
+                             f"{self.sampling_seeds}")
 
 
 @dataclass

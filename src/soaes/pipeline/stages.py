@@ -604,9 +604,11 @@ class SpecdecBench(Stage):
 
         common = {"target": target, "prompts": prompts, "max_prompts": s.max_prompts,
                   "max_new_tokens": s.max_new_tokens, "repeats": s.repeats, "warmup": s.warmup, "dtype": s.dtype,
-                  "reference_dtype": s.reference_dtype, "seed": r.seed}
+                  "reference_dtype": s.reference_dtype, "seed": r.seed, "sampling_seeds": s.sampling_seeds,
+                  "prepack": s.prepack}
         counts: dict[str, Any] = {}
-        lookup = {"lookup_tokens": s.lookup_tokens, "lookup_min_ngram": s.lookup_min_ngram} if s.lookup_tokens else {}
+        lookup = {"lookup_tokens": s.lookup_tokens, "lookup_min_ngram": s.lookup_min_ngram,
+                  "lookup_extend": s.lookup_extend, "lookup_mix": s.lookup_mix} if s.lookup_tokens else {}
         jobs = [("distilled", BenchConfig(draft=draft_path("distilled"), modes=list(s.modes),
                                           num_speculative_tokens=list(s.num_speculative_tokens),
                                           methods=["plain", "prompt_lookup", "speculative"]

@@ -84,9 +84,9 @@ class BenchConfig:
         "help": "speculative_lookup: tokens proposed from a prompt-lookup match (the draft proposes n)."})
     lookup_min_ngram: int = field(default=2, metadata={
         "help": "speculative_lookup: shortest suffix n-gram that counts as a match (shorter ones use the draft)."})
-    lookup_extend: bool = field(default=False, metadata={
-        "help": "speculative_lookup: after the draft's n tokens, also propose what followed an earlier occurrence "
-                "of the text's last n-gram (up to lookup_tokens in all)."})
+    lookup_extend: list[str] = field(default_factory=list, metadata={
+        "help": "speculative_lookup, in these modes (e.g. greedy): after the draft's n tokens, also propose what "
+                "followed an earlier occurrence of the text's last n-gram (up to lookup_tokens in all)."})
     lookup_mix: float = field(default=0.0, metadata={
         "help": "speculative_lookup, sampling: draw a lookup row's first proposal from this mixture of the lookup's "
                 "token and the draft's distribution (0 = the lookup's token)."})
@@ -135,6 +135,8 @@ class BenchConfig:
             raise ValueError(f"sampling_seeds must be >= 1, got {self.sampling_seeds}")
         if not 0.0 <= self.lookup_mix < 1.0:
             raise ValueError(f"lookup_mix must be in [0, 1), got {self.lookup_mix}")
+        if sorted(set(self.lookup_extend) - set(MODES)):
+            raise ValueError(f"lookup_extend: choose modes from {list(MODES)}, got {self.lookup_extend}")
         if self.lookup_extend and "speculative_lookup" in self.methods and \
                 max(self.num_speculative_tokens) >= self.lookup_tokens:
             raise ValueError(f"lookup_extend appends lookup tokens after the draft's n, up to lookup_tokens in all: "
@@ -380,7 +382,7 @@ class BenchRunner:
                                       prepack=self.prepack).generate
         else:
             lookup = {"lookup_tokens": cfg.lookup_tokens, "lookup_max_ngram": cfg.max_ngram,
-                      "lookup_min_ngram": cfg.lookup_min_ngram, "lookup_extend": cfg.lookup_extend,
+                      "lookup_min_ngram": cfg.lookup_min_ngram, "lookup_extend": mode in cfg.lookup_extend,
                       "lookup_mix": cfg.lookup_mix} if method == "speculative_lookup" else {}
             gen = SpeculativeDecoder(self.target_runner, self.draft_runner, n, draft_confidence=cfg.draft_confidence,
                                      batch_invariant=cfg.batch_invariant, prepack=self.prepack, **lookup).generate

@@ -423,7 +423,9 @@ class SpeculativeDecoder:
     earlier in its prompt or output proposes the (up to `lookup_tokens`) tokens that followed, free of draft cost,
     instead of the draft's; rows without a match use the draft (no draft call when every row has one). Domain
     answers that quote their question or passage gain most. Exactness is unchanged (a lookup proposal is a
-    one-hot q).
+    one-hot q). `lookup_extend=True` also appends lookup tokens after the draft's n where text + drafts repeats an
+    earlier n-gram (up to `lookup_tokens` in all). `lookup_mix=m` (sampling) draws a lookup row's first proposal from
+    m * onehot(lookup's token) + (1 - m) * q_draft (`_mix_lookup_and_draft`).
 
     `prepack=True` (fp32 on a CPU with MKL) packs the target's weights for the verify's row counts, batch x (n + 1)
     and batch x (lookup_tokens + 1), on the first `generate`, and pads shorter lookup blocks up to a packed count:
