@@ -14,17 +14,11 @@ from soaes_core.errors import InvalidArgumentError
 from soaes_specdec.bench import BenchConfig
 from soaes_specdec.decoding import SpecStats, SpeculativeDecoder, autoregressive_generate
 from soaes_specdec.testing import identity_feature_draft as feature_draft
+from soaes_specdec.testing import mixed_lookup_prompts
 
 NEW = 40
 
 
-
-
-def mixed_prompts() -> list[torch.Tensor]:
-    """One prompt that repeats a 4-gram (lookup matches from the start) and two random ones (the draft's)."""
-    g = torch.Generator().manual_seed(5)
-    return [torch.tensor([7, 8, 9, 10] * 3), torch.randint(2, 512, (9,), generator=g),
-            torch.randint(2, 512, (5,), generator=g)]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def target(qwen2_factory: Any) -> Any:
 def test_lookup_greedy_equals_plain(target: Any, qwen2_factory: Any, kind: str, n: int, lookup: int,
                                     min_ngram: int) -> None:
     draft = feature_draft(target, 0.02) if kind == "feature" else qwen2_factory(4, layers=1)
-    batch = mixed_prompts()
+    batch = mixed_lookup_prompts()
     reference = [autoregressive_generate(target, p, NEW).new_tokens() for p in batch]
     decoder = SpeculativeDecoder(target, draft, n, lookup_tokens=lookup, lookup_min_ngram=min_ngram)
     for i, p in enumerate(batch):
@@ -59,7 +53,7 @@ def test_lookup_extending_the_draft_greedy_equals_plain(target: Any, qwen2_facto
     """`lookup_extend`: draft tokens followed by lookup tokens where text + drafts repeats an n-gram (1-grams here,
     so extensions are frequent); the layer draft's cache catches up on accepted extension tokens it never saw."""
     draft = feature_draft(target, 0.02) if kind == "feature" else qwen2_factory(4, layers=1)
-    batch = mixed_prompts()
+    batch = mixed_lookup_prompts()
     reference = [autoregressive_generate(target, p, NEW).new_tokens() for p in batch]
     decoder = SpeculativeDecoder(target, draft, n, lookup_tokens=lookup, lookup_min_ngram=1, lookup_extend=True)
     for i, p in enumerate(batch):
@@ -90,7 +84,7 @@ def test_lookup_blocks_leave_the_layer_drafts_cache_right(target: Any, qwen2_fac
         return drafts, probs
 
     monkeypatch.setattr(SpeculativeDecoder, "_propose", wrapped)
-    batch = mixed_prompts()
+    batch = mixed_lookup_prompts()
     out = SpeculativeDecoder(target, draft, 3, lookup_tokens=3, lookup_min_ngram=2).generate(batch, NEW)
     assert out.stats.lookup_proposed > 0
     checked = 0
@@ -139,7 +133,7 @@ def test_lookup_refuses_bad_arguments_in_one_line(target: Any, qwen2_factory: An
 def test_lookup_batch_invariant_bfloat16_equals_plain_batch_one(qwen2_factory: Any, kind: str) -> None:
     target = qwen2_factory(0, layers=1).to(torch.bfloat16)
     draft = feature_draft(target, 0.02) if kind == "feature" else qwen2_factory(4, layers=1).to(torch.bfloat16)
-    batch = mixed_prompts()
+    batch = mixed_lookup_prompts()
     reference = [autoregressive_generate(target, p, NEW).new_tokens() for p in batch]
     out = SpeculativeDecoder(target, draft, 2, batch_invariant=True, lookup_tokens=4).generate(batch, NEW)
     assert [out.new_tokens(i) for i in range(len(batch))] == reference

@@ -22,17 +22,11 @@ from soaes_specdec.decoding import (
 )
 from soaes_specdec.runner import CachedCausalLM, prepack_available
 from soaes_specdec.testing import identity_feature_draft as feature_draft
+from soaes_specdec.testing import mixed_lookup_prompts
 
 needs_mkl_pack = pytest.mark.skipif(not prepack_available(torch.device("cpu"), torch.float32),
                                     reason="this torch has no MKL packed GEMM (torch.ops.mkl._mkl_linear)")
 NEW = 40
-
-
-def repeating_prompts() -> list[torch.Tensor]:
-    """A prompt that repeats a 4-gram (prompt lookup proposes from the start) and two random ones."""
-    g = torch.Generator().manual_seed(5)
-    return [torch.tensor([7, 8, 9, 10] * 3), torch.randint(2, 512, (9,), generator=g),
-            torch.randint(2, 512, (5,), generator=g)]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +94,7 @@ def test_padding_follows_the_measured_table(target: Any) -> None:
 @pytest.mark.parametrize("kind", ["layer", "feature"])
 def test_prepacked_greedy_equals_plain(target: Any, qwen2_factory: Any, kind: str) -> None:
     draft = feature_draft(target, 0.02) if kind == "feature" else qwen2_factory(4, layers=1)
-    batch = repeating_prompts()
+    batch = mixed_lookup_prompts()
     reference = [autoregressive_generate(target, p, NEW).new_tokens() for p in batch]
     runner = CachedCausalLM(target)
     decoder = SpeculativeDecoder(runner, draft, 1, lookup_tokens=5, lookup_min_ngram=2, prepack=True)

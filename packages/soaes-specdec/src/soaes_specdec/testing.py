@@ -1,6 +1,6 @@
 """Test inputs shared by the test suites and the kernel benchmark: random verification blocks, nucleus boundary
 cases, support probes of the fused kernel, a same-size foreign tokenizer for draft compatibility checks, and a
-deterministic feature draft for decoding tests."""
+deterministic feature draft and prompts that mix lookup and draft blocks for decoding tests."""
 
 from __future__ import annotations
 
@@ -99,3 +99,11 @@ def identity_feature_draft(target: Any, alpha: float, layer: int = 0) -> Any:
         draft.fc.weight[:, :hidden] = torch.eye(hidden)
         draft.fc.weight[:, hidden:] = alpha * torch.eye(hidden)
     return draft
+
+
+def mixed_lookup_prompts() -> list[torch.Tensor]:
+    """Three prompts for decoders with prompt lookup: one repeats a 4-gram (lookup matches from the start), two are
+    random (the draft proposes): a batch of them mixes lookup and draft blocks."""
+    g = torch.Generator().manual_seed(5)
+    return [torch.tensor([7, 8, 9, 10] * 3), torch.randint(2, 512, (9,), generator=g),
+            torch.randint(2, 512, (5,), generator=g)]
