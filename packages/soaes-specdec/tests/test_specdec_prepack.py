@@ -119,8 +119,8 @@ def test_prepacked_greedy_equals_plain(target: Any, qwen2_factory: Any, kind: st
 def test_prepack_is_refused_in_one_line_where_it_cannot_work(qwen2_factory: Any) -> None:
     bf16 = qwen2_factory(0, layers=1).to(torch.bfloat16)
     draft = qwen2_factory(4, layers=1).to(torch.bfloat16)
-    checks = [(lambda: SpeculativeDecoder(bf16, draft, 2, prepack=True), "prepack needs a float32 target"),
-              (lambda: PromptLookupDecoder(bf16, 2, prepack=True), "prepack needs a float32 target"),
+    checks = [(lambda: SpeculativeDecoder(bf16, draft, 2, prepack=True), "prepack needs float32 weights"),
+              (lambda: PromptLookupDecoder(bf16, 2, prepack=True), "prepack needs float32 weights"),
               (lambda: CachedCausalLM(bf16).prepack([2]), "prepack needs float32 weights"),
               (lambda: SpeculativeDecoder(qwen2_factory(0, layers=1), qwen2_factory(4, layers=1), 2,
                                           batch_invariant=True, prepack=True), "batch-invariant"),

@@ -267,14 +267,11 @@ def _as_runner(model: Any, batch_invariant: bool = False) -> CachedCausalLM:
 
 
 def _check_prepack(runner: CachedCausalLM, prepack: bool) -> bool:
-    """`prepack` as a bool, refused in one line where the runner cannot pack (runner.prepack_available)."""
+    """`prepack` as a bool, refused in one line where the runner cannot pack (`CachedCausalLM.require_prepack`)."""
     if not isinstance(prepack, bool):
         raise InvalidArgumentError(f"prepack must be True or False, got {prepack!r}")
-    if prepack and not runner.supports_prepack:
-        raise InvalidArgumentError(
-            f"prepack needs a float32 target on a CPU with MKL's packed GEMM and batch_invariant off; this target is "
-            f"{runner.dtype} on {runner.device.type}{' (batch-invariant)' if runner.batch_invariant else ''}: "
-            "pass prepack=False")
+    if prepack:
+        runner.require_prepack()
     return prepack
 
 
@@ -518,12 +515,7 @@ class SpeculativeDecoder:
             drafts, probs, num_draft = self._extend_with_lookup(rows, drafts, probs, rows.active & ~use, vocab)
         if not bool(use.any()):
             return drafts, probs, num_draft, use
-        width = max(drafts.shape[1], found.shape[1])
-        found, drafts = _pad_columns(found, width), _pad_columns(drafts, width)
-        merged = torch.where(use[:, None], found, drafts)
-        if probs is not None:
-            probs = torch.where(use[:, None, None], _one_hot(found, vocab), _pad_columns(probs, width))
-        return merged, probs, torch.where(use, counts, num_draft), use
+        return (*_merge_proposals(found, counts, drafts, probs, num_draft, use, vocab), use)
 
     def _mix_lookup_and_draft(self, found: torch.Tensor, counts: torch.Tensor, use: torch.Tensor,
                               propose: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
@@ -543,13 +535,10 @@ class SpeculativeDecoder:
         coin = torch.rand(drafts.shape[0], dtype=torch.float64, device=gen_device, generator=generator)
         coin = coin.to(drafts.device) < lam
         take = use & (coin | (drafts[:, 0] == found[:, 0]))  # the first proposal is the lookup's token
-        width = max(m, found.shape[1])
-        found, drafts, probs = _pad_columns(found, width), _pad_columns(drafts, width), _pad_columns(probs, width)
-        one_hot = _one_hot(found, vocab)
-        merged = torch.where(take[:, None], found, drafts)
-        q = torch.where(take[:, None, None], one_hot, probs)
-        q[:, 0] = torch.where(use[:, None], lam * one_hot[:, 0] + (1.0 - lam) * probs[:, 0], q[:, 0])
-        num_draft = torch.where(take, counts, torch.full_like(counts, m))
+        merged, q, num_draft = _merge_proposals(found, counts, drafts, probs, torch.full_like(counts, m), take, vocab)
+        assert q is not None
+        mixture = lam * _one_hot(found[:, :1], vocab)[:, 0] + (1.0 - lam) * probs[:, 0]
+        q[:, 0] = torch.where(use[:, None], mixture, q[:, 0])
         return merged, q, num_draft, take
 
     def _extend_with_lookup(self, rows: _Rows, drafts: torch.Tensor, probs: torch.Tensor | None,
@@ -723,6 +712,19 @@ def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
     if x.shape[1] >= width:
         return x
     return torch.cat([x, x.new_zeros((x.shape[0], width - x.shape[1], *x.shape[2:]))], dim=1)
+
+
+def _merge_proposals(found: torch.Tensor, counts: torch.Tensor, drafts: torch.Tensor, probs: torch.Tensor | None,
+                     num_draft: torch.Tensor, pick: torch.Tensor, vocab: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per row, the lookup's proposals (one-hot q, `counts`) where `pick`, else the draft's (`probs`, `num_draft`):
+    (tokens [B, w], q [B, w, V] or None, num_draft [B]), both sides right-padded to the wider one."""
+    width = max(drafts.shape[1], found.shape[1])
+    found, drafts = _pad_columns(found, width), _pad_columns(drafts, width)
+    merged = torch.where(pick[:, None], found, drafts)
+    if probs is not None:
+        probs = torch.where(pick[:, None, None], _one_hot(found, vocab), _pad_columns(probs, width))
+    return merged, probs, torch.where(pick, counts, num_draft)
 
 
 def _one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -169,8 +169,7 @@ class CachedCausalLM:
             raise InvalidArgumentError(f"linear must be 'auto', 'stream' or 'module', got {linear!r}")
         self.linear_mode = default_linear_mode(self.device, self.dtype) if linear == "auto" else linear
         if linear == "auto" and self.linear_mode == "stream":
-            self.linear_mode = calibrate_linear_mode(
-                [m.weight for layer in self.layers for m in layer.modules() if type(m) is torch.nn.Linear])
+            self.linear_mode = calibrate_linear_mode([m.weight for m in self._projections()])
         gated = ("gate_proj", "up_proj", "down_proj", "act_fn")  # per layer, decided once (not on every step)
         self._gated_mlp = [all(hasattr(layer.mlp, a) for a in gated) for layer in self.layers]
         self._stream_mlp = [self.linear_mode == "stream" and g for g in self._gated_mlp]
@@ -184,20 +183,27 @@ class CachedCausalLM:
         """Whether `prepack` can work here (fp32 CPU, MKL's packed GEMM; not in batch-invariant mode)."""
         return not self.batch_invariant and prepack_available(self.device, self.dtype)
 
+    def require_prepack(self) -> None:
+        """Refuse, in one line, a `prepack` this runner cannot do (`supports_prepack` is False)."""
+        if not self.supports_prepack:
+            raise InvalidArgumentError(
+                f"prepack needs float32 weights on a CPU with MKL's packed GEMM and batch_invariant off; this target "
+                f"is {self.dtype} on {self.device.type}{' (batch-invariant)' if self.batch_invariant else ''}: "
+                "turn prepack off")
+
+    def _projections(self) -> list[torch.nn.Linear]:
+        """The plain Linear projections of every layer."""
+        return [m for layer in self.layers for m in layer.modules() if type(m) is torch.nn.Linear]
+
     def _packable(self) -> list[torch.nn.Linear]:
-        """The plain Linear projections of every layer, and the head when it is a plain Linear."""
-        mods = [m for layer in self.layers for m in layer.modules() if type(m) is torch.nn.Linear]
-        return mods + ([self.head] if type(self.head) is torch.nn.Linear else [])
+        """The projections, and the head when it is a plain Linear."""
+        return self._projections() + ([self.head] if type(self.head) is torch.nn.Linear else [])
 
     @torch.no_grad()
     def prepack(self, rows: Any) -> list[int]:
         """Pack the projections and the head for passes of exactly each of `rows` rows (batch x block, >= 2); returns
         the row counts packed now or before. One copy of those weights per row count (see the module docstring)."""
-        if not self.supports_prepack:
-            raise InvalidArgumentError(
-                f"prepack needs float32 weights on a CPU with MKL's packed GEMM and batch_invariant off; this runner "
-                f"is {self.dtype} on {self.device.type}{' (batch-invariant)' if self.batch_invariant else ''}: "
-                "turn prepack off")
+        self.require_prepack()
         wanted = sorted({int(r) for r in rows})
         if any(r < 1 for r in wanted):
             raise InvalidArgumentError(f"prepack rows must be >= 1, got {wanted}")
@@ -233,9 +239,13 @@ class CachedCausalLM:
                 self._proj(m, xs[key])
             return time.perf_counter() - t0
 
-        def best(rows: int) -> float:
-            one_pass(rows)  # warm-up, not counted
-            return min(one_pass(rows) for _ in range(passes))
+        timed: dict[int, float] = {}
+
+        def best(rows: int) -> float:  # each row count timed once, however many counts pad up to it
+            if rows not in timed:
+                one_pass(rows)  # warm-up, not counted
+                timed[rows] = min(one_pass(rows) for _ in range(passes))
+            return timed[rows]
 
         pad_to: dict[int, int] = {}
         packed = sorted(self._packs)
