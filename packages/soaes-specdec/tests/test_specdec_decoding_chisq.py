@@ -9,6 +9,7 @@ feature-conditioned draft (`FeatureDraft`: its q comes from the same `draft_samp
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from scipy.stats import chisquare
 
 from soaes_specdec import decoding, verify
 from soaes_specdec.decoding import SpeculativeDecoder
+from soaes_specdec.draft import restrict_output_head
 from soaes_specdec.feature_draft import FeatureDraft
 from soaes_specdec.sampling import SamplingParams, warp_probs
 
@@ -233,3 +235,47 @@ def test_sampling_with_lookup_extending_the_draft_matches_target_distribution(
     assert stats.acceptance_by_position[1] > 0  # extensions were proposed and accepted
     assert chi_square_p(samples, exact_joint(target, params)) > 1e-3
 
+
+
+HEAD_IDS = [0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14, 15]  # 12 of the 16 tokens: the target still emits the other 4
+
+
+def _restricted(draft: Any) -> Any:
+    """A copy of `draft` whose output head covers HEAD_IDS only (-inf logits elsewhere), as distilled drafts do."""
+    model = copy.deepcopy(draft)
+    restrict_output_head(model.lm if isinstance(model, FeatureDraft) else model, HEAD_IDS)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["layer", "feature"])
+@pytest.mark.parametrize(("n", "top_p"), [(1, 1.0), (3, 0.7)])
+def test_restricted_head_draft_sampling_matches_target_distribution(pair: tuple[Any, Any], feature_draft: FeatureDraft,
+                                                                    kind: str, n: int, top_p: float) -> None:
+    """A draft with a restricted head is warped and sampled over its head's tokens only (`_sample_proposal`); its q
+    is scattered back to the full vocabulary (0 elsewhere), so tokens outside the head come only from the residual."""
+    target, draft = pair
+    model = _restricted(draft if kind == "layer" else feature_draft)
+    params = SamplingParams(True, 1.0, top_p)
+    g = torch.Generator().manual_seed(23 + n)
+    decoder = SpeculativeDecoder(target, model, n)
+    assert decoder._draft_head_ids is not None
+    out = decoder.generate(PROMPT.expand(SAMPLES, -1), NEW, do_sample=True, top_p=top_p, generator=g)
+    samples = out.sequences[:, PROMPT.numel():]
+    assert bool(torch.isin(samples, torch.tensor([3, 6, 10, 13])).any())  # tokens outside the head were emitted
+    assert chi_square_p(samples, exact_joint(target, params)) > 1e-3
+
+
+def test_restricted_head_q_left_on_the_subset_fails(pair: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scattering the subset's q to the wrong vocabulary positions (the first 12 tokens) biases the output."""
+    original = SpeculativeDecoder._sample_proposal
+
+    def misplaced(self: Any, logits: Any, params: Any, generator: Any) -> Any:
+        tokens, q = original(self, logits, params, generator)
+        return tokens, torch.cat([q[..., self._draft_head_ids], q.new_zeros(*q.shape[:-1], 4)], dim=-1)
+
+    monkeypatch.setattr(SpeculativeDecoder, "_sample_proposal", misplaced)
+    params = SamplingParams(True, 1.0, 1.0)
+    g = torch.Generator().manual_seed(29)
+    out = SpeculativeDecoder(pair[0], _restricted(pair[1]), 3).generate(PROMPT.expand(SAMPLES, -1), NEW,
+                                                                        do_sample=True, generator=g)
+    assert chi_square_p(out.sequences[:, PROMPT.numel():], exact_joint(pair[0], params)) < 1e-3

@@ -21,6 +21,7 @@ import torch
 from soaes_core.errors import InvalidArgumentError
 
 from . import sampling, verify
+from .draft import RestrictedLMHead
 from .feature_draft import FeatureDraft
 from .feature_runner import FeatureDraftRunner
 from .lookup import find_ngram_continuation, propose_ngram_continuations
@@ -456,6 +457,8 @@ class SpeculativeDecoder:
                                            f"{self.target.device}: move both to one device")
         else:
             self.draft = _as_runner(draft)
+        head = self.draft.head
+        self._draft_head_ids = head.token_ids if isinstance(head, RestrictedLMHead) else None
         self.num_speculative_tokens = check_num_speculative_tokens(num_speculative_tokens)
         if self.target.vocab_size != self.draft.vocab_size:
             raise InvalidArgumentError(
@@ -582,7 +585,7 @@ class SpeculativeDecoder:
             if i > 0:
                 logits = step(i, tokens[-1])
                 stats.draft_calls += 1
-            tok, q = draft_sample(logits, params, generator)
+            tok, q = self._sample_proposal(logits, params, generator)
             tokens.append(tok)
             if q is not None:
                 probs.append(q)
@@ -591,6 +594,19 @@ class SpeculativeDecoder:
                 if not bool((top[rows.active] >= self.draft_confidence).any()):
                     break
         return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
+    def _sample_proposal(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One draft token per row and the full-vocabulary q it was drawn from. A draft whose head is restricted to
+        a token subset (-inf logits elsewhere) is warped and sampled over that subset only, ~10x fewer entries than
+        the vocabulary, and q is scattered back; the tokens outside it have probability 0 either way."""
+        head_ids = self._draft_head_ids
+        if not params.do_sample or head_ids is None:
+            return draft_sample(logits, params, generator)
+        sub, q_sub = draft_sample(logits.index_select(-1, head_ids), params, generator)
+        assert q_sub is not None
+        q = q_sub.new_zeros(*q_sub.shape[:-1], logits.shape[-1]).index_copy_(-1, head_ids, q_sub)
+        return head_ids[sub], q
 
     def _propose(self, rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
                  stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor | None]:

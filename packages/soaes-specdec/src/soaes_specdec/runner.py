@@ -77,10 +77,9 @@ def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   rows: int) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` through MKL's GEMM on `packed` (`weight` packed for exactly `rows` rows)."""
-    *lead, k = x.shape
-    out = torch.ops.mkl._mkl_linear(x.reshape(-1, k).contiguous(), packed, weight, bias, rows)
-    return out.reshape(*lead, weight.shape[0])
+    """`F.linear(x, weight, bias)` through MKL's GEMM on `packed` (`weight` packed for exactly `rows` rows). The op
+    takes x [..., K] as it is (no reshapes: at ~200 calls per pass their dispatch was ~0.8 ms of a 31 ms verify)."""
+    return torch.ops.mkl._mkl_linear(x if x.is_contiguous() else x.contiguous(), packed, weight, bias, rows)
 
 
 def default_linear_mode(device: torch.device, dtype: torch.dtype) -> str:
@@ -135,6 +134,12 @@ def block_attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     """[B, 1, T, kv_len] bool: query at absolute position p sees keys 0..p of its own row."""
     keys = torch.arange(kv_len, device=positions.device)
     return (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+
+
+def additive_attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask as the additive float mask SDPA would convert it to (0 where allowed, -inf elsewhere):
+    converted once per pass instead of once per layer; the attention output is bit-identical."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class CachedCausalLM:
@@ -432,7 +437,8 @@ class CachedCausalLM:
         common_start = lo if lo == hi else None
         positions = starts[:, None] + torch.arange(t, device=tokens.device)[None, :]
         kv_len = hi + t
-        mask = None if (t == 1 and common_start is not None) else block_attention_mask(positions, kv_len)
+        mask = (None if (t == 1 and common_start is not None)
+                else additive_attention_mask(block_attention_mask(positions, kv_len), self.dtype))
         h = self.embed(tokens) if inputs_embeds is None else inputs_embeds.to(self.dtype)
         cos, sin = self.rotary(h, positions)
         for idx, layer in enumerate(self.layers):
