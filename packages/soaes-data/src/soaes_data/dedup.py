@@ -30,7 +30,7 @@ def normalise_for_dedup(text: str) -> str:
 
 
 # Texts longer than this are normalised and hashed piece by piece, so memory per document stays bounded
-# (issue 15, defect 3: a 21 MB one-line document took 7.5 GB in near-dedup).
+# however long one document (or one line of it) is.
 CHUNK_CHARS = 1 << 20
 HASH_CHARS = 1 << 18  # shingles hashed at a time (the slices overlap by n - 1 characters)
 

@@ -38,12 +38,6 @@ def make_document(doc_id: str, source: str, text: str, meta: dict[str, Any], ord
     return Document(text=text, id=doc_id, metadata={"source": source, "meta": meta, "order": order})
 
 
-def document_record(doc: Document) -> Record:
-    """The user-facing record of a document: id, source, text, meta."""
-    md = doc.metadata
-    return {"id": doc.id, "source": md.get("source"), "text": doc.text, "meta": md.get("meta", {})}
-
-
 def reject_record(stage: str, reason: str, doc: Document | None = None, **extra: Any) -> Record:
     if doc is None:
         return {"stage": stage, "reason": reason, "id": None, **extra}

@@ -77,11 +77,8 @@ class SpecDecLM(HFLM):
         try:
             from soaes_specdec import SpecStats, SpeculativeDecoder, autoregressive_generate
         except ImportError:
-            try:  # a soaes-specdec that does not re-export its decoders at top level
-                from soaes_specdec.decoding import SpecStats, SpeculativeDecoder, autoregressive_generate
-            except ImportError:
-                raise ModelLoadError("the soaes-specdec lm-eval model needs soaes-specdec: "
-                                     "pip install 'soaes-eval[specdec]'") from None
+            raise ModelLoadError("the soaes-specdec lm-eval model needs soaes-specdec: "
+                                 "pip install 'soaes-eval[specdec]'") from None
 
         self.draft_spec = None if draft in (None, "", "none", "None") else str(draft)
         self.num_speculative_tokens = int(num_speculative_tokens)

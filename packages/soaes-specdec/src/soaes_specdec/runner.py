@@ -5,10 +5,9 @@ replaces the attention/cache plumbing, so each row of a batch can sit at its own
 lets speculative decoding advance rows by different amounts and roll back by moving a pointer. It also
 skips HF `generate`'s per-step machinery and computes the output head only where logits are needed.
 
-On CPU in fp32 the projections of a decoding step (1 to 16 rows) run as `weight @ x.T` (`stream_linear`)
-instead of `F.linear`: MKL then reads each weight matrix once, unpacked, which on the 2-core reference box is
-2-3x faster for the whole step (docs/benchmarks.md, "Streaming projections"). Results equal `F.linear` up to
-float rounding (summation order).
+On CPU in fp32 the projections of a decoding step (1 to 16 rows) can run as `weight @ x.T` (`stream_linear`)
+instead of `F.linear`: MKL then reads each weight matrix once, unpacked. Which path is faster depends on the host
+(docs/benchmarks.md, "Streaming projections"). Results equal `F.linear` up to float rounding (summation order).
 
 A block of several rows rounds differently from a one-row step (GEMM and attention kernels pick their blocking,
 hence their summation order, by shape), so in bfloat16 a verification pass can flip a near-tie that plain
@@ -18,8 +17,8 @@ dtype, but a verify then costs n+1 steps (the speed-up is gone); see the package
 
 `prepack(rows)` (fp32 on a CPU with MKL) keeps a copy of every projection and the head packed by MKL for a fixed
 row count (`torch.ops.mkl._mkl_linear`, what torch.compile's CPU backend uses for static shapes): a pass of exactly
-that many rows then skips MKL's per-call packing, which on the 2-core reference box makes a 6-row verify 24 % cheaper
-(docs/benchmarks.md, "Lever: prepacked verification"). It costs one copy of those weights per row count.
+that many rows then skips MKL's per-call packing; whether that pays depends on the host (docs/benchmarks.md,
+"Lever: prepacked verification"). It costs one copy of those weights per row count.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ TOP_P_BOUNDARY_CASES: list[tuple[float, list[float], list[int]]] = [
     # (top_p, probabilities, kept mask under the nucleus rule of `sampling`); most sum exactly to top_p
     (0.8, [0.3, 0.1, 0.1, 0.5], [1, 0, 0, 1]),  # transformers' test_top_p_dist_warper, first row
     (0.8, [0.15, 0.3, 0.3, 0.25], [0, 1, 1, 1]),  # ... and its second row
-    (0.8, [0.6, 0.2, 0.1, 0.05, 0.05], [1, 1, 0, 0, 0]),  # issue 15: the reference kept 2, the kernel 3
+    (0.8, [0.6, 0.2, 0.1, 0.05, 0.05], [1, 1, 0, 0, 0]),  # a past kernel bug: the reference kept 2, the kernel 3
     (0.6, [0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1], [1, 1, 1, 0, 0, 0, 0]),
     (0.9, [0.3, 0.3, 0.3, 0.05, 0.05], [1, 1, 1, 0, 0]),
     (0.95, [0.05, 0.9, 0.02, 0.02, 0.01], [1, 1, 0, 0, 0]),

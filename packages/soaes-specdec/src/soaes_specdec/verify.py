@@ -87,9 +87,8 @@ def verify_reference(target_logits: torch.Tensor, draft_tokens: torch.Tensor, dr
 
 
 KERNEL_MAX_VOCAB = 65_536
-"""Auto mode uses the fused kernel up to this vocabulary size: on an H200 it beat this reference by 1.2-2.4x at
-49,152 tokens (greedy, top-p) but lost at 152,064, where its one-program-per-row loops are too long
-(docs/benchmarks.md, "GPU")."""
+"""Auto mode uses the fused kernel up to this vocabulary size: past it the kernel's one-program-per-row loops
+grow too long to beat the PyTorch reference (measurements: docs/benchmarks.md, "GPU")."""
 
 
 def kernel_available(device: torch.device, vocab_size: int | None = None) -> bool:
