@@ -1,5 +1,5 @@
 # ruff: noqa: E501  (the sample texts are long Chinese lines)
-"""Regenerate the shipped sample corpus (run once; the outputs are committed): `python make_samples.py`.
+"""Regenerate the shipped sample corpus (run once; the outputs are committed): `python scripts/make_samples.py`.
 
 Every text here was written for this project. It is a small illustrative sample, not SOAEs-DataSuite.
 Tests compare reader output against the KNOWN_* strings below, so edit both together.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "packages" / "soaes-data" / "src" / "soaes_data" / "samples"
 
 DOMAIN_DOCS = [
     ("国有资产监督管理的基本职责",
