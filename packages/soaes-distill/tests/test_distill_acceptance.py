@@ -12,10 +12,10 @@ from soaes_distill.acceptance import (
     AcceptanceAccumulator,
     acceptance_probabilities,
     block_walk,
-    mean_accepted_length,
     positional_accepted_length,
 )
 from soaes_distill.losses import topk_logits
+from soaes_specdec.cost_model import expected_accepted_length
 
 
 def test_alpha_matches_monte_carlo_speculative_sampling() -> None:
@@ -45,11 +45,11 @@ def test_top_p_and_greedy() -> None:
 
 
 def test_accepted_length_formulas() -> None:
-    assert mean_accepted_length(1.0, 3) == 4.0
-    assert mean_accepted_length(0.0, 3) == 1.0
-    assert mean_accepted_length(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_accepted_length(1.0, 3) == 4.0
+    assert expected_accepted_length(0.0, 3) == 1.0
+    assert expected_accepted_length(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
     pos = positional_accepted_length(torch.full((100,), 0.5), 3)
-    assert pos[0].item() == pytest.approx(mean_accepted_length(0.5, 3))
+    assert pos[0].item() == pytest.approx(expected_accepted_length(0.5, 3))
     assert pos[-1].item() == pytest.approx(1.5)  # truncated at the sequence end
 
 
@@ -69,8 +69,8 @@ def test_accumulator_respects_labels() -> None:
 
 def test_block_walk_long_text_matches_iid_formula_and_weights_hard_regions() -> None:
     accepted, proposed, calls = block_walk(torch.full((20000,), 0.5), 3)
-    assert accepted / proposed == pytest.approx((mean_accepted_length(0.5, 3) - 1) / 3, rel=1e-3)
-    assert (accepted + calls) / calls == pytest.approx(mean_accepted_length(0.5, 3), rel=1e-3)
+    assert accepted / proposed == pytest.approx((expected_accepted_length(0.5, 3) - 1) / 3, rel=1e-3)
+    assert (accepted + calls) / calls == pytest.approx(expected_accepted_length(0.5, 3), rel=1e-3)
     # half easy (α=1), half hard (α=0): the position mean is 0.5, but hard tokens get one block each
     alphas = torch.cat([torch.ones(400), torch.zeros(400)])
     accepted, proposed, _ = block_walk(alphas, 3)

@@ -80,15 +80,6 @@ def acceptance_probabilities(target: torch.Tensor | TopKLogits, draft_logits: to
     return out.view(lead)
 
 
-def mean_accepted_length(alpha: float, n: int) -> float:
-    """Expected tokens per target call with n draft tokens and i.i.d. acceptance α: (1−α^{n+1})/(1−α)."""
-    if n < 1:
-        raise InvalidArgumentError(f"block size n must be ≥ 1, got {n}")
-    if alpha >= 1.0:
-        return float(n + 1)
-    return (1.0 - alpha ** (n + 1)) / (1.0 - alpha)
-
-
 def positional_accepted_length(alphas: torch.Tensor, n: int) -> torch.Tensor:
     """Per starting position t of a sequence (L,): 1 + Σ_{j=1..n} Π_{i<j} α_{t+i}, truncated at the end."""
     L = alphas.shape[0]

@@ -35,6 +35,7 @@ from soaes_core.models import resolve_dtype
 from soaes_core.progress import progress
 from soaes_core.prompts import encode_chat_prompt, read_prompt_records
 
+from .cost_model import break_even_acceptance, expected_accepted_length, theoretical_speedup
 from .decoding import (
     PromptLookupDecoder,
     SpecDecodeOutput,
@@ -146,32 +147,6 @@ class BenchConfig:
             raise ValueError(f"max_prompts must be >= 1 (or null for all prompts), got {self.max_prompts}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or null for torch's choice), got {self.threads}")
-
-
-# ----------------------------------------------------------------------------------------- pure formulas
-
-
-def expected_accepted_length(alpha: float, n: int) -> float:
-    """E[L] = (1 - alpha^(n+1)) / (1 - alpha): expected tokens per target call with i.i.d. acceptance alpha."""
-    if alpha >= 1.0:
-        return float(n + 1)
-    return (1.0 - alpha ** (n + 1)) / (1.0 - alpha)
-
-
-def theoretical_speedup(alpha: float, n: int, c: float, c_v: float) -> float:
-    """S = E[L] / (n*c + c_v): walltime improvement over plain decoding predicted by the cost model."""
-    return expected_accepted_length(alpha, n) / (n * c + c_v)
-
-
-def break_even_acceptance(n: int, c: float, c_v: float) -> float | None:
-    """Smallest acceptance rate alpha with theoretical_speedup(alpha, n, c, c_v) >= 1 (None if even alpha=1 loses)."""
-    if theoretical_speedup(1.0, n, c, c_v) < 1.0:
-        return None
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if theoretical_speedup(mid, n, c, c_v) >= 1.0 else (mid, hi)
-    return hi
 
 
 def compare_greedy(reference: list[list[int]], outputs: list[list[int]]) -> dict[str, Any]:
