@@ -6,7 +6,6 @@ prefix), with length / language / dedup filters that account for every generated
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from soaes_core import encode_chat_prompt
 from soaes_core.errors import DataError, InvalidArgumentError
 from soaes_core.progress import progress_bar
 from soaes_data.chat import encode_chat
+from soaes_data.filters import detect_language
 from soaes_specdec.decoding import autoregressive_generate
 
 from .token_data import TokenExample
@@ -114,7 +114,7 @@ class QueryFilter:
 
     min_chars: int = 8
     max_chars: int = 400
-    language: str = "any"  # "any" | "zh" (≥ 30% CJK characters) | "en" (mostly ASCII letters)
+    language: str = "any"  # "any", or a code of soaes_data.filters.detect_language: "zh" or "en"
     dedup_jaccard: float = 0.8  # character-trigram Jaccard at or above which a query is a near-duplicate
 
     def __post_init__(self) -> None:
@@ -122,17 +122,6 @@ class QueryFilter:
             raise ValueError(f"language must be 'any', 'zh' or 'en', got {self.language!r}")
         if not 0.0 < self.dedup_jaccard <= 1.0:
             raise ValueError(f"dedup_jaccard must be in (0, 1], got {self.dedup_jaccard}")
-
-
-def _language_ok(text: str, language: str) -> bool:
-    letters = [c for c in text if not c.isspace() and unicodedata.category(c)[0] in "LN"]
-    if language == "any" or not letters:
-        return language == "any"
-    cjk = sum(1 for c in letters if "\u4e00" <= c <= "\u9fff")
-    if language == "zh":
-        return cjk / len(letters) >= 0.3
-    ascii_letters = sum(1 for c in letters if c.isascii())
-    return ascii_letters / len(letters) >= 0.8
 
 
 def _trigrams(text: str) -> set[str]:
@@ -152,7 +141,7 @@ def filter_queries(queries: Sequence[str], flt: QueryFilter) -> tuple[list[str],
             reason = f"too short ({len(q)} < {flt.min_chars} chars)"
         elif len(q) > flt.max_chars:
             reason = f"too long ({len(q)} > {flt.max_chars} chars)"
-        elif not _language_ok(q, flt.language):
+        elif flt.language != "any" and detect_language(q) != flt.language:
             reason = f"not language {flt.language!r}"
         else:
             g = _trigrams(q)
