@@ -10,6 +10,8 @@ import json
 import random
 import stat
 import threading
+import time
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,10 +70,16 @@ def _zip(files: dict[str, str], prefix: str = "", extra: dict[str, str] | None =
 
 
 class _Server:
-    """An HTTP server on 127.0.0.1 serving in-memory files, with byte ranges; `cut` truncates the next response."""
+    """An HTTP server on 127.0.0.1 serving in-memory files, with byte ranges; `cut` truncates the next response.
+    `modes[path]` misbehaves: "close-early" (half the body, no Content-Length, then close), "html" (200 with an
+    HTML page), "trickle" (one byte every `TRICKLE_S`, giving up after `TRICKLE_LIMIT_S`)."""
+
+    TRICKLE_S = 0.25
+    TRICKLE_LIMIT_S = 4.0
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
+        self.modes: dict[str, str] = {}
         self.requests: list[dict[str, str]] = []
         self.cut: int | None = None
         outer = self
@@ -80,8 +88,36 @@ class _Server:
             def do_GET(self) -> None:
                 outer.requests.append({"path": self.path, "range": self.headers.get("Range", "")})
                 body = outer.files.get(self.path)
+                mode = outer.modes.get(self.path)
+                if mode == "html":
+                    page = b"<!DOCTYPE html><html><body>Please log in to continue.</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
                 if body is None:
                     self.send_error(404)
+                    return
+                if mode == "close-early":  # HTTP/1.0 without Content-Length: the close ends the body
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(body[: len(body) // 2])
+                    return
+                if mode == "trickle":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    stop = time.monotonic() + outer.TRICKLE_LIMIT_S
+                    try:
+                        for byte in body:
+                            if time.monotonic() > stop:
+                                return
+                            self.wfile.write(bytes([byte]))
+                            time.sleep(outer.TRICKLE_S)
+                    except OSError:  # the client gave up
+                        return
                     return
                 start = 0
                 rng = self.headers.get("Range", "")
@@ -314,3 +350,91 @@ def test_unpacked_copies_left_by_killed_runs_are_removed(server: _Server, cache:
     (leftover / "val" / "law_val.csv").write_text("half")
     fetch_benchmark("ceval", dest=dest, url=server.url("/c.zip"))
     assert sorted(p.name for p in dest.parent.iterdir()) == ["ceval"]
+
+
+def _archive_path(cache: Path, name: str, url: str) -> Path:
+    """Where `fetch_benchmark` keeps the downloaded archive of `url`."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return cache / "benchmarks" / "downloads" / f"{name}-{key}-{url.rsplit('/', 1)[1]}"
+
+
+def _one_error_line(result: Any) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_early_close_without_length_is_an_error_never_a_cached_archive(server: _Server, cache: Path) -> None:
+    """Issue 29, item 6: a body cut short with no Content-Length looked complete and was cached as the archive."""
+    data = _zip(_cmmlu_files(per_subject=1))
+    server.files["/cmmlu.zip"] = data
+    server.modes["/cmmlu.zip"] = "close-early"
+    url = server.url("/cmmlu.zip")
+    line = _one_error_line(_invoke("fetch", "cmmlu", "--url", url))
+    assert "download incomplete" in line and url in line
+    assert not _archive_path(cache, "cmmlu", url).exists() and not (cache / "benchmarks" / "cmmlu").exists()
+    del server.modes["/cmmlu.zip"]  # the server recovers: the next run downloads and unpacks it
+    again = _invoke("fetch", "cmmlu", "--url", url)
+    assert again.exit_code == 0, again.output
+    assert "test=67, dev=67" in again.output and not list((cache / "benchmarks" / "downloads").glob("*.part"))
+
+
+def test_html_answer_is_an_error_never_a_cached_archive(server: _Server, cache: Path) -> None:
+    """Issue 29, item 6: a 200 answer with an HTML page (a login or error page) was cached as the archive."""
+    server.files["/ceval-exam.zip"] = _zip(_ceval_files(per_subject=1))
+    server.modes["/ceval-exam.zip"] = "html"
+    url = server.url("/ceval-exam.zip")
+    line = _one_error_line(_invoke("fetch", "ceval", "--url", url))
+    assert "HTML page" in line and "not a zip archive" in line and url in line
+    assert not list((cache / "benchmarks" / "downloads").iterdir())
+    assert not (cache / "benchmarks" / "pins.json").exists()  # nothing pinned from a page
+    del server.modes["/ceval-exam.zip"]
+    assert _invoke("fetch", "ceval", "--url", url).exit_code == 0
+
+
+@pytest.mark.parametrize("broken", [b"<html><body>Service unavailable</body></html>", "truncated"])
+def test_broken_archive_cached_by_an_older_version_is_fetched_again(server: _Server, cache: Path,
+                                                                    broken: bytes | str) -> None:
+    """Issue 29, item 6: a broken archive already in the download cache failed every later run."""
+    data = _zip(_cmmlu_files(per_subject=1))
+    server.files["/cmmlu.zip"] = data
+    url = server.url("/cmmlu.zip")
+    archive = _archive_path(cache, "cmmlu", url)
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(data[: len(data) // 2] if broken == "truncated" else broken)
+    res = fetch_benchmark("cmmlu", url=url)
+    assert res.subjects == {"test": 67, "dev": 67} and len(server.requests) == 1
+    assert archive.read_bytes() == data
+
+
+def test_timeout_bounds_the_whole_transfer(server: _Server, cache: Path) -> None:
+    """Issue 29, item 6: `--timeout` bounded each read, so a server sending a byte every few seconds never timed
+    out; now it bounds the whole download (the server here would take minutes to send the archive)."""
+    data = _zip(_cmmlu_files(per_subject=1))
+    server.files["/slow.zip"] = data
+    server.modes["/slow.zip"] = "trickle"
+    url = server.url("/slow.zip")
+    line = _one_error_line(_invoke("fetch", "cmmlu", "--url", url, "--timeout", "1"))
+    assert "timed out" in line and "--timeout 1" in line and url in line
+    part = _archive_path(cache, "cmmlu", url).with_name(_archive_path(cache, "cmmlu", url).name + ".part")
+    assert 0 < part.stat().st_size < len(data) // 100  # a few bytes kept for a resume, nothing more
+    assert not _archive_path(cache, "cmmlu", url).exists()
+
+
+def test_duplicate_member_names_are_refused(server: _Server, cache: Path, tmp_path: Path) -> None:
+    """Issue 29, item 10(d): a member stored twice under one name was unpacked twice and counted twice."""
+    files = _cmmlu_files(per_subject=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns about the duplicate it is asked to write
+        data = _raw_zip([*files.items(), ("test/agronomy.csv", ",Question,A,B,C,D,Answer\n0,另一题？,甲,乙,丙,丁,B\n")])
+        dotted = _raw_zip([*files.items(), ("./test/agronomy.csv", "x")])
+    server.files["/dup.zip"] = data
+    url = server.url("/dup.zip")
+    line = _one_error_line(_invoke("fetch", "cmmlu", "--url", url))
+    assert "'test/agronomy.csv' twice" in line and "ambiguous" in line
+    assert not (cache / "benchmarks" / "cmmlu").exists() and not _archive_path(cache, "cmmlu", url).exists()
+    archive = tmp_path / "dotted.zip"
+    archive.write_bytes(dotted)
+    with pytest.raises(FetchError, match=r"'test/agronomy.csv' and './test/agronomy.csv' \(the same file\)"):
+        unpack(archive, tmp_path / "out", RELEASES["cmmlu"])

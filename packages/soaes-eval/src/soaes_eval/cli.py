@@ -101,7 +101,8 @@ def table(results: tuple[str, ...], output_dir: str, base: str | None, baseline:
               help="Unpack here, not in $SOAES_CACHE/benchmarks/BENCHMARK (then pass --cmmlu-dir/--ceval-dir DIR).")
 @click.option("--url", help="Archive URL or local zip (default: the official release on the Hugging Face Hub).")
 @click.option("--sha256", help="Expected sha256 of the archive (default: pinned by the first download of the URL).")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Network timeout in seconds.")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds for the whole download (a stalled or trickling server fails after it; a rerun resumes).")
 def fetch(benchmark: str, dest: str | None, url: str | None, sha256: str | None, timeout: float) -> None:
     """Download a public CMMLU / C-Eval release, verify its sha256 and unpack it where the tasks find it."""
     from .fetch import fetch_benchmark

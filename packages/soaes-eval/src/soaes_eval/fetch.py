@@ -4,21 +4,27 @@
 ``soaes_cmmlu`` / ``soaes_ceval`` tasks and soaes-data's decontamination find it without options. No official
 checksum of either archive is built in, so unless ``sha256`` is given the first download's sha256 is recorded in
 ``$SOAES_CACHE/benchmarks/pins.json`` and every later download of that URL must match it (trust on first use).
-The archive is downloaded to a ``.part`` file (resumed with an HTTP range request after an interruption),
-unpacked with no path outside the target and bounded sizes, checked for the release layout, and moved into place
-in one rename; a complete copy is reused.
+The archive is downloaded to a ``.part`` file (resumed with an HTTP range request after an interruption) within
+one time limit, verified (length when the server sends one, zip structure and member CRCs, sha256 when known) and
+only then moved into the download cache; an archive found there is verified the same way before use and fetched
+again when broken. It is unpacked with no path outside the target, no member name twice and bounded sizes, checked
+for the release layout, and moved into place in one rename; a complete copy is reused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import stat
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,6 +37,8 @@ from soaes_core import atomic_write_json, cache_root
 from soaes_core.cache import file_lock
 from soaes_core.errors import ConfigError, IntegrityError, SoaesError
 
+log = logging.getLogger(__name__)
+
 MARKER = "soaes_fetch.json"  # written last into a complete copy; soaes_data.decontam.FETCH_MARKER reads it
 PINS_FILE = "pins.json"
 MAX_DOWNLOAD_BYTES = 1 << 30  # the real archives are under 5 MB
@@ -38,6 +46,7 @@ MAX_UNPACKED_BYTES = 2 << 30  # the real archives unpack to under 20 MB: anythin
 MAX_MEMBERS = 20_000
 MAX_RATIO = 1000  # per-member uncompressed/compressed bound (CSV text compresses ~5-10x)
 CHUNK = 1 << 20
+DEFAULT_TIMEOUT_S = 300.0  # the whole download: the real archives take seconds on any working connection
 
 
 class FetchError(SoaesError):
@@ -129,9 +138,44 @@ def _to_url(url: str) -> str:
     return url
 
 
-def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Download `url` to `dest` through `dest.part`, resuming a partial `.part` with a range request; `dest`
-    appears only when the body is complete (its length matches Content-Length when the server sends one)."""
+def _socket_of(resp: Any) -> socket.socket | None:
+    """The socket under an http(s) response (None for file:// URLs), to bound each read by the time left."""
+    sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _looks_like_html(head: bytes, content_type: str) -> bool:
+    start = head.lstrip().lower()
+    return "html" in content_type.lower() or start.startswith((b"<!doctype", b"<html", b"<head", b"<body", b"<?xml"))
+
+
+def archive_problem(path: Path) -> str | None:
+    """Why `path` is not a whole, readable zip archive (no central directory, a member failing its CRC, an unsafe
+    member or size), or None when it is one."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(512)
+        if not head.startswith(b"PK"):
+            return "an HTML page, not a zip archive" if _looks_like_html(head, "") else \
+                f"not a zip archive (starts with {head[:8]!r})"
+        with zipfile.ZipFile(path) as zf:
+            for info, _ in _safe_members(zf, path):
+                with zf.open(info) as member:
+                    while member.read(CHUNK):  # zipfile checks the CRC at the end of each member
+                        pass
+    except FetchError as err:
+        return str(err).removeprefix(f"{path}: ")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as err:
+        return f"incomplete or damaged zip archive ({err})"
+    return None
+
+
+def download(url: str, dest: Path, timeout: float = DEFAULT_TIMEOUT_S, sha256: str | None = None) -> Path:
+    """Download `url` to `dest` through `dest.part`, resuming a partial `.part` with a range request. `timeout`
+    bounds the whole transfer. `dest` appears only once the file is verified: its length matches Content-Length
+    when the server sends one, it is a whole zip archive, and its sha256 is `sha256` when that is given; an HTML
+    page, a cut-off body or a checksum mismatch is an error and leaves no `dest`."""
+    deadline = time.monotonic() + timeout
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
@@ -143,23 +187,42 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:  # the range starts at or past the end: start over
             part.unlink()
-            return download(url, dest, timeout)
+            return download(url, dest, max(deadline - time.monotonic(), 0.001), sha256)
         raise FetchError(f"download failed: {url}: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError) as err:
         raise FetchError(f"download failed: {url}: {getattr(err, 'reason', err)}") from None
+    timed_out = FetchError(f"download timed out: {url}: not finished within --timeout {timeout:g} s; run the "
+                           f"command again to resume, or raise --timeout")
     with resp:
+        content_type = resp.headers.get("Content-Type", "") or ""
+        if "html" in content_type.lower():  # a login, consent or error page: refuse before reading it
+            raise FetchError(f"download failed: {url}: got an HTML page ({content_type}), not a zip archive (a "
+                             f"login or error page?); check --url")
         resumed = have and getattr(resp, "status", 200) == 206
         length = resp.headers.get("Content-Length")
         expected = (have if resumed else 0) + int(length) if length and length.isdigit() else None
+        read = getattr(resp, "read1", resp.read)  # one socket read at a time, so the deadline is checked often
+        sock = _socket_of(resp)
         too_large = False
         try:
             with part.open("ab" if resumed else "wb") as fh:
-                for block in iter(lambda: resp.read(CHUNK), b""):
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise timed_out
+                    if sock is not None:
+                        with contextlib.suppress(OSError):  # closed once the body is read: nothing left to bound
+                            sock.settimeout(left)
+                    block = read(CHUNK)
+                    if not block:
+                        break
                     fh.write(block)
                     if fh.tell() > MAX_DOWNLOAD_BYTES:
                         too_large = True
                         break
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # the .part stays: resume it
+            if time.monotonic() >= deadline:
+                raise timed_out from None
             raise FetchError(f"download interrupted: {url}: {err}; run the command again to resume") from None
     if too_large:
         part.unlink()
@@ -167,17 +230,37 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
     got = part.stat().st_size
     if expected is not None and got != expected:
         raise FetchError(f"download incomplete: {url}: {got} of {expected} bytes; run the command again to resume")
+    problem = archive_problem(part)
+    if problem is not None:
+        with part.open("rb") as fh:
+            head = fh.read(512)
+        part.unlink()  # no resume: a body cut off without a length, or not an archive at all
+        if _looks_like_html(head, content_type):
+            raise FetchError(f"download failed: {url}: got an HTML page, not a zip archive (a login or error "
+                             f"page?); check --url")
+        if head.startswith(b"PK") and expected is None:
+            raise FetchError(f"download incomplete: {url}: {got} bytes, no Content-Length and not a whole zip "
+                             f"archive (the connection closed early?); run the command again")
+        raise FetchError(f"download failed: {url}: {problem}")
+    if sha256 is not None:
+        digest = file_sha256(part)
+        if digest != sha256:
+            part.unlink()  # a retry downloads it again
+            raise IntegrityError(f"sha256 mismatch for {url}: expected {sha256}, got {digest}; download deleted "
+                                 f"(pass --sha256 for a new release)")
     os.replace(part, dest)
     return dest
 
 
 def _safe_members(zf: zipfile.ZipFile, archive: Path) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
-    """Regular-file members with their relative paths; refuses traversal, links, encryption and zip bombs."""
+    """Regular-file members with their relative paths; refuses traversal, links, encryption, zip bombs and a
+    file stored twice (which copy wins would depend on the unpacker, so the archive is ambiguous)."""
     infos = zf.infolist()
     if len(infos) > MAX_MEMBERS:
         raise FetchError(f"{archive}: {len(infos)} members (more than {MAX_MEMBERS}): not a benchmark release")
     total = 0
     out = []
+    seen: dict[str, str] = {}  # case-folded normalised path -> first member name (one file on macOS/Windows too)
     for info in infos:
         name = info.filename
         rel = PurePosixPath(name)
@@ -191,6 +274,12 @@ def _safe_members(zf: zipfile.ZipFile, archive: Path) -> list[tuple[zipfile.ZipI
             raise FetchError(f"{archive}: member {name!r} is encrypted")
         if info.is_dir() or rel.parts[0] == "__MACOSX" or rel.name == ".DS_Store":
             continue  # folders are made as needed; macOS resource forks are not data
+        key = rel.as_posix().casefold()
+        if key in seen:
+            first = seen[key]
+            same = f"{name!r} twice" if first == name else f"{first!r} and {name!r} (the same file)"
+            raise FetchError(f"{archive}: member {same}: refusing an ambiguous archive")
+        seen[key] = name
         total += info.file_size
         if total > MAX_UNPACKED_BYTES:
             raise FetchError(f"{archive}: unpacks to more than {MAX_UNPACKED_BYTES} bytes: not a benchmark release")
@@ -232,12 +321,15 @@ def unpack(archive: Path, target: Path, rel: Release) -> dict[str, int]:
             out = target / split / filename
             out.parent.mkdir(exist_ok=True)
             written = 0
-            with zf.open(info) as src, out.open("wb") as dst:
-                for block in iter(lambda src=src: src.read(CHUNK), b""):
-                    written += len(block)
-                    if written > info.file_size:  # the header understated the size
-                        raise FetchError(f"{archive}: member {info.filename!r} is larger than its header says")
-                    dst.write(block)
+            try:
+                with zf.open(info) as src, out.open("wb") as dst:
+                    for block in iter(lambda src=src: src.read(CHUNK), b""):
+                        written += len(block)
+                        if written > info.file_size:  # the header understated the size
+                            raise FetchError(f"{archive}: member {info.filename!r} is larger than its header says")
+                        dst.write(block)
+            except (zipfile.BadZipFile, EOFError) as err:  # a CRC or stream error: the archive is damaged
+                raise FetchError(f"{archive}: member {info.filename!r} is damaged ({err})") from None
             counts[split] += 1
     missing = [s for s in rel.required_splits if not counts[s]]
     if missing:
@@ -262,10 +354,13 @@ def _pin(root: Path, url: str, digest: str) -> None:
 
 
 def fetch_benchmark(name: str, dest: str | os.PathLike[str] | None = None, url: str | None = None,
-                    sha256: str | None = None, timeout: float = 60.0) -> FetchResult:
+                    sha256: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> FetchResult:
     """Download, verify and unpack benchmark `name` ('cmmlu' | 'ceval') into `dest` (default the cache, where the
-    tasks find it); reuses a complete copy of the same archive."""
+    tasks find it) with `timeout` seconds for the whole download; reuses a complete copy of the same archive, and
+    a cached archive only after verifying it (a broken one, e.g. left by an older soaes, is downloaded again)."""
     rel = release(name)
+    if not timeout > 0:
+        raise ConfigError(f"--timeout must be a number of seconds > 0, got {timeout}")
     url = _to_url(url or rel.url)
     given = check_sha256(sha256) if sha256 else None
     root = benchmarks_root()
@@ -284,20 +379,27 @@ def fetch_benchmark(name: str, dest: str | os.PathLike[str] | None = None, url: 
 
         key = hashlib.sha256(url.encode()).hexdigest()[:12]
         archive = root / "downloads" / f"{name}-{key}-{Path(urllib.parse.urlparse(url).path).name or 'archive'}"
+        if archive.exists():
+            problem = archive_problem(archive)
+            if problem is None and expected and file_sha256(archive) != expected:
+                problem = "its sha256 is not the expected one"
+            if problem is not None:
+                log.warning("%s: cached archive is unusable (%s); downloading it again", archive, problem)
+                archive.unlink()
         if not archive.exists():
-            download(url, archive, timeout)
+            download(url, archive, timeout, expected)
         digest = file_sha256(archive)
-        if expected and digest != expected:
-            archive.unlink()  # a retry downloads it again
-            raise IntegrityError(f"sha256 mismatch for {url}: expected {expected}, got {digest}; archive deleted "
-                                 f"(pass --sha256 for a new release)")
 
         staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
         # unpacked copies that killed runs left (any pid: we hold the lock, so none is being written)
         for leftover in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         try:
-            counts = unpack(archive, staging, rel)
+            try:
+                counts = unpack(archive, staging, rel)
+            except FetchError:
+                archive.unlink(missing_ok=True)  # not this release: never keep it as the cached download
+                raise
             atomic_write_json(staging / MARKER, {"benchmark": name, "url": url, "sha256": digest,
                                                  "checksum": source, "subjects": counts, "archive": str(archive)})
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
