@@ -121,3 +121,18 @@ def test_temp_path_names_are_cleaned_up_like_atomic_ones(tmp_path: Path) -> None
     mine.write_text("live: this process")
     dead = killed_file_write(final)
     assert remove_stale_temps(tmp_path) == [dead] and mine.exists()
+
+
+def test_atomic_outputs_get_the_umask_modes_of_ordinary_creates(tmp_path: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700; the outputs must read like open()/mkdir() ones (0644/0755 under 022)."""
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "f.txt", "x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "inner.txt").write_text("y")
+        assert (f.stat().st_mode & 0o777, (tmp_path / "d").stat().st_mode & 0o777) == (0o644, 0o755)
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "g.txt", "x")
+        assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

@@ -122,20 +122,32 @@ def test_killed_dump_resumes_without_duplicates(tmp_path, token_dataset, tiny_qw
     assert not leftover.exists() and not list(Path(cfg.output_dir).glob(".*.tmp"))  # issue 15, defect 9
 
 
-def test_corrupted_shard_is_named(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:
-    out = _dump(tmp_path / "c", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=4)
+def test_corrupt_store_shard_is_refused_with_how_to_redo_it(tmp_path, token_dataset, tiny_qwen2,
+                                                            embedded_tokenizer) -> None:
+    """Issue 29, item 7: a corrupted or unrecorded logit shard is refused on load with one line naming the shard and
+    the command that redoes it; rerunning the dump re-dumps those shards only."""
+    out = _dump(tmp_path / "c", token_dataset, tiny_qwen2, embedded_tokenizer, top_k=4)  # 3 shards of 5 examples
+    before = {eid: TeacherLogitStore(out).example(eid)["values"] for eid in (0, 7, 11)}
+    state = json.loads((out / "store.json").read_text())
+    del state["shards"]["2"]["sha256"]  # a hand-edited store.json: nothing to check shard 2 against
+    (out / "store.json").write_text(json.dumps(state))
+    with pytest.raises(IntegrityError, match=r"shard-00002\.safetensors: no sha256 recorded in store\.json; rerun"):
+        TeacherLogitStore(out).example(11)
     shard = out / "shard-00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    store = TeacherLogitStore(out)
-    with pytest.raises(IntegrityError, match=r"shard-00001\.safetensors: shard corrupted"):
-        store.verify()
-    # rerunning the dump repairs it
+    with pytest.raises(IntegrityError) as err:
+        TeacherLogitStore(out).lookup(torch.full((1, 3), 7), torch.arange(3)[None])
+    message = str(err.value)
+    assert f"{shard}: shard corrupted" in message and "\n" not in message
+    assert "rerun `soaes-distill dump` with the same settings and output directory" in message
     res = run_dump(DumpConfig(dataset=str(token_dataset), output_dir=str(out), top_k=4, examples_per_shard=5),
                    model=tiny_qwen2, tokenizer=embedded_tokenizer)
-    assert res.shards_written == 1
-    TeacherLogitStore(out).verify()
+    assert (res.shards_written, res.shards_skipped) == (2, 1)
+    store = TeacherLogitStore(out)
+    store.verify()
+    assert all(torch.equal(store.example(eid)["values"], v) for eid, v in before.items())
 
 
 def test_settings_mismatch_is_refused(tmp_path, token_dataset, tiny_qwen2, embedded_tokenizer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from soaes_distill.feature_kd import (
     _batch,
     autocast_dtype,
     build_draft,
+    cached_features,
     estimate_feature_acceptance,
     extract_features,
     feature_kd_loss,
@@ -53,12 +55,14 @@ def _data_loss(draft, target, examples) -> float:
         return float(feature_kd_loss(draft(f_in, ids), f_next, mask, head_weight(draft)[0], 1.0, 1.0)[0])
 
 
-def test_loss_decreases_and_draft_saves(tiny_qwen2, examples, tmp_path, embedded_tokenizer):
-    cfg = FeatureKDConfig(steps=20, learning_rate=1e-2, **{**FAST, "checkpoint_every": 10})
+@pytest.mark.parametrize("layout", ["soaes", "engine"])
+def test_loss_decreases_and_draft_saves(tiny_qwen2, examples, tmp_path, embedded_tokenizer, layout):
+    cfg = FeatureKDConfig(steps=20, learning_rate=1e-2, layout=layout, **{**FAST, "checkpoint_every": 10})
     res = train_feature_draft(tiny_qwen2, examples, None, cfg, tmp_path, heldout_examples=examples[:2],
                               tokenizer=embedded_tokenizer)
     assert res.steps == 20 and res.counts["dev_examples"] == 1 and 0 < res.head_tokens < 300
     loaded = FeatureDraft.from_pretrained(res.draft_dir)
+    assert loaded.layout == layout and (loaded.fc.bias is None) == (layout == "engine")
     before = _data_loss(build_draft(tiny_qwen2, examples, cfg), tiny_qwen2, examples)
     after = _data_loss(loaded, tiny_qwen2, examples)
     assert after < 0.85 * before
@@ -92,6 +96,8 @@ def test_autocast_setting():
     assert autocast_dtype("float16", torch.device("cpu")) is torch.float16
     with pytest.raises(ConfigError, match="autocast must be one of"):
         FeatureKDConfig(autocast="fp8")
+    with pytest.raises(ConfigError, match="layout must be one of"):
+        FeatureKDConfig(layout="vllm")
 
 
 def test_estimator_equals_direct_computation(tiny_qwen2, examples):
@@ -212,3 +218,40 @@ def test_cli_feature_draft(tiny_qwen2_dir, examples, tmp_path):
     res = runner.invoke(main, ["feature-draft", "--target", str(tiny_qwen2_dir), "--train",
                                str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out2")])
     assert res.exit_code == 2 and "error:" in res.output and "missing.jsonl" in res.output
+
+
+def _flip_payload_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x5A  # inside the tensor data: the file still parses, the features differ
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_or_unrecorded_feature_shards_are_re_extracted(tiny_qwen2, examples, tmp_path, caplog):
+    """Issue 29, item 7: a feature shard with flipped bytes was used silently. Shards carry a recorded sha256; a
+    corrupted one, or one with no record (older soaes), is re-extracted with one warning line naming it."""
+    cfg = FeatureKDConfig(**FAST)
+    cache = tmp_path / "features"
+    first = [t.clone() for t in cached_features(tiny_qwen2, examples, cache, cfg)]  # not views of the files
+    shards = sorted(cache.glob("shard-*.safetensors"))
+    assert len(shards) == 2 and set(json.loads((cache / "shards.json").read_text())["shards"]) == \
+        {p.name for p in shards}
+    _flip_payload_byte(shards[1])
+    with caplog.at_level(logging.WARNING, logger="soaes_distill.feature_kd"):
+        again = cached_features(tiny_qwen2, examples, cache, cfg)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and str(shards[1]) in warned[0] and "sha256" in warned[0] and "re-extract" in warned[0]
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)  # bf16 storage; batching may differ
+    assert sorted(cache.glob("shard-*.safetensors")) == shards  # the same examples: the same shard name
+
+    # a cache written before shards carried checksums: its shards are re-extracted once, then recorded
+    (cache / "shards.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="soaes_distill.feature_kd"):
+        cached_features(tiny_qwen2, examples, cache, cfg)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "2 feature shards" in warned[0] and "no recorded sha256" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="soaes_distill.feature_kd"):
+        cached_features(tiny_qwen2, examples, cache, cfg)
+    assert not caplog.records

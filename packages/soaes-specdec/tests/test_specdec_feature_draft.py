@@ -144,7 +144,8 @@ def test_runner_refuses_bad_hidden_arguments_in_one_line(qwen2_factory: Any) -> 
 
 @pytest.mark.parametrize("restricted", [False, True])
 @pytest.mark.parametrize("n", [1, 3])
-def test_feature_greedy_equals_plain_greedy(target: Any, n: int, restricted: bool) -> None:
+def test_feature_greedy_equals_plain_greedy(target: Any, n: int, restricted: bool,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     draft = feature_draft(target, 0.02)
     if restricted:
         restrict_output_head(draft.lm, range(0, 512, 2))  # half the vocabulary: some target tokens unproposable
@@ -154,14 +155,18 @@ def test_feature_greedy_equals_plain_greedy(target: Any, n: int, restricted: boo
     assert isinstance(decoder.draft.head, RestrictedLMHead) == restricted  # the draft step uses the restricted head
     single = decoder.generate(batch[1], NEW)
     assert single.new_tokens() == reference[1]
+    seen = record_proposals(monkeypatch)
     out = decoder.generate(batch, NEW)
     assert [out.new_tokens(i) for i in range(3)] == reference
     assert out.sequences.shape == (3, 9 + NEW)
     stats = out.stats
     assert 0 < stats.acceptance_rate < 1 and len(stats.acceptance_by_position) == n
     assert stats.new_tokens == 3 * NEW
-    # one catch-up per verify after the first, the prefill, and n - 1 steps per block
-    assert stats.draft_calls == 1 + (stats.target_calls - 2) + (n - 1) * (stats.target_calls - 1)
+    # one catch-up per verify after the first, the prefill, and width - 1 steps per block: n, or fewer once no row
+    # has more than n new tokens left (cap_block_width)
+    widths = [drafts.shape[1] for _, drafts, _ in seen]
+    assert len(widths) == stats.target_calls - 1 and max(widths) == n
+    assert stats.draft_calls == 1 + (stats.target_calls - 2) + sum(w - 1 for w in widths)
     if n == 3:  # some blocks were accepted whole (bonus + catch-up over 4 rows), some rejected at once
         assert stats.acceptance_by_position[2] > 0 and stats.acceptance_by_position[0] < 1
 
@@ -323,3 +328,58 @@ def test_embedded_target_with_a_feature_draft_is_exact(embedded_model: Any, embe
     for n in (1, 3):
         out = SpeculativeDecoder(embedded_model, draft, n).generate(batch, new)
         assert [out.new_tokens(i) for i in range(2)] == reference and out.stats.proposed > 0
+
+
+# ----------------------------------------------------------------------------------------- target identity, layouts
+
+
+def test_a_draft_is_refused_for_another_target_of_the_same_shapes(qwen2_factory: Any, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from soaes_specdec.feature_draft import FEATURE_DRAFT_FILE, DraftTargetMismatchError
+
+    mine, other = qwen2_factory(0, layers=1), qwen2_factory(1, layers=1)  # same shapes, other weights
+    draft = feature_draft(mine, 0.02)
+    with pytest.raises(DraftTargetMismatchError, match=r"trained for another target.*allow_other_target") as err:
+        SpeculativeDecoder(other, draft, 2)
+    assert "\n" not in str(err.value)
+    SpeculativeDecoder(mine.to(torch.bfloat16).float(), draft, 2)  # the same weights through bfloat16 still match
+    saved = draft.save_pretrained(tmp_path / "fd")
+    with pytest.raises(DraftTargetMismatchError):
+        SpeculativeDecoder(other, FeatureDraft.from_pretrained(saved), 2)
+    batch = prompts((6,))
+    forced = SpeculativeDecoder(other, FeatureDraft.from_pretrained(saved, allow_other_target=True), 2)
+    assert forced.generate(batch, 8).new_tokens() == autoregressive_generate(other, batch[0], 8).new_tokens()
+    meta = json.loads((saved / FEATURE_DRAFT_FILE).read_text(encoding="utf-8"))
+    del meta["target"], meta["layout"]  # a draft saved before the record existed
+    (saved / FEATURE_DRAFT_FILE).write_text(json.dumps(meta), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="soaes_specdec.feature_draft"):
+        SpeculativeDecoder(other, FeatureDraft.from_pretrained(saved), 2)
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0]
+    assert "no record of the target" in caplog.records[0].getMessage()
+
+
+def test_engine_layout_decodes_exactly_and_round_trips(target: Any, tmp_path: Path) -> None:
+    from soaes_specdec.feature_draft import ENGINE_FORMAT_VERSION, FEATURE_DRAFT_FILE, feature_draft_layout
+
+    draft = FeatureDraft.from_target(target, layer=0, layout="engine")
+    assert draft.fc.bias is None and isinstance(draft.lm.model.norm, torch.nn.Identity)
+    assert isinstance(draft.lm.model.layers[0].input_layernorm, torch.nn.Identity)
+    with torch.no_grad():
+        draft.fc.weight.add_(0.05 * torch.randn(draft.fc.weight.shape, generator=torch.Generator().manual_seed(2)))
+    batch = prompts((3, 9))
+    out = SpeculativeDecoder(target, draft, 3).generate(batch, NEW)
+    assert [out.new_tokens(i) for i in range(2)] == [autoregressive_generate(target, p, NEW).new_tokens()
+                                                     for p in batch]
+    assert out.stats.proposed > 0  # the engine-layout draft proposed; the target kept the output exact
+    saved = draft.save_pretrained(tmp_path / "engine")
+    meta = json.loads((saved / FEATURE_DRAFT_FILE).read_text(encoding="utf-8"))
+    assert (meta["layout"], meta["version"]) == ("engine", ENGINE_FORMAT_VERSION)
+    assert feature_draft_layout(saved) == "engine" and feature_draft_layout(tmp_path) is None
+    loaded = FeatureDraft.from_pretrained(saved)
+    assert loaded.layout == "engine" and loaded.fc.bias is None
+    feats = torch.randn(1, 6, draft.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = batch[1][None, :6]
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(loaded(feats, ids)), draft.logits(draft(feats, ids)))
+    with pytest.raises(InvalidArgumentError, match="layout must be one of"):
+        FeatureDraft.from_target(target, layout="vllm")

@@ -104,6 +104,25 @@ def remove_stale_temps(directory: str | os.PathLike[str], target: str | None = N
     return removed
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (else by the set-and-restore idiom)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: str | os.PathLike[str], directory: bool) -> None:
+    """Give a mkstemp/mkdtemp entry (0600/0700) the mode an ordinary create would: 0666/0777 less the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -123,6 +142,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
+        _as_if_created(tmp, directory=False)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -164,6 +184,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     remove_stale_temps(path.parent, target=path.name)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
     try:
+        _as_if_created(tmp, directory=True)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,9 +1,10 @@
 """`soaes-distill dump`: run the target over a tokenized dataset and store its top-k (or dense) logits.
 
 Resumable at shard granularity: finished shards are listed (with sha256) in `store.json`, rewritten
-atomically after each shard; a rerun with the same settings skips them (re-dumping any whose checksum no
-longer matches) and a rerun with other settings is refused. Tail samples (`tail_samples` > 0) are drawn
-with a generator seeded from (`TAIL_SEED`, example id), so a resumed dump is byte-identical to a fresh one.
+atomically after each shard; a rerun with the same settings skips them (re-dumping only those missing, whose
+checksum no longer matches or that have none recorded) and a rerun with other settings is refused. Tail
+samples (`tail_samples` > 0) are drawn with a generator seeded from (`TAIL_SEED`, example id), so a resumed
+dump is byte-identical to a fresh one.
 """
 
 from __future__ import annotations
@@ -152,11 +153,13 @@ def _resume_state(out: Path, settings: CaptureSettings) -> dict[str, Any]:
                              "use another output_dir or delete it")
     done = {}
     for key, entry in state["shards"].items():
-        path = out / entry["file"]
-        if path.is_file() and sha256_file(path) == entry["sha256"]:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        path = out / str(name or f"shard {key}")
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if name and path.is_file() and isinstance(digest, str) and sha256_file(path) == digest:
             done[key] = entry
         else:
-            log.warning("shard %s is missing or corrupted; dumping it again", path)
+            log.warning("%s is missing, corrupted or has no recorded sha256; dumping it again", path)
     return done
 
 

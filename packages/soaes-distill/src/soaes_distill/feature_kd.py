@@ -10,14 +10,15 @@ the fed-back step that decoding takes for draft tokens 2+: the input at p is (g[
 positions keep the true features, done for all p in one pass with a 4-D attention mask (`two_step_hidden`).
 
 Target features are extracted once (no grad, fp32, batched), stored as safetensors shards (bf16 by default)
-under `out_dir/features` (atomic, resumable); the loop checkpoints atomically and resumes after a kill; the
-best checkpoint by the dev-split estimate is kept and saved as `out_dir/draft`.
+under `out_dir/features` (atomic, resumable, sha256-checked before use); the loop checkpoints atomically and
+resumes after a kill; the best checkpoint by the dev-split estimate is kept and saved as `out_dir/draft`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -31,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from soaes_core import atomic_dir, atomic_write_json, write_jsonl, write_manifest
-from soaes_core.atomic import temp_path
+from soaes_core.atomic import remove_stale_temps, temp_path
 from soaes_core.errors import ConfigError, DataError, InvalidArgumentError, ModelLoadError
+from soaes_core.hashing import sha256_file
 from soaes_specdec.draft import RestrictedLMHead, restrict_output_head
-from soaes_specdec.feature_draft import FeatureDraft
+from soaes_specdec.feature_draft import LAYOUTS, FeatureDraft
 from soaes_specdec.sampling import SamplingParams, nucleus_size, top_p_limit, warp_probs
 
 from .acceptance import acceptance_probabilities, block_walk
@@ -42,7 +44,11 @@ from .draft_init import frequent_tokens
 from .losses import IGNORE_INDEX
 from .token_data import TokenExample
 
+log = logging.getLogger(__name__)
+
 FEATURES_DIR = "features"
+SHARDS_FILE = "shards.json"  # in FEATURES_DIR: sha256 and size of every feature shard, recorded as it is written
+SHARDS_FORMAT = 1
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.json"
@@ -81,6 +87,9 @@ class FeatureKDConfig:
                                                              "(0 = full vocabulary)"})
     layer: int | None = field(default=None, metadata={"help": "target layer the draft layer starts from "
                                                               "(default: the last)"})
+    layout: str = field(default="soaes", metadata={"help": "draft layout: soaes (input norm, final norm, fc bias) or "
+                                                           "engine (vLLM/SGLang EAGLE-1: none of the three; "
+                                                           "exportable with soaes-specdec export)"})
     seed: int = field(default=0, metadata={"help": "seed of batches, noise and the dev split"})
     checkpoint_every: int = field(default=100, metadata={"help": "checkpoint (and dev-evaluate) every N steps"})
     dev_fraction: float = field(default=0.05, metadata={"help": "fraction of training examples held for "
@@ -126,6 +135,8 @@ class FeatureKDConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.autocast not in _AUTOCAST:
             raise ConfigError(f"autocast must be one of {sorted(_AUTOCAST)}, got {self.autocast!r}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
 
 @dataclass
@@ -234,16 +245,80 @@ def example_key(input_ids: Sequence[int]) -> str:
     return "k" + hashlib.sha1(torch.tensor(list(input_ids), dtype=torch.int64).numpy().tobytes()).hexdigest()[:24]
 
 
+def _read_shard_records(cache_dir: Path) -> dict[str, dict[str, Any]]:
+    """The recorded shards of a feature cache ({} when there is no readable record, as in caches of older soaes)."""
+    try:
+        data = json.loads((cache_dir / SHARDS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    shards = data.get("shards") if isinstance(data, dict) and data.get("format") == SHARDS_FORMAT else None
+    return {n: e for n, e in shards.items() if isinstance(e, dict)} if isinstance(shards, dict) else {}
+
+
+def _write_shard_records(cache_dir: Path, records: dict[str, dict[str, Any]]) -> None:
+    atomic_write_json(cache_dir / SHARDS_FILE, {"format": SHARDS_FORMAT, "shards": dict(sorted(records.items()))})
+
+
+def _shard_problem(path: Path, record: dict[str, Any]) -> str | None:
+    """Why feature shard `path` differs from its record (None when its size and sha256 match)."""
+    if path.stat().st_size != record.get("bytes"):
+        return f"size {path.stat().st_size} bytes, {record.get('bytes')} recorded"
+    if sha256_file(path) != record.get("sha256"):
+        return f"sha256 does not match {SHARDS_FILE}"
+    return None
+
+
+def _verified_shards(cache_dir: Path) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """Map each feature key to the shard holding it, over the shards whose bytes match their record, and the
+    records of those shards. A shard that fails its check is deleted with one warning line naming it; shards with
+    no record (written by an older soaes) are deleted with one line in all: the cache is derived from the target
+    alone, so their examples are simply extracted again."""
+    from safetensors import SafetensorError, safe_open
+
+    records = _read_shard_records(cache_dir)
+    verified: dict[str, dict[str, Any]] = {}
+    index: dict[str, Path] = {}
+    unrecorded: list[Path] = []
+    for shard in sorted(cache_dir.glob("shard-*.safetensors")):
+        record = records.get(shard.name)
+        if record is None:
+            unrecorded.append(shard)
+            continue
+        problem = _shard_problem(shard, record)
+        if problem is None:
+            try:
+                with safe_open(str(shard), framework="pt") as fh:
+                    keys = list(fh.keys())
+            except (OSError, SafetensorError) as err:
+                problem = f"unreadable ({err})"
+        if problem is not None:
+            log.warning("feature shard %s is corrupted (%s); re-extracting its examples", shard, problem)
+            shard.unlink()
+            continue
+        verified[shard.name] = record
+        index.update({k: shard for k in keys})
+    if unrecorded:
+        log.warning("%d feature shards in %s have no recorded sha256 (written by an older soaes); re-extracting "
+                    "their examples once", len(unrecorded), cache_dir)
+        for shard in unrecorded:
+            shard.unlink()
+    if verified != records:
+        _write_shard_records(cache_dir, verified)
+    return index, verified
+
+
 def cached_features(target: Any, examples: Sequence[TokenExample], cache_dir: Path, cfg: FeatureKDConfig
                     ) -> list[torch.Tensor]:
     """Features of `examples` from the content-addressed shard cache in `cache_dir` (tensors keyed by a hash of
     the token ids), extracting the missing ones into new atomically written shards: a killed extraction resumes,
-    and a grown dataset only extracts its new examples. A cache made for another target is refused."""
-    from safetensors import SafetensorError, safe_open
+    and a grown dataset only extracts its new examples. A cache made for another target is refused. Every shard's
+    sha256 is recorded in `SHARDS_FILE` as it is written and checked before use; a shard that fails the check (or
+    has no record) is re-extracted with a warning, since the cache is derived from the target alone."""
     from safetensors.torch import load_file, save_file
 
     hidden = int(target.config.hidden_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(cache_dir)  # half-written shards of a killed extraction
     meta_path = cache_dir / "meta.json"
     meta = {"hidden_size": hidden, "model": _model_fingerprint(target, cfg.feature_dtype), "dtype": cfg.feature_dtype}
     if meta_path.exists():
@@ -257,13 +332,7 @@ def cached_features(target: Any, examples: Sequence[TokenExample], cache_dir: Pa
                             "directory or delete this one)", path=str(meta_path), field="model")
     else:
         atomic_write_json(meta_path, meta)
-    index: dict[str, Path] = {}
-    for shard in sorted(cache_dir.glob("shard-*.safetensors")):
-        try:
-            with safe_open(str(shard), framework="pt") as fh:
-                index.update({k: shard for k in fh.keys()})
-        except (OSError, SafetensorError) as err:
-            raise DataError(f"unreadable feature shard ({err}); delete it to re-extract", path=str(shard)) from None
+    index, records = _verified_shards(cache_dir)
     keys = [example_key(e.input_ids) for e in examples]
     missing: dict[str, TokenExample] = {}
     for k, ex in zip(keys, examples, strict=True):
@@ -278,6 +347,9 @@ def cached_features(target: Any, examples: Sequence[TokenExample], cache_dir: Pa
         path = cache_dir / f"shard-{name}.safetensors"
         tmp = temp_path(path)
         save_file({k: t.contiguous() for (k, _), t in zip(part, tensors, strict=True)}, str(tmp))
+        # recorded before the shard appears: a kill in between leaves a record without its file, dropped next run
+        records[path.name] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size, "examples": len(part)}
+        _write_shard_records(cache_dir, records)
         os.replace(tmp, path)
         index.update({k: path for k, _ in part})
     loaded: dict[Path, dict[str, torch.Tensor]] = {}
@@ -462,7 +534,7 @@ def build_draft(target: Any, train_examples: Sequence[TokenExample], cfg: Featur
                 special_ids: Sequence[int] = ()) -> FeatureDraft:
     """A fresh `FeatureDraft` of `target` with the head restricted to the `head_tokens` most frequent answer
     tokens of `train_examples` (+ `special_ids`), embeddings and head frozen."""
-    draft = FeatureDraft.from_target(target, layer=cfg.layer, freeze_embeddings=True)
+    draft = FeatureDraft.from_target(target, layer=cfg.layer, freeze_embeddings=True, layout=cfg.layout)
     for module in (draft.fc, draft.lm.model.layers, draft.lm.model.norm):  # trainable even if the target is frozen
         module.requires_grad_(True)
     if cfg.head_tokens:

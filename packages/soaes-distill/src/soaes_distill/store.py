@@ -46,6 +46,8 @@ STORE_FILE = "store.json"
 STORE_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # 1: no tail samples; 2: optional tail samples
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+REDO_HINT = ("rerun `soaes-distill dump` with the same settings and output directory: it re-dumps only the shards "
+             "that are missing or fail their checksum")
 
 
 @dataclass
@@ -247,8 +249,8 @@ def write_shard(store_dir: Path, settings: CaptureSettings, index: int, example_
 class TeacherLogitStore:
     """Read a finished store and look up teacher logits for a batch by (example id, position).
 
-    Shards are loaded lazily (checksum verified first; a corrupted shard raises `IntegrityError` naming it)
-    and kept in a small LRU cache.
+    Shards are loaded lazily (sha256 checked against `store.json` first; a missing, corrupted or unrecorded
+    shard raises `IntegrityError` naming it and how to redo it) and kept in a small LRU cache.
     """
 
     def __init__(self, path: str | os.PathLike[str], cache_shards: int = 8) -> None:
@@ -286,10 +288,12 @@ class TeacherLogitStore:
         entry = self._shards[index]
         path = self.path / entry["file"]
         if not path.is_file():
-            raise IntegrityError(f"{path}: shard missing")
+            raise IntegrityError(f"{path}: shard missing; {REDO_HINT}")
+        if not isinstance(entry.get("sha256"), str):
+            raise IntegrityError(f"{path}: no sha256 recorded in {STORE_FILE}; {REDO_HINT}")
         data = path.read_bytes()
         if sha256_bytes(data) != entry["sha256"]:
-            raise IntegrityError(f"{path}: shard corrupted (sha256 does not match {STORE_FILE})")
+            raise IntegrityError(f"{path}: shard corrupted (sha256 does not match {STORE_FILE}); {REDO_HINT}")
         return data
 
     def _load(self, index: int) -> dict[str, Any]:

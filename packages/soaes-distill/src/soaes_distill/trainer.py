@@ -21,6 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from soaes_core.errors import InvalidArgumentError
 from soaes_train.checkpoints import write_checkpoint_manifest
+from soaes_train.trainer import FinishedResumeMixin
 
 from .acceptance import AcceptanceAccumulator
 from .losses import DIVERGENCES, IGNORE_INDEX, TopKLogits, distillation_loss_terms
@@ -112,8 +113,9 @@ class KDCollator:
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
-class KDTrainer(Trainer):
-    """Trainer whose loss is `distillation_loss` (Eq. 2) against an online teacher or stored logits."""
+class KDTrainer(FinishedResumeMixin, Trainer):
+    """Trainer whose loss is `distillation_loss` (Eq. 2) against an online teacher or stored logits (resuming from
+    the final checkpoint trains nothing)."""
 
     def __init__(self, *args: Any, kd: KDConfig | None = None, teacher_model: torch.nn.Module | None = None,
                  teacher_store: TeacherLogitStore | None = None, expected_tokenizer_sha256: str | None = None,

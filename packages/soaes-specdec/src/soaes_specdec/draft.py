@@ -194,10 +194,11 @@ def load_hf_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any =
 
 def load_any_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = None,
                    restrict_head: bool = True, target: str | os.PathLike[str] | None = None,
-                   target_tokenizer: Any = None) -> Any:
+                   target_tokenizer: Any = None, allow_other_target: bool = False) -> Any:
     """A draft of either kind: a `FeatureDraft` when `spec` is a feature-draft directory (`is_feature_draft_dir`),
     else a layer draft (`load_draft`); with `target`, the tokenizer is checked against the target's first. Both
-    kinds go straight into `SpeculativeDecoder(target, draft)`."""
+    kinds go straight into `SpeculativeDecoder(target, draft)`, which refuses a feature draft trained for another
+    target unless `allow_other_target`."""
     from .feature_draft import FeatureDraft, is_feature_draft_dir
 
     if not is_feature_draft_dir(spec):
@@ -205,4 +206,5 @@ def load_any_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any 
                           target_tokenizer=target_tokenizer)
     if target is not None:
         check_draft_tokenizer(target, spec, target_tokenizer=target_tokenizer)
-    return FeatureDraft.from_pretrained(spec, dtype=dtype, device=device, restrict_head=restrict_head)
+    return FeatureDraft.from_pretrained(spec, dtype=dtype, device=device, restrict_head=restrict_head,
+                                        allow_other_target=allow_other_target)

@@ -41,7 +41,8 @@ FEATURE_DRAFT_NOTE = (
     "this feature draft has an fc bias, normalises layer 0's input and applies a final norm, so its weights cannot "
     "be mapped onto vLLM's EAGLE-1 layout without changing what it computes. It is exported in soaes's own "
     "feature-draft format (load it with `soaes_specdec.feature_draft.FeatureDraft.from_pretrained`); serving it "
-    "in vLLM is untested and needs a conversion that retrains or drops those parts.")
+    "in vLLM as is is untested. A draft trained with `layout: engine` has none of those parts: export it with "
+    "`soaes-specdec export DRAFT --format vllm-eagle` (or `sglang-eagle`), which writes the engine's EAGLE folder.")
 
 
 @dataclass(frozen=True)

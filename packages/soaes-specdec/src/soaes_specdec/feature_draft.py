@@ -14,14 +14,23 @@ Saved as a directory: the 1-layer causal LM by `save_pretrained` (an ordinary HF
 `feature_fc.safetensors`, and `feature_draft.json` marking the kind; `head_token_ids.json` when the head is
 restricted, and the target's tokenizer files (`save_pretrained(..., tokenizer=)`), as for layer drafts.
 `feature_draft.json` is written last, so a directory cut short by a crash is not taken for a feature draft.
+
+Two layouts: `soaes` (the layer keeps its input norm, a final norm follows it, `fc` has a bias) and `engine`, the
+EAGLE-1 layout vLLM and SGLang run (layer 0's input norm and the final norm are identities, `fc` has no bias), which
+`soaes_specdec.eagle_export` writes out for those engines without changing what it computes. The draft records a
+fingerprint of the target it was built for (`target_fingerprint`), and `check_draft_target` refuses to pair it with
+another (shape-compatible) target unless told to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +41,74 @@ from soaes_core.errors import InvalidArgumentError, ModelLoadError
 FEATURE_DRAFT_FILE = "feature_draft.json"
 FC_FILE = "feature_fc.safetensors"
 FORMAT = "soaes-feature-draft"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the `soaes` layout; the `engine` layout is written as version 2, which older readers refuse
+ENGINE_FORMAT_VERSION = 2
+LAYOUTS = ("soaes", "engine")
+FINGERPRINT_SAMPLES = 4  # values read per parameter tensor
+FINGERPRINT_RTOL = 2.0 ** -7  # above bfloat16/float16 rounding: the same weights loaded in another dtype still match
+
+logger = logging.getLogger(__name__)
+
+
+class DraftTargetMismatchError(InvalidArgumentError):
+    """A feature draft paired with a target other than the one it was trained for (its features mean other things)."""
+
+
+def target_fingerprint(model: Any) -> dict[str, Any]:
+    """Identity of a target's weights: a hash of its parameter names and shapes, and `FINGERPRINT_SAMPLES` evenly
+    spaced values of every parameter (rounded to bfloat16, so the same weights in fp32 or bf16 give the same
+    record). Cheap (no full pass over the weights), yet any fine-tune moves most sampled values."""
+    names = hashlib.sha256()
+    values: list[float] = []
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        names.update(f"{name}:{tuple(p.shape)};".encode())
+        flat = p.detach().reshape(-1)
+        if flat.numel() == 0:
+            continue
+        k, n = min(FINGERPRINT_SAMPLES, flat.numel()), flat.numel()
+        idx = torch.arange(k, dtype=torch.long) * (n - 1) // max(1, k - 1)  # integer spacing: exact for any size
+        values += flat[idx.to(flat.device)].float().cpu().to(torch.bfloat16).float().tolist()
+    digest = hashlib.sha256(torch.tensor(values, dtype=torch.float32).numpy().tobytes()).hexdigest()
+    return {"structure_sha256": names.hexdigest(), "values_sha256": digest, "values": values}
+
+
+def same_target(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """True when two `target_fingerprint`s are of the same weights (equal structure; every sampled value equal up to
+    `FINGERPRINT_RTOL`, which absorbs dtype rounding)."""
+    if recorded.get("structure_sha256") != current.get("structure_sha256"):
+        return False
+    if recorded.get("values_sha256") == current.get("values_sha256"):
+        return True
+    a = torch.tensor(recorded.get("values") or [], dtype=torch.float64)
+    b = torch.tensor(current.get("values") or [], dtype=torch.float64)
+    if a.shape != b.shape:
+        return False
+    return bool(((a - b).abs() <= FINGERPRINT_RTOL * torch.maximum(a.abs(), b.abs()) + 1e-6).all())
+
+
+def check_draft_target(draft: FeatureDraft, target: Any, allow_other_target: bool | None = None) -> None:
+    """Refuse (`DraftTargetMismatchError`, one line) to pair `draft` with a `target` other than the one it was built
+    for; a draft saved without the record (older soaes) passes with a one-line warning. `allow_other_target`
+    (default: the draft's own `allow_other_target`) skips the check."""
+    allow = draft.allow_other_target if allow_other_target is None else allow_other_target
+    if allow:
+        return
+    recorded = draft.target_identity
+    if recorded is None:
+        if not draft._warned_no_identity:
+            logger.warning("this feature draft has no record of the target it was trained for (saved by an older "
+                           "soaes): it cannot be checked against this target")
+            draft._warned_no_identity = True
+        return
+    current = target_fingerprint(target)
+    if not same_target(recorded, current):
+        what = ("a differently shaped model" if recorded.get("structure_sha256") != current["structure_sha256"]
+                else "other weights")
+        raise DraftTargetMismatchError(
+            f"this feature draft was trained for another target (recorded target weights "
+            f"{str(recorded.get('values_sha256'))[:12]}, this target {current['values_sha256'][:12]}: {what}): it "
+            "reads the target's hidden states, which mean other things here; pair it with its own target, or pass "
+            "allow_other_target=True (--allow-other-target) if that is really meant")
 
 
 def is_feature_draft_dir(path: str | os.PathLike[str]) -> bool:
@@ -40,18 +116,38 @@ def is_feature_draft_dir(path: str | os.PathLike[str]) -> bool:
     return (Path(str(path)) / FEATURE_DRAFT_FILE).is_file()
 
 
+def feature_draft_layout(path: str | os.PathLike[str]) -> str | None:
+    """The layout (`soaes` | `engine`) of a saved feature draft, None when `path` is not one (or is unreadable)."""
+    try:
+        meta = json.loads((Path(str(path)) / FEATURE_DRAFT_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return str(meta.get("layout", "soaes")) if isinstance(meta, dict) else None
+
+
 class FeatureDraft(torch.nn.Module):
     """`fc` (2H -> H) + `lm`, a 1-layer causal LM of the target's class whose embeddings and head are the
     target's (frozen by default). `lm.model.norm` is the draft's own final norm."""
 
-    def __init__(self, lm: Any, fc: torch.nn.Linear) -> None:
+    def __init__(self, lm: Any, fc: torch.nn.Linear, layout: str = "soaes",
+                 target_identity: dict[str, Any] | None = None) -> None:
         super().__init__()
         hidden = lm.config.hidden_size
         if tuple(fc.weight.shape) != (hidden, 2 * hidden):
             raise InvalidArgumentError(f"feature draft fc must map {2 * hidden} -> {hidden} features, "
                                        f"got weight {tuple(fc.weight.shape)}")
+        if layout not in LAYOUTS:
+            raise InvalidArgumentError(f"feature draft layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if (fc.bias is None) != (layout == "engine"):
+            raise InvalidArgumentError(f"the {layout} layout's fc {'has no' if layout == 'engine' else 'has a'} bias")
         self.lm = lm
         self.fc = fc
+        self.layout = layout
+        self.target_identity = target_identity  # `target_fingerprint` of the target it was built for (None: unknown)
+        self.allow_other_target = False  # skip `check_draft_target` (set by loaders told so)
+        self._warned_no_identity = False
+        if layout == "engine":
+            _strip_engine_norms(lm)
 
     @property
     def config(self) -> Any:
@@ -62,10 +158,14 @@ class FeatureDraft(torch.nn.Module):
         return int(self.lm.config.hidden_size)
 
     @classmethod
-    def from_target(cls, target: Any, layer: int | None = None, freeze_embeddings: bool = True) -> FeatureDraft:
+    def from_target(cls, target: Any, layer: int | None = None, freeze_embeddings: bool = True,
+                    layout: str = "soaes") -> FeatureDraft:
         """A fresh draft for `target`: its decoder layer `layer` (default: the last) and final norm copied as the
         starting point, `fc` initialised to pass the feature through (`[0 | I]`), embeddings and head shared
-        copies of the target's, frozen when `freeze_embeddings`."""
+        copies of the target's, frozen when `freeze_embeddings`. `layout="engine"` drops layer 0's input norm, the
+        final norm and fc's bias (what vLLM/SGLang run); the target's fingerprint is recorded either way."""
+        if layout not in LAYOUTS:
+            raise InvalidArgumentError(f"feature draft layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         layers = getattr(getattr(target, "model", None), "layers", None)
         if not isinstance(layers, torch.nn.ModuleList) or not hasattr(target.model, "norm"):
             raise InvalidArgumentError(f"a feature draft needs a Llama/Qwen2-style target (`model.layers`), "
@@ -86,12 +186,13 @@ class FeatureDraft(torch.nn.Module):
             lm.tie_weights()
         hidden = cfg.hidden_size
         param = next(target.parameters())
-        fc = torch.nn.Linear(2 * hidden, hidden, bias=True, device=param.device, dtype=param.dtype)
+        fc = torch.nn.Linear(2 * hidden, hidden, bias=layout == "soaes", device=param.device, dtype=param.dtype)
         with torch.no_grad():
             fc.weight.zero_()
             fc.weight[:, hidden:] = torch.eye(hidden, dtype=param.dtype, device=param.device)
-            fc.bias.zero_()
-        draft = cls(lm, fc)
+            if fc.bias is not None:
+                fc.bias.zero_()
+        draft = cls(lm, fc, layout=layout, target_identity=target_fingerprint(target))
         if freeze_embeddings:
             draft.freeze_embeddings()
         return draft.eval()
@@ -137,7 +238,8 @@ class FeatureDraft(torch.nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         (out / FEATURE_DRAFT_FILE).unlink(missing_ok=True)  # marker last: a cut-short save is no feature draft
         head = self.lm.get_output_embeddings()
-        unrestricted_copy(self.lm).save_pretrained(out, safe_serialization=True)
+        with _hf_savable(self.lm, self.layout):
+            unrestricted_copy(self.lm).save_pretrained(out, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         if isinstance(head, RestrictedLMHead):
@@ -145,17 +247,22 @@ class FeatureDraft(torch.nn.Module):
         else:
             (out / HEAD_IDS_FILE).unlink(missing_ok=True)  # a stale restriction from an earlier save
         tmp = temp_path(out / FC_FILE)
-        save_file({"weight": self.fc.weight.detach().contiguous(), "bias": self.fc.bias.detach().contiguous()},
-                  str(tmp))
+        tensors = {"weight": self.fc.weight.detach().contiguous()}
+        if self.fc.bias is not None:
+            tensors["bias"] = self.fc.bias.detach().contiguous()
+        save_file(tensors, str(tmp))
         os.replace(tmp, out / FC_FILE)
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "hidden_size": self.hidden_size, "fc_file": FC_FILE}
+        version = ENGINE_FORMAT_VERSION if self.layout == "engine" else FORMAT_VERSION
+        meta = {"format": FORMAT, "version": version, "hidden_size": self.hidden_size, "fc_file": FC_FILE,
+                "layout": self.layout, "target": self.target_identity}
         atomic_write_json(out / FEATURE_DRAFT_FILE, meta)
         return out
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], dtype: Any = None, device: Any = None,
-                        restrict_head: bool = True) -> FeatureDraft:
-        """Load a directory written by `save_pretrained` (restricted head applied when recorded)."""
+                        restrict_head: bool = True, allow_other_target: bool = False) -> FeatureDraft:
+        """Load a directory written by `save_pretrained` (restricted head applied when recorded); with
+        `allow_other_target` the draft skips the check against its recorded target when paired."""
         from safetensors.torch import load_file
 
         from .draft import load_hf_draft
@@ -166,9 +273,16 @@ class FeatureDraft(torch.nn.Module):
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise ModelLoadError(f"{meta_file}: not a readable feature-draft file ({err})") from None
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        if meta.get("format") != FORMAT or meta.get("version") not in (FORMAT_VERSION, ENGINE_FORMAT_VERSION):
             raise ModelLoadError(f"{meta_file}: unsupported feature-draft format {meta.get('format')!r} version "
-                                 f"{meta.get('version')!r} (this soaes-specdec reads {FORMAT} v{FORMAT_VERSION})")
+                                 f"{meta.get('version')!r} (this soaes-specdec reads {FORMAT} v{FORMAT_VERSION} and "
+                                 f"v{ENGINE_FORMAT_VERSION})")
+        layout = meta.get("layout", "soaes")
+        if layout not in LAYOUTS or (layout == "engine") != (meta["version"] == ENGINE_FORMAT_VERSION):
+            raise ModelLoadError(f"{meta_file}: layout {layout!r} does not match format version {meta['version']}")
+        identity = meta.get("target")
+        if identity is not None and not isinstance(identity, dict):
+            raise ModelLoadError(f"{meta_file}: field 'target' must be an object (the target's fingerprint)")
         lm = load_hf_draft(root, dtype=dtype, device=device, restrict_head=restrict_head)
         hidden = int(lm.config.hidden_size)
         if meta.get("hidden_size") != hidden:
@@ -180,12 +294,47 @@ class FeatureDraft(torch.nn.Module):
         except Exception as err:  # OSError, or safetensors' own error types
             raise ModelLoadError(f"{fc_path}: cannot read the feature draft's fc weights ({err})") from None
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        if shapes != {"weight": (hidden, 2 * hidden), "bias": (hidden,)}:
-            raise ModelLoadError(f"{fc_path}: expected fc tensors weight {(hidden, 2 * hidden)} and bias {(hidden,)}, "
-                                 f"got {shapes}")
+        expected = {"weight": (hidden, 2 * hidden), **({"bias": (hidden,)} if layout == "soaes" else {})}
+        if shapes != expected:
+            raise ModelLoadError(f"{fc_path}: expected fc tensors {expected} for the {layout} layout, got {shapes}")
         param = next(lm.parameters())
-        fc = torch.nn.Linear(2 * hidden, hidden, bias=True, device=param.device, dtype=param.dtype)
+        fc = torch.nn.Linear(2 * hidden, hidden, bias=layout == "soaes", device=param.device, dtype=param.dtype)
         with torch.no_grad():
             fc.weight.copy_(tensors["weight"])
-            fc.bias.copy_(tensors["bias"])
-        return cls(lm, fc).eval()
+            if fc.bias is not None:
+                fc.bias.copy_(tensors["bias"])
+        draft = cls(lm, fc, layout=layout, target_identity=identity)
+        draft.allow_other_target = allow_other_target
+        return draft.eval()
+
+
+def _strip_engine_norms(lm: Any) -> None:
+    """The engine layout in place: layer 0's input norm and the final norm become identities."""
+    lm.model.layers[0].input_layernorm = torch.nn.Identity()
+    lm.model.norm = torch.nn.Identity()
+
+
+@contextlib.contextmanager
+def _hf_savable(lm: Any, layout: str) -> Iterator[None]:
+    """While saving an engine-layout draft, unit-weight norms stand in for its identities, so the HF directory is
+    complete (no "newly initialised weights" on load); `from_pretrained` strips them again."""
+    if layout != "engine":
+        yield
+        return
+    layer = lm.model.layers[0]
+    ref = layer.post_attention_layernorm
+    eps = getattr(ref, "variance_epsilon", getattr(ref, "eps", 1e-6))
+
+    def unit() -> Any:
+        norm = copy.deepcopy(ref)
+        with torch.no_grad():
+            norm.weight.fill_(1.0)
+        norm.variance_epsilon = eps
+        return norm
+
+    saved = (layer.input_layernorm, lm.model.norm)
+    layer.input_layernorm, lm.model.norm = unit(), unit()
+    try:
+        yield
+    finally:
+        layer.input_layernorm, lm.model.norm = saved
