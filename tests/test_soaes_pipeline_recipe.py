@@ -135,3 +135,51 @@ def test_running_a_slice_needs_its_input_stage(tmp_path: Path) -> None:
     line = _cli_error("pipeline", "run", "demo", "--quick", "-o", str(tmp_path / "run"), "--from", "cpt",
                       "--until", "cpt")
     assert "'cpt' needs the output of stage 'pack'" in line and "--from pack" in line
+
+
+@pytest.mark.parametrize(("override", "where", "what"), [
+    ("threads=-1", "threads", "must be >= 1"),
+    ("specdec_bench.num_speculative_tokens=[0]", "specdec_bench", "num_speculative_tokens"),
+    ("specdec_bench.max_new_tokens=0", "specdec_bench", "max_new_tokens must be >= 1"),
+    ("eval.limit=-1", "eval", "limit must be >= 1"),
+    ("specdec_bench.dtype=float99", "specdec_bench", "dtype must be one of float32, bfloat16, float16"),
+    ("specdec_bench.reference_dtype=half99", "specdec_bench", "reference_dtype must be one of"),
+    ("eval.general_tasks=[soaes_nosuch]", "eval.general_tasks[0]", "unknown task 'soaes_nosuch'"),
+    ("eval.domain_task=soaes_domain_qaa", "eval.domain_task", "did you mean 'soaes_domain_qa'"),
+    ("export.draft=nosuch", "export.draft", "no draft 'nosuch'; distill_draft makes: undistilled, distilled"),
+    ("pack.max_length=-1", "pack", "max_length must be >= 2"),
+    ("teacher_data.max_new_tokens=0", "teacher_data", "max_new_tokens must be >= 1"),
+    ("cpt.max_length=1", "cpt", "max_length must be >= 2"),
+    ("dump_logits.top_k=0", "dump_logits", "top_k must be >= 1"),
+    ("distill_draft.sweep=[{alpha: 2, temperature: 1}]", "distill_draft.sweep[0]", "0 <= alpha <= 1"),
+    ("stages=[pack,curate]", "stages[0]", "'pack' reads the output of stage 'curate', which is listed after it"),
+    ("stages=[curate,pack,sft_stage1,cpt]", "stages[2]", "'sft_stage1' reads the output of stage 'cpt'"),
+    ("stages=[]", "stages", "no stages"),
+    ("target=no/such/model", "target", "no such model file or directory"),
+])
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_every_bad_value_is_one_line_before_any_work(tmp_path: Path, override: str, where: str, what: str,
+                                                     command: str) -> None:
+    """plan and run share one validation of the whole recipe: each bad value is one line naming the recipe file
+    and the field, and a run refused for it creates nothing."""
+    path = _recipe(tmp_path, stages=["curate", "pack"])
+    run = tmp_path / "run"
+    line = _cli_error("pipeline", command, str(path), "-o", str(run), "--set", override)
+    assert line.startswith(f"error: {path}: {where}: ") and what in line, line
+    assert not run.exists()
+
+
+def test_relative_target_resolves_against_the_recipe_folder(tmp_path: Path, tiny_qwen2_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from soaes.pipeline.recipe import target_spec
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    shutil.copytree(tiny_qwen2_dir, folder / "models" / "tiny")
+    path = _recipe(folder, target="models/tiny", stages=["curate", "pack", "cpt"])
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    recipe = load_pipeline_recipe(path)
+    assert target_spec(recipe) == str(folder / "models" / "tiny")
+    cpt = {p.name: p for p in plan_pipeline(recipe, tmp_path / "run")}["cpt"]
+    assert cpt.fingerprint["inputs"]["model"]["path"] == str(folder / "models" / "tiny")
+    assert cpt.fingerprint["inputs"]["model"]["sha256"].startswith("tree:")

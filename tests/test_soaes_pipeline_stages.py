@@ -34,6 +34,27 @@ def test_curate_decontaminate_pack_slice(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "pack: skipped (up to date)" in res.output
 
 
+def test_run_folder_inside_curation_input_refused_before_creating_anything(tmp_path: Path) -> None:
+    """Issue 29: `-o` inside the curation recipe's input folder is refused in one line naming both, and leaves no
+    folder behind (it was refused only when curate ran, after the run folder was made there)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text(json.dumps({"text": "国有资产监督管理。"}, ensure_ascii=False) + "\n",
+                                    encoding="utf-8")
+    (tmp_path / "curate.yaml").write_text(yaml.safe_dump({"inputs": ["corpus"], "output_dir": "unused"}),
+                                          encoding="utf-8")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "c", "stages": ["curate"], "curate": {"recipe": "curate.yaml"}}),
+                      encoding="utf-8")
+    res = CliRunner().invoke(main, ["pipeline", "run", str(recipe), "-o", str(corpus / "run")])
+    assert res.exit_code == 2, res.output
+    real = corpus.resolve()
+    assert res.output.strip() == (f"error: output folder {real / 'run'} is inside curation input {real}: curation "
+                                  "would read its own outputs back as documents; choose an output folder outside "
+                                  "the inputs")
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.jsonl"]
+
+
 def test_teacher_prompts_committed_heldout_split_and_domain_queries(tmp_path: Path) -> None:
     """A committed held-out file is the held-out split; training prompts (given or generated from domain text)
     that share an 8-character span with a held-out prompt are dropped with the reason, never silently."""

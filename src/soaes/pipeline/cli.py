@@ -54,10 +54,16 @@ def _load(recipe: str, quick: bool, overrides: tuple[str, ...]):  # type: ignore
 def plan(recipe: str, overrides: tuple[str, ...], output_dir: str | None, quick: bool, start: str | None,
          until: str | None) -> None:
     """Print each stage as up-to-date / will run (and why) / not selected."""
-    from .runner import plan_pipeline, run_dir_of
+    from soaes_core.cache import describe_holder
+
+    from .runner import plan_pipeline, run_dir_of, run_lock_holder
 
     r = _load(recipe, quick, overrides)
-    click.echo(f"recipe {r.name} ({r.source}) → {run_dir_of(r, output_dir)}")
+    run_dir = run_dir_of(r, output_dir)
+    click.echo(f"recipe {r.name} ({r.source}) → {run_dir}")
+    holder = run_lock_holder(run_dir)
+    if holder is not None:
+        click.echo(f"note: a run is using this folder ({describe_holder(holder)}); stages may change as it goes")
     for p in plan_pipeline(r, output_dir, start, until):
         click.echo(f"  {p.dir.name:20s} {p.status:12s} {p.reason}")
 

@@ -29,6 +29,31 @@ SAMPLE_PREFIX = "sample:"  # soaes-data's shipped samples
 EVAL_SAMPLE_PREFIX = "eval-sample:"  # soaes-eval's shipped samples
 DISTILL_DATA_PREFIX = "distill-data:"  # soaes-distill's shipped data (the committed held-out domain prompts)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DTYPES = ("float32", "bfloat16", "float16")  # plus soaes_core's aliases (fp32, bf16, fp16, half, float)
+
+
+def _check_min(obj: Any, minimum: int, *names: str, optional: bool = False) -> None:
+    """ValueError naming the first field of `names` below `minimum` (None allowed when `optional`)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        if value is None or value < minimum:
+            unset = " (or unset)" if optional else ""
+            raise ValueError(f"{name} must be >= {minimum}{unset}, got {value}")
+
+
+def _check_dtype(name: str, value: str | None, optional: bool = False) -> None:
+    from soaes_core.models import resolve_dtype
+
+    if value is None and optional:
+        return
+    try:
+        dtype = resolve_dtype(value) if isinstance(value, str) else None
+    except SoaesError:
+        dtype = None
+    if dtype is None or str(dtype).removeprefix("torch.") not in DTYPES:
+        raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
 
 
 @dataclass
@@ -47,6 +72,9 @@ class DecontaminateSettings:
     ngram: int = 13
     min_overlaps: int = 1
 
+    def __post_init__(self) -> None:
+        _check_min(self, 1, "ngram", "min_overlaps")
+
 
 @dataclass
 class PackSettings:
@@ -56,6 +84,9 @@ class PackSettings:
     cpt_data: str | None = None  # an explicit corpus JSONL instead of the curated output
     sft_stage1: str = "sample:sft/dialog_pool.jsonl"
     sft_stage2: str = "sample:sft/expert_pool.jsonl"
+
+    def __post_init__(self) -> None:
+        _check_min(self, 2, "max_length")
 
 
 @dataclass
@@ -67,6 +98,9 @@ class TrainStageSettings:
     data: str | None = None
     max_length: int = 256
 
+    def __post_init__(self) -> None:
+        _check_min(self, 2, "max_length")
+
 
 @dataclass
 class DomainQuerySettings:
@@ -76,6 +110,10 @@ class DomainQuerySettings:
     max_queries: int = 0  # 0 = none
     num_terms: int = 200
     texts: list[str] = field(default_factory=lambda: ["sample:corpus/articles.jsonl"])
+
+    def __post_init__(self) -> None:
+        _check_min(self, 0, "max_queries")
+        _check_min(self, 1, "num_terms")
 
 
 @dataclass
@@ -104,6 +142,12 @@ class TeacherDataSettings:
             raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
         if self.samples_per_prompt < 0 or self.decontam_ngram < 1:
             raise ValueError("samples_per_prompt must be >= 0 and decontam_ngram >= 1")
+        _check_min(self, 1, "max_new_tokens", "batch_size")
+        _check_min(self, 2, "max_length")
+        _check_min(self, 1, "max_prompts", "max_heldout", optional=True)
+        if self.sample_temperature <= 0 or not 0.0 < self.sample_top_p <= 1.0:
+            raise ValueError(f"need sample_temperature > 0 and 0 < sample_top_p <= 1, got {self.sample_temperature} "
+                             f"and {self.sample_top_p}")
 
 
 @dataclass
@@ -113,11 +157,18 @@ class DumpSettings:
     top_k: int = 64
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        _check_min(self, 1, "top_k", "batch_size")
+
 
 @dataclass
 class SweepPoint:
     alpha: float
     temperature: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:
+            raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {self.alpha} and {self.temperature}")
 
 
 @dataclass
@@ -139,6 +190,7 @@ class DistillSettings:
     def __post_init__(self) -> None:
         if self.kind not in ("layer", "feature"):
             raise ValueError(f"kind must be 'layer' or 'feature', got {self.kind!r}")
+        _check_min(self, 1, "draft_layers")
         if self.kind == "feature" and (self.sweep or self.draft is not None):
             raise ValueError("kind 'feature' trains a feature head from the target: `sweep` and `draft` apply to "
                              "layer drafts only")
@@ -167,6 +219,18 @@ class BenchSettings:
     prepack: bool | None = None  # MKL-packed verification (unset = on where supported)
 
     def __post_init__(self) -> None:
+        from soaes_specdec.bench import MODES
+
+        _check_dtype("dtype", self.dtype)
+        _check_dtype("reference_dtype", self.reference_dtype, optional=True)
+        if not self.num_speculative_tokens or min(self.num_speculative_tokens) < 1:
+            raise ValueError(f"num_speculative_tokens: give one or more ints >= 1, got {self.num_speculative_tokens}")
+        for name, modes in (("modes", self.modes), ("lookup_extend", self.lookup_extend)):
+            unknown = [m for m in modes if m not in MODES]
+            if unknown or (name == "modes" and not modes):
+                raise ValueError(f"{name}: choose from {', '.join(MODES)}, got {modes}")
+        _check_min(self, 1, "max_prompts", "max_new_tokens", "repeats", "exactness_prompts")
+        _check_min(self, 0, "warmup")
         if self.lookup_tokens < 0 or self.lookup_min_ngram < 1:
             raise ValueError(f"lookup_tokens must be >= 0 and lookup_min_ngram >= 1, got {self.lookup_tokens} and "
                              f"{self.lookup_min_ngram}")
@@ -202,6 +266,12 @@ class EvalSettings:
     batch_size: int = 8
     data_dir: str = "eval-sample:"  # folder with cmmlu/, ceval/, domain/ (default: soaes-eval's shipped samples)
 
+    def __post_init__(self) -> None:
+        _check_min(self, 1, "limit", optional=True)
+        _check_min(self, 1, "max_gen_toks", "batch_size")
+        if not self.general_tasks:
+            raise ValueError("general_tasks: give at least one task")
+
 
 @dataclass
 class PipelineRecipe:
@@ -234,6 +304,8 @@ class PipelineRecipe:
 
     def __post_init__(self) -> None:
         self.output_dir = self.output_dir.replace("${name}", self.name)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: must be >= 1 (or unset: torch's choice), got {self.threads}")
 
 
 def resolve_recipe_path(name_or_path: str | os.PathLike[str]) -> Path:
@@ -272,6 +344,21 @@ def is_model_spec(value: str) -> bool:
     return value.startswith(("embedded:", "hf:"))
 
 
+def model_spec(recipe: PipelineRecipe, value: str) -> str:
+    """A model value of the recipe as `load_model` takes it: specs as they are, paths (also after `gguf:`)
+    resolved against the recipe's folder, never the working directory."""
+    if is_model_spec(value):
+        return value
+    if value.startswith("gguf:"):
+        return "gguf:" + str(resolve_path(recipe, value.removeprefix("gguf:")))
+    return str(resolve_path(recipe, value))
+
+
+def target_spec(recipe: PipelineRecipe) -> str:
+    """The recipe's base `target`, resolved (see `model_spec`)."""
+    return model_spec(recipe, recipe.target)
+
+
 def load_pipeline_recipe(name_or_path: str | os.PathLike[str], *, quick: bool = False,
                          overrides: dict[str, Any] | None = None) -> PipelineRecipe:
     """Load and validate a recipe (a path or a shipped recipe name); `quick` applies its `quick:` overrides."""
@@ -305,8 +392,11 @@ def trained_target_source(recipe: PipelineRecipe) -> str | None:
 
 
 def validate_recipe(recipe: PipelineRecipe) -> None:
-    """Unknown or duplicated stages, missing data paths, stages whose input stage is absent (and not given as a
-    path), and a draft whose tokenizer differs from the target's: each is one `ConfigError` naming file and field."""
+    """Unknown, duplicated or misordered stages, missing paths and models, stages whose input stage is absent (and
+    not given as a path), unknown eval tasks or export draft, and a draft whose tokenizer differs from the target's:
+    each is one `ConfigError` naming file and field. Section values are checked by the settings classes."""
+    if not recipe.stages:
+        raise _fail(recipe, "stages", f"no stages; list some of: {', '.join(STAGE_ORDER)}")
     for i, name in enumerate(recipe.stages):
         if name not in STAGE_ORDER:
             import difflib
@@ -318,8 +408,19 @@ def validate_recipe(recipe: PipelineRecipe) -> None:
             raise _fail(recipe, f"stages[{i}]", f"stage {name!r} is listed twice")
     from .stages import STAGES
 
-    for name in recipe.stages:
+    for key in ("target", "trained_target"):
+        value = getattr(recipe, key)
+        if value is not None and not is_model_spec(value):
+            p = resolve_path(recipe, value.removeprefix("gguf:"))
+            if not p.exists():
+                raise _fail(recipe, key, f"no such model file or directory: {p}")
+    for i, name in enumerate(recipe.stages):
         stage = STAGES[name]
+        for inp in stage.inputs(recipe):
+            if inp.explicit is None and inp.stage in recipe.stages and recipe.stages.index(inp.stage) > i:
+                raise _fail(recipe, f"stages[{i}]", f"stage {name!r} reads the output of stage {inp.stage!r}, "
+                            f"which is listed after it (stages[{recipe.stages.index(inp.stage)}]); list "
+                            f"{inp.stage!r} first")
         for path_field, value in stage.data_paths(recipe).items():
             if value is None or is_model_spec(value):
                 continue
@@ -330,7 +431,59 @@ def validate_recipe(recipe: PipelineRecipe) -> None:
             if inp.explicit is None and inp.stage is not None and inp.stage not in recipe.stages and inp.required:
                 raise _fail(recipe, "stages", f"stage {name!r} needs the output of stage {inp.stage!r}, which is not "
                             f"in stages (add it, or set {inp.field} to a path)")
+    _check_export_draft(recipe)
+    _check_eval_tasks(recipe)
     _check_draft_tokenizer(recipe)
+
+
+def draft_names(recipe: PipelineRecipe) -> list[str]:
+    """The keys of the `drafts.json` that distill_draft writes for this recipe."""
+    from .stages import sweep_slug
+
+    return ["undistilled", "distilled"] + [f"sweep/{sweep_slug(p.alpha, p.temperature)}"
+                                           for p in recipe.distill_draft.sweep]
+
+
+def _check_export_draft(recipe: PipelineRecipe) -> None:
+    names = draft_names(recipe)
+    if recipe.export.draft not in names:
+        raise _fail(recipe, "export.draft", f"no draft {recipe.export.draft!r}; distill_draft makes: "
+                    f"{', '.join(names)}")
+
+
+def shipped_eval_tasks() -> set[str]:
+    """Task and group names of soaes-eval's shipped lm-eval YAMLs (read as text: no lm-eval import)."""
+    import re
+
+    from soaes_eval.tasks import TASKS_DIR
+
+    pattern = re.compile(r"^(?:task|group):\s*[\"']?([A-Za-z0-9_.\-]+)[\"']?\s*$", re.M)
+    return {m for p in TASKS_DIR.rglob("*.yaml") for m in pattern.findall(p.read_text(encoding="utf-8"))}
+
+
+def _check_eval_tasks(recipe: PipelineRecipe) -> None:
+    """soaes tasks against the shipped YAMLs; any other name against lm-eval's index (slow, so only when asked)."""
+    s = recipe.eval
+    named = [(f"eval.general_tasks[{i}]", t) for i, t in enumerate(s.general_tasks)] + [("eval.domain_task",
+                                                                                         s.domain_task)]
+    shipped = shipped_eval_tasks()
+    for where, task in named:
+        if task.startswith("soaes_") and task not in shipped:
+            import difflib
+
+            near = difflib.get_close_matches(task, sorted(shipped), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise _fail(recipe, where, f"unknown task {task!r}{hint}; soaes tasks: soaes_cmmlu, soaes_ceval, "
+                        "soaes_domain_qa, their subtasks, or any lm-eval task")
+    others = [(w, t) for w, t in named if not t.startswith("soaes_")]
+    if others and "eval" in recipe.stages:
+        from soaes_eval.tasks import task_manager
+
+        known = task_manager(include_defaults=True).all_tasks
+        for where, task in others:
+            if task not in known:
+                raise _fail(recipe, where, f"unknown task {task!r}: neither a soaes task (soaes_cmmlu, soaes_ceval, "
+                            "soaes_domain_qa, their subtasks) nor an lm-eval task")
 
 
 def _check_draft_tokenizer(recipe: PipelineRecipe) -> None:
@@ -339,8 +492,7 @@ def _check_draft_tokenizer(recipe: PipelineRecipe) -> None:
         return
     from soaes_core import load_tokenizer, tokenizer_fingerprint
 
-    spec = draft if is_model_spec(draft) else str(resolve_path(recipe, draft))
-    target = recipe.target if is_model_spec(recipe.target) else str(resolve_path(recipe, recipe.target))
+    spec, target = model_spec(recipe, draft), target_spec(recipe)
     try:
         a = tokenizer_fingerprint(load_tokenizer(spec), ids_only=True)
     except SoaesError as err:

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from soaes_core import read_jsonl, write_jsonl
-from soaes_core.errors import SoaesError
+from soaes_core.errors import ConfigError, SoaesError
 
-from .recipe import STAGE_ORDER, PipelineRecipe, is_model_spec, resolve_path
+from .recipe import STAGE_ORDER, PipelineRecipe, is_model_spec, model_spec, resolve_path, target_spec
 
 FAIL_ENV = "SOAES_PIPELINE_FAIL_AT"  # "STAGE:POINT": raise there (tests of kill-and-rerun)
+# "STAGE:POINT=FILE": at that point create FILE.waiting, then wait until FILE exists (tests of concurrent runs)
+PAUSE_ENV = "SOAES_PIPELINE_PAUSE_AT"
 MODEL_DIR = "model"
 
 
@@ -53,7 +55,9 @@ class StageContext:
     def resolve(self, inp: Input) -> Path | str | None:
         """Where input `inp` is: an explicit path/model spec, or the upstream stage's output (None if absent)."""
         if inp.explicit is not None:
-            return inp.explicit if is_model_spec(inp.explicit) else resolve_path(self.recipe, inp.explicit)
+            if is_model_spec(inp.explicit) or inp.explicit.startswith("gguf:"):
+                return model_spec(self.recipe, inp.explicit)
+            return resolve_path(self.recipe, inp.explicit)
         if inp.stage is None or inp.stage not in self.recipe.stages:
             return None
         return self.stage_dir(inp.stage) / inp.subpath if inp.subpath else self.stage_dir(inp.stage)
@@ -74,6 +78,16 @@ class StageContext:
         """Raise `InjectedFailure` when `SOAES_PIPELINE_FAIL_AT` is `stage:point` (a stand-in for a kill)."""
         if os.environ.get(FAIL_ENV) == f"{stage}:{point}":
             raise InjectedFailure(f"injected failure at {stage}:{point} ({FAIL_ENV})")
+        where, sep, gate = os.environ.get(PAUSE_ENV, "").partition("=")
+        if sep and where == f"{stage}:{point}":
+            import time
+
+            Path(gate + ".waiting").touch()
+            deadline = time.monotonic() + 600
+            while not Path(gate).exists():
+                if time.monotonic() > deadline:
+                    raise InjectedFailure(f"paused at {stage}:{point} for 600 s: {gate} never appeared ({PAUSE_ENV})")
+                time.sleep(0.05)
 
 
 def stage_dirname(name: str) -> str:
@@ -106,6 +120,9 @@ class Stage:
     def external_files(self, ctx: StageContext) -> dict[str, Path]:
         """Files outside the run that this stage reads (hashed, so an edit reruns the stage)."""
         return {}
+
+    def check(self, ctx: StageContext) -> None:
+        """Refuse, before the run creates anything, a setting this stage would fail on."""
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
         raise NotImplementedError
@@ -148,6 +165,15 @@ class Curate(Stage):
             for j, f in enumerate(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]):
                 files[f"corpus{i}.{j}"] = f
         return files
+
+    def check(self, ctx: StageContext) -> None:
+        from soaes_data.pipeline import input_holding
+
+        run_dir = ctx.run_dir.resolve()
+        holder = input_holding(run_dir, self._config(ctx).inputs)
+        if holder is not None:
+            raise ConfigError(f"output folder {run_dir} is inside curation input {holder}: curation would read its "
+                              "own outputs back as documents; choose an output folder outside the inputs")
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
         from soaes_data.pipeline import run_curation
@@ -215,7 +241,8 @@ class Pack(Stage):
         return Input(key, None, f"pack.{key}", getattr(recipe.pack, key))
 
     def inputs(self, recipe: PipelineRecipe) -> list[Input]:
-        return [curated_docs(recipe), self._sft(recipe, "sft_stage1"), self._sft(recipe, "sft_stage2")]
+        return [curated_docs(recipe), self._sft(recipe, "sft_stage1"), self._sft(recipe, "sft_stage2"),
+                Input("tokenizer", None, "target", recipe.target)]
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
         return {"pack.cpt_data": recipe.pack.cpt_data, "pack.sft_stage1": recipe.pack.sft_stage1,
@@ -229,13 +256,14 @@ class Pack(Stage):
         from soaes_data.tokenize_pack import pack_cpt_corpus, pack_sft_file
 
         r = ctx.recipe
-        tok = load_tokenizer(r.target)
-        corpus, sft1, sft2 = (ctx.path(i) for i in self.inputs(r))
-        pack_cpt_corpus([corpus], out / "cpt", tok, r.pack.max_length, tokenizer_spec=r.target)
+        target = target_spec(r)
+        tok = load_tokenizer(target)
+        corpus, sft1, sft2 = (ctx.path(i) for i in self.inputs(r)[:3])
+        pack_cpt_corpus([corpus], out / "cpt", tok, r.pack.max_length, tokenizer_spec=target)
         ctx.fail_point(self.name, "after_cpt")
         counts = {"cpt": _packed_rows(out / "cpt")}
         for key, path in (("sft_stage1", sft1), ("sft_stage2", sft2)):
-            pack_sft_file(path, out / key, tok, r.pack.max_length, tokenizer_spec=r.target, on_error="skip")
+            pack_sft_file(path, out / key, tok, r.pack.max_length, tokenizer_spec=target, on_error="skip")
             counts[key] = _packed_rows(out / key)
         return counts
 
@@ -262,7 +290,7 @@ class TrainStage(Stage):
         s = getattr(recipe, self.name)
         data = Input("data", "pack", f"{self.name}.data", s.data, self.data_key)
         if self.parent is None:
-            return [data]
+            return [data, Input("model", None, f"{self.name}.model", s.model or recipe.target)]
         return [data, Input("model", self.parent, f"{self.name}.model", s.model, MODEL_DIR)]
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
@@ -278,7 +306,7 @@ class TrainStage(Stage):
 
         r, s = ctx.recipe, getattr(ctx.recipe, self.name)
         ins = self.inputs(r)
-        spec = ctx.spec(ins[1]) if self.parent is not None else (s.model or r.target)
+        spec = ctx.spec(ins[1])
         cfg = StageConfig(name=self.name, kind=self.kind,  # type: ignore[arg-type]
                           data=DataConfig(paths=[str(ctx.path(ins[0]))], format="packed", max_length=s.max_length),
                           train=s.train)
@@ -460,6 +488,8 @@ class DistillDraft(Stage):
                Input("heldout", "teacher_data", "teacher_data", None, "heldout_tokens.jsonl")]
         if recipe.distill_draft.kind == "layer":
             ins.append(Input("logits", "dump_logits", "dump_logits", None, "store"))
+        if recipe.distill_draft.draft is not None:
+            ins.append(Input("draft", None, "distill_draft.draft", recipe.distill_draft.draft))
         return ins
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
@@ -521,10 +551,10 @@ class DistillDraft(Stage):
         from soaes_distill.recipe import DistillRecipe, run_distill
 
         r, s = ctx.recipe, ctx.recipe.distill_draft
-        target, data, heldout, logits = (ctx.spec(i) for i in self.inputs(r))
+        target, data, heldout, logits = (ctx.spec(i) for i in self.inputs(r)[:4])
         init = out / "undistilled"
         if s.draft is not None:
-            student = s.draft if is_model_spec(s.draft) else str(resolve_path(r, s.draft))
+            student = model_spec(r, s.draft)
         else:
             if not (init / "config.json").is_file():
                 make_draft(target, init, num_layers=s.draft_layers)
@@ -711,14 +741,18 @@ class Eval(Stage):
     )
 
     def inputs(self, recipe: PipelineRecipe) -> list[Input]:
-        ins = [Input(label, st, "stages", None, MODEL_DIR, required=st in recipe.stages)
-               for label, st, _, _ in self.MODELS if st is not None]
+        ins = [Input("base", None, "target", recipe.target)]
+        ins += [Input(label, st, "stages", None, MODEL_DIR, required=st in recipe.stages)
+                for label, st, _, _ in self.MODELS if st is not None]
         if recipe.distill_draft.sweep:  # Table 3: the drafts' own domain QA quality
             ins.append(Input("drafts", "distill_draft", "distill_draft.sweep", None, required=False))
         return ins
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
         return {"eval.data_dir": recipe.eval.data_dir}
+
+    def external_files(self, ctx: StageContext) -> dict[str, Path]:
+        return {"eval_data": resolve_path(ctx.recipe, ctx.recipe.eval.data_dir)}  # a folder: hashed by content
 
     def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
         return {"target": recipe.target}
@@ -732,7 +766,7 @@ class Eval(Stage):
         for label, st, row, general in self.MODELS:
             if st is not None and st not in r.stages:
                 continue
-            model = r.target if st is None else str(ctx.stage_dir(st) / MODEL_DIR)
+            model = target_spec(r) if st is None else str(ctx.stage_dir(st) / MODEL_DIR)
             runs = [("domain", [s.domain_task], True)] + ([("general", list(s.general_tasks), False)] if general
                                                            else [])
             entry: dict[str, Any] = {"label": label, "stage": row, "model": model, "kind": "target"}

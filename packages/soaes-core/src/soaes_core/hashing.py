@@ -103,3 +103,80 @@ def tokenizer_mismatch(stored: str | None, tokenizer: Any, *, with_chat_template
         return (f"tokenizer hash {str(stored)[:16]!r}… was made by an older soaes with another hashing algorithm "
                 f"and cannot be compared with {current[:19]}…; rebuild it with this version")
     return f"made with a different tokenizer (fingerprint {stored[:19]}…, this tokenizer {current[:19]}…)"
+
+
+class FileHashCache:
+    """sha256 of files remembered by (device, inode) with size, mtime_ns and ctime_ns, so an unchanged file is
+    hashed once; kept in a small JSON file (`path`; None: in memory only). A stat change means a rehash."""
+
+    VERSION = 1
+    MAX_ENTRIES = 100_000
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._entries: dict[str, list[Any]] = {}
+        self._used: set[str] = set()
+        self._dirty = False
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                data = None  # a damaged cache is only a cache: start again
+            if isinstance(data, dict) and data.get("version") == self.VERSION and isinstance(data.get("files"), dict):
+                self._entries = {k: v for k, v in data["files"].items() if isinstance(v, list) and len(v) == 4}
+
+    @staticmethod
+    def _key_and_stamp(st: os.stat_result) -> tuple[str, list[int]]:
+        return f"{st.st_dev}:{st.st_ino}", [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def sha256(self, path: str | os.PathLike[str]) -> str:
+        """Hex sha256 of the file at `path` (from the cache when its stat is unchanged)."""
+        key, stamp = self._key_and_stamp(os.stat(path))
+        self._used.add(key)
+        entry = self._entries.get(key)
+        if entry is not None and entry[:3] == stamp:
+            return str(entry[3])
+        digest = sha256_file(path)
+        after = self._key_and_stamp(os.stat(path))[1]
+        if after == stamp:  # not written to while hashed
+            self._entries[key] = [*stamp, digest]
+            self._dirty = True
+        return digest
+
+    def remember(self, path: str | os.PathLike[str], digest: str) -> None:
+        """Record `digest` as the sha256 of `path` as it is now (e.g. just computed for a manifest)."""
+        key, stamp = self._key_and_stamp(os.stat(path))
+        self._used.add(key)
+        if self._entries.get(key) != [*stamp, digest]:
+            self._entries[key] = [*stamp, digest]
+            self._dirty = True
+
+    def tree_sha256(self, root: str | os.PathLike[str]) -> str:
+        """One sha256 over the relative paths and contents of every file under `root`, hidden names
+        (`.name`, e.g. temps and caches) left out."""
+        root = Path(root)
+        listing = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.startswith("."):
+                    p = Path(dirpath) / name
+                    listing.append([p.relative_to(root).as_posix(), self.sha256(p)])
+        listing.sort()
+        return sha256_bytes(json.dumps(listing, ensure_ascii=False).encode("utf-8"))
+
+    def save(self) -> None:
+        """Write the cache (atomically) when something was added and its folder exists."""
+        if self.path is None or not self._dirty or not self.path.parent.is_dir():
+            return
+        from .atomic import atomic_write_json
+
+        entries = self._entries
+        if len(entries) > self.MAX_ENTRIES:  # keep what this process used, then the rest up to the cap
+            keep = [k for k in entries if k in self._used] + [k for k in entries if k not in self._used]
+            entries = {k: entries[k] for k in keep[: self.MAX_ENTRIES]}
+        try:
+            atomic_write_json(self.path, {"version": self.VERSION, "files": entries}, indent=0)
+        except OSError:
+            return  # e.g. a read-only folder: the cache is an optimisation, never a failure
+        self._dirty = False
