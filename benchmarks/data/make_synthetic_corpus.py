@@ -13,9 +13,11 @@ import argparse
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
-from soaes_data.samples import make_samples
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import make_samples
 
 
 def sentence_pool() -> list[str]:

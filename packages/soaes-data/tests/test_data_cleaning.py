@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import make_samples
 import pytest
 
 from soaes_data.cleaning import CleanConfig, clean_text, nfkc_keep_chinese_punctuation, remove_repeated_lines
 from soaes_data.readers import read_document
-from soaes_data.samples import make_samples, sample_path
+from soaes_data.samples import sample_path
 
 
 def test_nfkc_keeps_chinese_punctuation() -> None:

@@ -71,3 +71,37 @@ def test_cli_decontaminate_synth_review(tmp_path: Path, tiny_qwen2_dir: Path) ->
     assert r.exit_code == 0 and json.loads(r.output)["kept"] == 1
     r = run.invoke(main, ["synth", str(docs), "-o", str(tmp_path / "r.csv"), "--backend", "openai"])
     assert r.exit_code == 2 and "--base-url" in r.output
+
+
+def _three_docs(tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = ["国有资产监督管理委员会发布年度报告。", "企业财务监督工作取得新进展。", "国有企业改革三年行动方案。"]
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                                    encoding="utf-8")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"inputs": ["corpus"], "output_dir": "unused", "stages": ["read", "clean"],
+                                  "output_format": "jsonl"}), encoding="utf-8")
+    return recipe
+
+
+def test_curate_caps_tasks_and_workers_to_the_documents(tmp_path: Path) -> None:
+    """Issue 29: --tasks 100000 on 3 documents runs 3 tasks (was 100000, each writing logs and markers), with one
+    note on stderr; the manifest records the effective values."""
+    from soaes_core import read_manifest
+    from soaes_data.pipeline import load_curation_config, plan_curation
+
+    recipe = _three_docs(tmp_path)
+    cfg = load_curation_config(recipe, {"tasks": 100000, "workers": 8, "output_dir": str(tmp_path / "o")})
+    assert [ph.tasks for ph in plan_curation(cfg)] == [3, 1]  # segment, finalize
+    r = CliRunner().invoke(main, ["curate", str(recipe), "-o", str(tmp_path / "big"), "--tasks", "100000",
+                                  "--workers", "8"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == ["note: tasks 100000 capped to 3: the inputs hold 3 document(s) and file(s); "
+                                     "workers 8 capped to 3: one task runs on one worker"]
+    manifest = read_manifest(tmp_path / "big" / "final")
+    assert manifest["counts"]["kept"] == 3
+    assert (manifest["config"]["tasks"], manifest["config"]["workers"]) == (3, 3)
+    r = CliRunner().invoke(main, ["curate", str(recipe), "-o", str(tmp_path / "small"), "--tasks", "3"])
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert (sum(1 for _ in (tmp_path / "big").rglob("*")) == sum(1 for _ in (tmp_path / "small").rglob("*")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import make_samples
 import numpy as np
 import pytest
 
@@ -16,7 +17,6 @@ from soaes_data.dedup import (
     minhash_signature,
     shingles,
 )
-from soaes_data.samples import make_samples
 
 
 def test_exact_key_ignores_formatting() -> None:

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import dill
+import make_samples
 import pytest
 import yaml
 
 from soaes_core.errors import ConfigError
 from soaes_data.pipeline import load_curation_config, run_curation
-from soaes_data.samples import make_samples
 
 STAGES = ["read", "clean", "pii", "quality", "dedup_exact", "dedup_near"]
 

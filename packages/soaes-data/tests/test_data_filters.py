@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import make_samples
 import pytest
 
 from soaes_core.errors import ConfigError, DataError
@@ -23,7 +24,7 @@ from soaes_data.filters import (
     relevance_scorer,
     valid_id_card,
 )
-from soaes_data.samples import make_samples, sample_path
+from soaes_data.samples import sample_path
 
 
 def test_language() -> None:

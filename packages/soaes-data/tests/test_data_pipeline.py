@@ -5,12 +5,12 @@ test_data_executors.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 from pathlib import Path
 from typing import Any
 
+import make_samples
 import pytest
 import yaml
 
@@ -21,18 +21,6 @@ from soaes_data.pipeline import load_curation_config, run_curation
 from soaes_data.readers import FieldMap, iter_records
 from soaes_data.samples import sample_path
 from soaes_data.steps import RelevanceStep
-
-
-def _load_make_samples() -> Any:
-    """The sample generator lives in the repository's scripts/ (not in the wheel): its texts are the expectations."""
-    path = Path(__file__).resolve().parents[3] / "scripts" / "make_samples.py"
-    spec = importlib.util.spec_from_file_location("make_samples", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_samples = _load_make_samples()
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:

@@ -6,11 +6,12 @@ import codecs
 import json
 from pathlib import Path
 
+import make_samples
 import pytest
 
 from soaes_core.errors import DataError
 from soaes_data.readers import FieldMap, content_id, decode_bytes, iter_documents, iter_records, read_document
-from soaes_data.samples import make_samples, sample_path
+from soaes_data.samples import sample_path
 
 
 def test_gb18030_html_docx_pdf_known_strings() -> None:

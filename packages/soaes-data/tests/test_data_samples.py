@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import make_samples
 import pytest
 
 from soaes_core.errors import InvalidArgumentError
-from soaes_data.samples import make_samples, sample_dir, sample_path
+from soaes_data.samples import sample_dir, sample_path
 
 
 def test_layout_and_size() -> None:

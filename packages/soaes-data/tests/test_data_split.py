@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import make_samples
 import pytest
 
 from soaes_data.dedup import jaccard, shingles
 from soaes_data.records import record_text
-from soaes_data.samples import make_samples
 from soaes_data.split import SplitConfig, remove_near_duplicates_of, split_records
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import make_samples
 import pytest
 from datatrove.data import Document
 
 from soaes_core.errors import DataError
 from soaes_data.cleaning import CleanConfig
 from soaes_data.readers import FieldMap
-from soaes_data.samples import make_samples
-from soaes_data.steps import CleanStep, iter_unit, list_input_files, plan_read_units
+from soaes_data.steps import CleanStep, count_read_units, iter_unit, list_input_files, plan_read_units
 
 
 def _corpus(tmp_path: Path) -> Path:
@@ -61,6 +61,16 @@ def test_sharded_read_gives_each_document_once_in_order(tmp_path: Path, tasks: i
     assert _read_all(d, tasks) == whole
     orders = [x[3] for x in whole if x[0] != "error"]
     assert orders == sorted(orders) and len(set(orders)) == len(orders)
+
+
+def test_count_read_units_bounds_the_tasks_that_read_anything(tmp_path: Path) -> None:
+    """Issue 29: `tasks` is capped to this count; a task beyond it would get no document."""
+    files = list_input_files([str(_corpus(tmp_path))])
+    assert count_read_units(files, 10**6) == 57 + 1 + 1 + 1  # a.jsonl's line starts, b.txt, c.json, d.jsonl
+    assert count_read_units(files, 5) == 5
+    busy = [rank for rank, units in enumerate(plan_read_units(files, 200))
+            if any(True for unit in units for _ in iter_unit(unit, FieldMap()))]
+    assert 57 <= len(busy) <= count_read_units(files, 200)
 
 
 def test_stage_accounting_balances(tmp_path: Path) -> None:

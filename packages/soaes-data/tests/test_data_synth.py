@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import make_samples
 import pytest
 
 from soaes_core.errors import DataError
-from soaes_data.samples import make_samples
 from soaes_data.synth import (
     LocalHFGenerator,
     OpenAICompatGenerator,

@@ -55,7 +55,7 @@ def _tokenizer(spec: str, template: str | None) -> Any:
 def curate(recipe: str, output_dir: str | None, executor: str | None, tasks: int | None, workers: int | None,
            num_proc: int | None, force: bool) -> None:
     """Run a curation RECIPE (YAML) on datatrove: read → clean → … → final/ with manifest.json and rejects."""
-    from .pipeline import load_curation_config, run_curation
+    from .pipeline import cap_curation_sizes, check_output_location, load_curation_config, run_curation
 
     overrides: dict[str, Any] = {}
     if output_dir:
@@ -66,6 +66,10 @@ def curate(recipe: str, output_dir: str | None, executor: str | None, tasks: int
         if value is not None:
             overrides[key] = value
     cfg = load_curation_config(recipe, overrides)
+    check_output_location(cfg)
+    cfg, notes = cap_curation_sizes(cfg)
+    if notes:
+        click.echo(f"note: {'; '.join(notes)}", err=True)
     reports = run_curation(cfg, force=force)
     if cfg.executor == "slurm":
         click.echo(f"submitted Slurm jobs: {Path(cfg.output_dir) / 'work' / 'slurm_jobs.json'}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +42,15 @@ from .executors import ExecutorKind, ensure_ray, make_executor, quiet_datatrove_
 from .filters import LanguageConfig, LengthConfig, PiiConfig, QualityConfig, RelevanceConfig
 from .finalize import FinalizeStep, StageOutputs
 from .readers import FieldMap
-from .steps import STAGE_REGISTRY, ReadStep, ShardReader, ShardWriter, list_input_files, plan_read_units
+from .steps import (
+    STAGE_REGISTRY,
+    ReadStep,
+    ShardReader,
+    ShardWriter,
+    count_read_units,
+    list_input_files,
+    plan_read_units,
+)
 
 DEDUP_STAGES = {"dedup_exact": ("exact", ExactDedupFilter), "dedup_near": ("near", NearDedupFilter)}
 STAGES = ("read", *STAGE_REGISTRY, *DEDUP_STAGES)
@@ -138,17 +146,44 @@ def load_curation_config(path: str | os.PathLike[str], overrides: dict[str, Any]
     return cfg
 
 
+def input_holding(path: str | os.PathLike[str], inputs: list[str]) -> Path | None:
+    """The input that `path` is, or the input folder it lies in (whose documents a run would read back)."""
+    out = Path(path).resolve()
+    for p in inputs:
+        ip = Path(p).resolve()
+        if ip == out or (ip.is_dir() and ip in out.parents):
+            return ip
+    return None
+
+
 def check_output_location(cfg: CurationConfig) -> None:
     """Refuse an output folder inside an input folder (a later run would read its own outputs back as
     documents) or an input inside the output folder (a run may replace it)."""
     out = Path(cfg.output_dir).resolve()
+    holder = input_holding(out, cfg.inputs)
+    if holder is not None:
+        raise ConfigError(f"output_dir {out} is inside input {holder}: the next run would read its own outputs "
+                          "as documents; choose an output_dir outside the inputs")
     for p in cfg.inputs:
         ip = Path(p).resolve()
-        if ip == out or (ip.is_dir() and ip in out.parents):
-            raise ConfigError(f"output_dir {out} is inside input {ip}: the next run would read its own outputs "
-                              "as documents; choose an output_dir outside the inputs")
         if out in ip.parents:
             raise ConfigError(f"input {ip} is inside output_dir {out}; choose an output_dir that holds no input")
+
+
+def cap_curation_sizes(cfg: CurationConfig) -> tuple[CurationConfig, list[str]]:
+    """`cfg` with `tasks` capped to the documents and files the inputs hold (a task beyond them reads nothing
+    yet writes its logs, stats and markers in every phase) and `workers` to `tasks`, plus a note per capped
+    value; `cfg` itself is unchanged."""
+    notes = []
+    tasks = max(1, count_read_units(list_input_files(cfg.inputs), cfg.tasks))
+    if tasks < cfg.tasks:
+        notes.append(f"tasks {cfg.tasks} capped to {tasks}: the inputs hold {tasks} document(s) and file(s)")
+    workers = min(cfg.workers, tasks)
+    if workers < cfg.workers:
+        notes.append(f"workers {cfg.workers} capped to {workers}: one task runs on one worker")
+    if not notes:
+        return cfg, []
+    return replace(cfg, tasks=tasks, workers=workers), notes
 
 
 # ---- planning: the recipe as a chain of datatrove phases -------------------------------------------------------
@@ -194,7 +229,8 @@ def _benchmark_files(cfg: DecontamConfig) -> list[Path]:
 
 
 def plan_curation(cfg: CurationConfig) -> list[Phase]:
-    """Compile the recipe into phases (see the module docstring)."""
+    """Compile the recipe into phases (see the module docstring), `tasks` capped by `cap_curation_sizes`."""
+    cfg = cap_curation_sizes(cfg)[0]
     out = Path(cfg.output_dir)
     work = out / "work"
     stages = effective_stages(cfg)
@@ -304,9 +340,11 @@ def _final_intact(out: Path, labels: list[str]) -> bool:
 
 
 def run_curation(cfg: CurationConfig, force: bool = False) -> list[StageReport]:
-    """Run the curation recipe with its executor; returns one report per stage (for `executor: slurm`, the
-    jobs are submitted and an empty list is returned: `work/slurm_jobs.json` lists them)."""
+    """Run the curation recipe with its executor, `tasks` and `workers` capped by `cap_curation_sizes`; returns one
+    report per stage (for `executor: slurm`, the jobs are submitted and an empty list is returned:
+    `work/slurm_jobs.json` lists them)."""
     check_output_location(cfg)
+    cfg = cap_curation_sizes(cfg)[0]  # the manifests record the effective tasks and workers
     phases = plan_curation(cfg)  # before creating anything: a missing input is one clear error
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -282,6 +282,24 @@ def plan_read_units(files: list[InputFile], tasks: int) -> list[list[ReadUnit]]:
     return plan
 
 
+def count_read_units(files: list[InputFile], limit: int) -> int:
+    """How many tasks `plan_read_units` can give a document to, counted up to `limit`: one per line start of a
+    JSONL file (its byte ranges split at line starts), one per other non-empty file (read whole by one task)."""
+    n = 0
+    for f in files:
+        if n >= limit:
+            break
+        if not f.path.lower().endswith(".jsonl"):
+            n += f.size > 0
+            continue
+        with open(f.path, "rb") as fh:
+            previous = b"\n"  # the file's first byte starts a line
+            while n < limit and (chunk := fh.read(1 << 20)):
+                n += (previous + chunk[:-1]).count(b"\n")  # a newline followed by a byte starts a line
+                previous = chunk[-1:]
+    return min(n, limit)
+
+
 def _count_newlines(fh: Any, end: int) -> int:
     fh.seek(0)
     n, left = 0, end
