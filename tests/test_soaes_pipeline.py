@@ -5,7 +5,6 @@ same numbers."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -26,12 +25,7 @@ def _run(out: Path, *extra: str, env: dict[str, str] | None = None) -> object:
     return CliRunner().invoke(main, ["demo", "--quick", "-o", str(out), "--set", "threads=1", *extra], env=env)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    res = _run(out)
-    assert res.exit_code == 0, res.output
-    return out
+# `quick_run` (tests/conftest.py): one uninterrupted quick run, shared with test_soaes_pipeline_faults.py
 
 
 def _manifest(run: Path, name: str) -> dict:
@@ -63,6 +57,39 @@ def test_every_stage_writes_a_manifest(quick_run: Path) -> None:
     drafts = json.loads((quick_run / "stages" / stage_dirname("distill_draft") / "drafts.json").read_text())
     assert set(drafts) == {"undistilled", "distilled"}
     assert 0.0 <= drafts["distilled"]["offline_acceptance"]["acceptance_greedy"] <= 1.0
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {f"{f.name}:{k}": v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _max_change(a: Path, b: Path) -> float:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and wa, (a, b)
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
+def test_every_training_stage_moves_the_weights(quick_run: Path) -> None:
+    """--quick really trains: each stage's model differs from its input model by at least about one Adam step at
+    the stage's learning rate, and the distilled draft differs from the undistilled one."""
+    from soaes_core import resolve_model_dir
+
+    parents = {"cpt": resolve_model_dir(RECIPE.target), "sft_stage1": None, "sft_stage2": None}
+    prev = None
+    for name in ("cpt", "sft_stage1", "sft_stage2"):
+        model = quick_run / "stages" / stage_dirname(name) / "model"
+        parent = parents[name] or prev
+        train = getattr(RECIPE, name).train
+        assert _manifest(quick_run, name)["counts"]["metrics"]["global_step"] == train.max_steps >= 3
+        assert _max_change(model, parent) > 0.5 * train.learning_rate, name  # Adam's first step moves ~lr
+        prev = model
+    ddir = quick_run / "stages" / stage_dirname("distill_draft")
+    drafts = json.loads((ddir / "drafts.json").read_text())
+    assert drafts["distilled"]["steps"] == RECIPE.distill_draft.feature.steps
+    assert _max_change(ddir / drafts["distilled"]["dir"], ddir / drafts["undistilled"]["dir"]) > 0
+    assert drafts["distilled"]["offline_acceptance"] != drafts["undistilled"]["offline_acceptance"]
 
 
 def test_report_has_the_paper_tables_with_links_sizes_and_directions(quick_run: Path) -> None:
@@ -126,9 +153,8 @@ def test_plan_says_what_a_config_change_reruns(quick_run: Path) -> None:
     assert status["specdec_bench"] == ("will run", "input stage 'distill_draft' will run")
 
 
-def test_killed_stage_reruns_to_the_same_numbers(quick_run: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(quick_run, run, copy_function=os.link)  # hard links: stages replace folders, never edit files
+def test_killed_stage_reruns_to_the_same_numbers(quick_run: Path, copy_quick_run) -> None:
+    run = copy_quick_run()  # hard links: stages replace folders, never edit files
     for name in ("distill_draft", "specdec_bench", "report"):
         shutil.rmtree(run / "stages" / stage_dirname(name))
     res = _run(run, env={FAIL_ENV: "distill_draft:before_train"})

@@ -97,6 +97,44 @@ def test_killed_after_checkpoint_resumes_same_curve_padded(tiny_model_copy: Path
     assert _curve_of(res.model_dir) == pytest.approx(ref, rel=1e-5)
 
 
+def test_resume_at_every_checkpoint_boundary_is_bit_identical(tiny_model_copy: Path, chat_jsonl: Path,
+                                                               tmp_path: Path) -> None:
+    """Killed right after each checkpoint in turn (the first, a middle one, the final one) and rerun each time, the
+    model, loss curve and recorded metrics equal an uninterrupted run's; from the final checkpoint the rerun trains
+    nothing (transformers alone would run one step past max_steps)."""
+    stage = _stage(chat_jsonl, max_steps=3, save_steps=1, save_total_limit=1, warmup_ratio=0.0, verify_packing=False)
+    ref = train_stage(stage, str(tiny_model_copy), tmp_path / "ref")
+    ref_training = read_manifest(ref.model_dir)["training"]
+    assert ref.metrics["global_step"] == 3 and ref.metrics["epoch"] < 1  # the final checkpoint is mid-epoch
+    assert ref_training["metrics"]["train_loss"] == pytest.approx(sum(_curve_of(ref.model_dir)) / 3, rel=1e-12)
+
+    class KillAfterSave(TrainerCallback):
+        def __init__(self, step: int) -> None:
+            self.step, self.resumed_at = step, None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.resumed_at = state.global_step
+
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == self.step:
+                raise _Crash(f"killed after checkpoint-{self.step}")
+
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        kill = KillAfterSave(step)
+        with pytest.raises(_Crash):
+            train_stage(stage, str(tiny_model_copy), run, callbacks=[kill])
+        assert kill.resumed_at == step - 1  # each rerun went on from the checkpoint the kill before it left
+        assert last_complete_checkpoint(run / "checkpoints") == run / "checkpoints" / f"checkpoint-{step}"
+    res = train_stage(stage, str(tiny_model_copy), run)
+    assert res.resumed_from == str(run / "checkpoints" / "checkpoint-3") and res.metrics["global_step"] == 3
+    assert _curve_of(res.model_dir) == _curve_of(ref.model_dir)
+    assert (res.model_dir / "model.safetensors").read_bytes() == (ref.model_dir / "model.safetensors").read_bytes()
+    training = read_manifest(res.model_dir)["training"]
+    for key in ("global_step", "train_loss", "epoch", "total_flos"):
+        assert training["metrics"][key] == ref_training["metrics"][key], key
+
+
 def _curve_of(model_dir: Path) -> list[float]:
     return json.loads((model_dir / "loss_curve.json").read_text())["loss"]
 

@@ -23,6 +23,19 @@ def loss_curve(log_history: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
+def mean_logged_loss(curve: dict[str, list[float]], global_step: int) -> float | None:
+    """Mean loss per optimiser step over steps 1..`global_step`, from the curve's logged points (each the mean over
+    the steps since the previous one); None when the curve does not reach `global_step`."""
+    steps, losses = curve["step"], curve["loss"]
+    if not steps or steps[-1] != global_step:
+        return None
+    total, prev = 0.0, 0
+    for step, loss in zip(steps, losses, strict=True):
+        total += loss * (step - prev)
+        prev = step
+    return total / global_step
+
+
 def write_loss_curve(out_dir: str | os.PathLike[str], curve: dict[str, list[float]], title: str) -> list[Path]:
     """Write `loss_curve.json` and `loss_curve.png` (loss and learning rate against step) into `out_dir`."""
     import io

@@ -34,7 +34,7 @@ from .collator import PackedCollator, PaddedCollator
 from .config import StageConfig, TrainConfig, training_arguments_fields
 from .data import PreparedData, RowDataset, data_inputs, prepare_data
 from .deepspeed_setup import count_params, estimate_zero_memory, prepare_deepspeed
-from .outputs import loss_curve, write_loss_curve
+from .outputs import loss_curve, mean_logged_loss, write_loss_curve
 from .recipes import resolve_training_model
 from .schedules import hf_scheduler_args
 
@@ -54,7 +54,24 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class SoaesTrainer(Trainer):
+class FinishedResumeMixin:
+    """`transformers.Trainer` mixin: resuming from the final checkpoint (global step ≥ max_steps) trains nothing.
+
+    transformers checks `max_steps` only after an optimiser step, so a resumed epoch that is not yet exhausted
+    would otherwise run one step past the end (a different model from an uninterrupted run).
+    """
+
+    state: Any
+    control: Any
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)  # type: ignore[misc]
+
+
+class SoaesTrainer(FinishedResumeMixin, Trainer):
     """`transformers.Trainer` with packed-attention safety and crash-safe checkpoints.
 
     * Forward passes run with `use_cache=False`: a KV cache makes transformers skip packed-sequence
@@ -63,6 +80,7 @@ class SoaesTrainer(Trainer):
       kill during a save leaves the previous checkpoint intact and `last_complete_checkpoint` never returns
       a half-written one. Old checkpoints are rotated only after the new one is in place.
     * The completion marker is a manifest of every file's sha256, checked before resuming (which unpickles).
+    * Resuming from the final checkpoint trains nothing (`FinishedResumeMixin`).
     """
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -345,6 +363,9 @@ def _train_stage(stage: StageConfig, model_spec: str, stage_dir: str | os.PathLi
     curve = loss_curve(trainer.state.log_history)
     metrics = {k: v for k, v in out.metrics.items() if isinstance(v, (int, float))}
     metrics["global_step"] = trainer.state.global_step
+    whole_run_loss = mean_logged_loss(curve, trainer.state.global_step)
+    if whole_run_loss is not None:  # the Trainer's own train_loss covers only the steps since a resume
+        metrics["train_loss"] = whole_run_loss
     if trainer.args.should_save:
         write_loss_curve(tmp, curve, title=f"{stage.name} ({stage.kind})")
         if data.rejects:
