@@ -71,6 +71,48 @@ def generate(prompt: str | None, model: str, max_new_tokens: int, chat: bool) ->
 
 
 @main.command()
+@click.option("--target", default="embedded:smollm2-135m", show_default=True, help="Target model spec.")
+@click.option("--draft", help="Draft directory (a layer draft or a feature draft); omit for plain decoding.")
+@click.option("-n", "--num-speculative-tokens", type=int, default=3, show_default=True)
+@click.option("--lookup-tokens", type=int, default=0, show_default=True,
+              help="Prompt-lookup tokens proposed instead of the draft's where the text repeats (0: off).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="SOAES_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 routes "
+                                                        "(env SOAES_API_KEY).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together (rows join and leave between steps).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests waiting for a row; more get HTTP 429.")
+@click.option("--max-context", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Prompt + new tokens per request (capped at the target's context).")
+@click.option("--served-model-name", help="Model name clients ask for (default: the target spec).")
+def serve(target: str, draft: str | None, num_speculative_tokens: int, lookup_tokens: int, host: str, port: int,
+          api_key: str | None, max_batch: int, max_queue: int, max_context: int, served_model_name: str | None) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics) for TARGET
+    with its draft on the exact speculative decoder."""
+    import socket
+
+    import uvicorn
+
+    from soaes_core.errors import InvalidArgumentError
+
+    from .serve.app import create_app
+    from .serve.engine import build_engine
+
+    try:  # refuse a taken address before spending time on loading the model
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    engine = build_engine(target, draft, num_speculative_tokens, lookup_tokens, max_batch, max_queue, max_context)
+    name = served_model_name or target
+    click.echo(f"serving {name!r} on http://{host}:{port}/v1 ({'draft ' + draft if draft else 'plain decoding'}, "
+               f"batch {max_batch}, context {engine.context_window})", err=True)
+    uvicorn.run(create_app(engine, name, api_key), host=host, port=port, log_level="warning")
+
+
+@main.command()
 @click.option("--quick", is_flag=True, help="Tiny budgets (the recipe's `quick:` block): same code path, for CI.")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False),
               help="Run folder (default: runs/pipeline-demo, or runs/pipeline-demo-quick with --quick).")

@@ -18,6 +18,26 @@ def test_generate_streams_text(tiny_qwen2_dir: Path) -> None:
     assert stats["new_tokens"] >= 1 and "acceptance_rate" in stats
 
 
+def test_generate_caps_num_speculative_tokens_to_max_new_tokens(tiny_qwen2_dir: Path) -> None:
+    """Issue 29: -n 1000 with --max-new-tokens 8 runs as -n 7 (same text, same draft calls; it made ~7000), with
+    one note on stderr."""
+    def run(n: str) -> tuple[str, list[str], dict[str, object]]:
+        r = CliRunner().invoke(main, ["generate", "Hello there", "--target", str(tiny_qwen2_dir), "--draft-layers", "1",
+                                      "--max-new-tokens", "8", "-n", n])
+        assert r.exit_code == 0, r.output
+        err = r.stderr[:r.stderr.index("{")]
+        stats = json.loads(r.stderr[len(err):])
+        notes = [line for line in err.splitlines() if line.startswith("note:")]
+        return r.stdout, notes, {k: v for k, v in stats.items() if k not in ("wall_time_s", "tokens_per_s")}
+
+    wide, capped = run("1000"), run("7")
+    assert wide[1] == ["note: -n 1000 capped to 7: --max-new-tokens 8 leaves 7 after the prompt pass's token, and a "
+                       "block proposes no more than are left"]
+    assert capped[1] == []
+    assert wide[0] == capped[0] and wide[2] == capped[2]
+    assert wide[2]["draft_calls"] <= 1 + 7 * 7
+
+
 def test_generate_bad_argument_is_one_line(tiny_qwen2_dir: Path) -> None:
     result = CliRunner().invoke(main, ["generate", "Hi", "--target", str(tiny_qwen2_dir), "--draft-layers", "1",
                                        "--sample", "--top-p", "1.5"])

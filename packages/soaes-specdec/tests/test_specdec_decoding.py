@@ -222,3 +222,26 @@ def test_embedded_greedy_equals_plain_on_held_out_domain_prompts(embedded_model_
         fast = SpeculativeDecoder(target, draft, 1, lookup_tokens=5, lookup_extend=True, prepack=True)
         for p, ref in zip(batch, reference, strict=True):
             assert fast.generate(p, new).new_tokens() == ref, embedded_tokenizer.decode(p)
+
+
+def test_block_width_capped_to_the_new_token_budget(models: dict[str, Any]) -> None:
+    """Issue 29: a block appends at most the r new tokens left, so it proposes at most r: -n 1000 with
+    max_new_tokens 8 drafts (and verifies) exactly what -n 7 does, with the same greedy output (it made ~1000 draft
+    calls a block)."""
+    from soaes_specdec.testing import identity_feature_draft, mixed_lookup_prompts
+
+    target, new = models["target"], 8
+    batch = mixed_lookup_prompts()
+    reference = [hf_greedy(target, p, new) for p in batch]
+
+    def counters(out: Any) -> dict[str, Any]:
+        return {k: v for k, v in out.stats.to_dict().items() if k not in ("wall_time_s", "tokens_per_s")}
+
+    feature = identity_feature_draft(target, 0.5)
+    for make in (lambda n: SpeculativeDecoder(target, models["random"], n),
+                 lambda n: SpeculativeDecoder(target, feature, n, lookup_tokens=n),
+                 lambda n: PromptLookupDecoder(target, n)):
+        wide, capped = make(1000).generate(batch, new), make(new - 1).generate(batch, new)
+        assert [wide.new_tokens(i) for i in range(3)] == reference
+        assert counters(wide) == counters(capped)
+        assert wide.stats.proposed <= 3 * (new - 1) * (wide.stats.target_calls - 1)

@@ -162,8 +162,8 @@ def test_feature_greedy_equals_plain_greedy(target: Any, n: int, restricted: boo
     stats = out.stats
     assert 0 < stats.acceptance_rate < 1 and len(stats.acceptance_by_position) == n
     assert stats.new_tokens == 3 * NEW
-    # one catch-up per verify after the first, the prefill, and width - 1 steps per block: n, or fewer once no row
-    # has more than n new tokens left (cap_block_width)
+    # one catch-up per verify after the first, the prefill, and width - 1 steps per block: n, or fewer once every
+    # row has fewer than n new tokens left (cap_block_width)
     widths = [drafts.shape[1] for _, drafts, _ in seen]
     assert len(widths) == stats.target_calls - 1 and max(widths) == n
     assert stats.draft_calls == 1 + (stats.target_calls - 2) + sum(w - 1 for w in widths)

@@ -100,14 +100,16 @@ def block_walk(alphas: torch.Tensor, n: int, start: int = 1, limit: int | None =
 
     `alphas[t]` (L,): probability that a draft token predicting text token t is accepted (0/1 for greedy),
     independently. The first block starts at token `start` (token 0 comes from the target's prefill, never
-    from the draft); each block proposes n tokens, accepts j of them with probability Π_{i<j} α·(1 − α_j), and
-    the target adds one token, so the next block starts j + 1 tokens later; blocks start while fewer than
-    `limit` (default L) tokens exist. Past the end of `alphas` a proposal counts as rejected.
+    from the draft); a block at token t proposes w = n tokens (w = min(n, limit − t) under a `limit`, a
+    max_new_tokens budget: the decoder proposes no more than it may still add), accepts j of them with probability
+    Π_{i<j} α·(1 − α_j), and the target adds one token, so the next block starts j + 1 tokens later; blocks start
+    while fewer than `limit` (default L) tokens exist. Past the end of `alphas` a proposal counts as rejected.
     """
     if n < 1:
         raise InvalidArgumentError(f"block size n must be ≥ 1, got {n}")
     a = alphas.double().tolist()
     length = len(a)
+    budget = limit
     limit = length if limit is None else limit
     reach = [0.0] * (max(limit, start) + n + 2)  # probability that a block starts at token t
     reach[start] = 1.0
@@ -117,15 +119,16 @@ def block_walk(alphas: torch.Tensor, n: int, start: int = 1, limit: int | None =
         if run == 0.0:
             continue
         calls += run
-        proposed += run * n
-        for j in range(n):
+        w = n if budget is None else min(n, budget - t)
+        proposed += run * w
+        for j in range(w):
             alpha = a[t + j] if t + j < length else 0.0
             rejected = run * (1.0 - alpha)
             accepted += rejected * j
             reach[t + j + 1] += rejected
             run *= alpha
-        accepted += run * n
-        reach[t + n + 1] += run
+        accepted += run * w
+        reach[t + w + 1] += run
     return accepted, proposed, calls
 
 

@@ -60,7 +60,7 @@ def generate(prompt: str, target: str, draft: str | None, draft_layers: int, met
 
     from soaes_core import encode_chat_prompt, load_model, load_tokenizer
 
-    from .decoding import PromptLookupDecoder, SpeculativeDecoder, autoregressive_generate
+    from .decoding import PromptLookupDecoder, SpeculativeDecoder, autoregressive_generate, cap_block_width
     from .draft import load_any_draft, make_layer_draft
 
     tokenizer = load_tokenizer(target)
@@ -77,6 +77,10 @@ def generate(prompt: str, target: str, draft: str | None, draft_layers: int, met
         decoder = PromptLookupDecoder(model, num_speculative_tokens)
     else:
         decoder = None
+    usable = cap_block_width(num_speculative_tokens, max_new_tokens - 1)  # the prompt pass gives the first token
+    if decoder is not None and max_new_tokens > 1 and usable < num_speculative_tokens:
+        click.echo(f"note: -n {num_speculative_tokens} capped to {usable}: --max-new-tokens {max_new_tokens} leaves "
+                   f"{usable} after the prompt pass's token, and a block proposes no more than are left", err=True)
     streamed: list[int] = []
     shown = 0
 
@@ -146,3 +150,43 @@ def export_vllm(draft_dir: str, target: str, num_speculative_tokens: int, out_di
     result = export_for_vllm(draft_dir, out_dir, target, num_speculative_tokens)
     click.echo(result.serve_command() or result.note)
     click.echo(f"wrote {out_dir}: {', '.join(result.files)}", err=True)
+
+
+EXPORT_FORMATS = ("vllm", "vllm-eagle", "sglang-eagle", "gguf")
+
+
+@main.command("export")
+@click.argument("draft_dir", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="vllm: a layer draft for vLLM's draft_model method; vllm-eagle / sglang-eagle: an engine-layout "
+                   "feature draft as the engine's EAGLE-1 draft folder; gguf: for llama.cpp.")
+@click.option("--target", help="The target's HF model directory, served with the draft (all formats but gguf).")
+@click.option("-n", "--num-speculative-tokens", type=int, default=3, show_default=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="serve", show_default=True)
+@click.option("--outtype", default="f32", show_default=True, help="gguf: tensor type of the converted model.")
+@click.option("--allow-other-target", is_flag=True,
+              help="Export a feature draft for a target other than the one it was trained for.")
+def export(draft_dir: str, fmt: str, target: str | None, num_speculative_tokens: int, out_dir: str, outtype: str,
+           allow_other_target: bool) -> None:
+    """Export DRAFT_DIR in --format for serving, with the exact serve command (OUT/README.md)."""
+    from soaes_core.errors import InvalidArgumentError
+
+    if fmt == "gguf":
+        from .gguf_export import export_gguf
+
+        click.echo(f"wrote {export_gguf(draft_dir, out_dir, outtype=outtype)}")
+        return
+    if not target:
+        raise InvalidArgumentError(f"--target is required for --format {fmt} (the model served with the draft)")
+    if fmt == "vllm":
+        from .export import export_for_vllm
+
+        result = export_for_vllm(draft_dir, out_dir, target, num_speculative_tokens)
+        click.echo(result.serve_command() or result.note)
+        click.echo(f"wrote {out_dir}: {', '.join(result.files)}", err=True)
+        return
+    from .eagle_export import export_eagle
+
+    res = export_eagle(draft_dir, out_dir, target, fmt, num_speculative_tokens, allow_other_target=allow_other_target)
+    click.echo(res.serve_command())
+    click.echo(f"wrote {out_dir}: {', '.join(res.files)}", err=True)

@@ -22,7 +22,7 @@ from soaes_core.errors import InvalidArgumentError
 
 from . import sampling, verify
 from .draft import RestrictedLMHead
-from .feature_draft import FeatureDraft
+from .feature_draft import FeatureDraft, check_draft_target
 from .feature_runner import FeatureDraftRunner
 from .lookup import find_ngram_continuation, propose_ngram_continuations
 from .runner import CachedCausalLM
@@ -193,6 +193,87 @@ def check_num_speculative_tokens(n: int) -> int:
     return n
 
 
+def cap_block_width(width: int, remaining: int) -> int:
+    """`width` proposals per block capped to the `remaining` new tokens (at least 1): a block appends at most
+    `remaining` tokens, so a proposal past them is never used."""
+    return max(1, min(width, remaining))
+
+
+def _row_cap(width: int, rows: _Rows) -> int:
+    """`cap_block_width` for the active row with the most new tokens left."""
+    return cap_block_width(width, int(torch.where(rows.active, rows.budget, 0).max()))
+
+
+# ----------------------------------------------------------------------------------------- per-row sampling
+
+
+class RowSampling:
+    """Per-row sampling settings and random streams, for a batch whose rows were asked for with different settings
+    (a `session.DecodeSession`'s requests). Row r draws its draft proposals from `draft_generators[r]` and its
+    target tokens and verification uniforms from `target_generators[r]`, with its own `params[r]`, so what it
+    draws does not depend on the other rows; `do_sample` is True when any row samples. With `budgets` (each row's
+    new tokens left), a row verifies at most budget - 1 proposals, those it can keep, whatever width the block has."""
+
+    def __init__(self, params: Sequence[SamplingParams], draft_generators: Sequence[torch.Generator],
+                 target_generators: Sequence[torch.Generator], budgets: Sequence[int] | None = None) -> None:
+        if not len(params) == len(draft_generators) == len(target_generators):
+            raise InvalidArgumentError("RowSampling needs one SamplingParams and two generators per row")
+        self.params = list(params)
+        self.draft_generators, self.target_generators = list(draft_generators), list(target_generators)
+        self.budgets = None if budgets is None else [int(b) for b in budgets]
+        self.do_sample = any(p.do_sample for p in self.params)
+
+    def sample(self, logits: torch.Tensor, sampler: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+               draft: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`sampler` on each row with that row's params and generator: tokens [B] and q [B, V] (one-hot for greedy
+        rows) when any row samples, else None."""
+        gens = self.draft_generators if draft else self.target_generators
+        tokens, probs = [], []
+        for r, params in enumerate(self.params):
+            tok, q = sampler(logits[r:r + 1], params, gens[r] if params.do_sample else None)
+            tokens.append(tok)
+            if self.do_sample:
+                probs.append(q if q is not None else torch.nn.functional.one_hot(tok, logits.shape[-1]).float())
+        return torch.cat(tokens), (torch.cat(probs) if probs else None)
+
+    def verify(self, logits: torch.Tensor, drafts: torch.Tensor, probs: torch.Tensor | None,
+               num_draft: torch.Tensor | None, use_kernel: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`verify.verify_block` row by row over each row's real proposals only (its uniforms then depend on its
+        own proposal count, not the block's width): (num_accepted [B], next_token [B])."""
+        accepted, tokens = [], []
+        for r, params in enumerate(self.params):
+            nd = drafts.shape[1] if num_draft is None else int(num_draft[r])
+            if self.budgets is not None:  # later proposals could not be kept: verifying them only draws uniforms
+                nd = min(nd, max(self.budgets[r] - 1, 0))
+            q = probs[r:r + 1, :nd] if (probs is not None and params.do_sample) else None
+            a, t = verify.verify_block(logits[r:r + 1, :nd + 1], drafts[r:r + 1, :nd], q, None, params,
+                                       self.target_generators[r] if params.do_sample else None, use_kernel=use_kernel)
+            accepted.append(a)
+            tokens.append(t)
+        return torch.cat(accepted), torch.cat(tokens)
+
+
+Sampling = SamplingParams | RowSampling
+
+
+def _draw(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None,
+          sampler: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = sampling.sample_next,
+          draft: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token per row through `sampler`: one call for the batch, or row by row under `RowSampling`."""
+    if isinstance(params, RowSampling):
+        return params.sample(logits, sampler, draft)
+    return sampler(logits, params, generator)
+
+
+def _verify_block(logits: torch.Tensor, drafts: torch.Tensor, probs: torch.Tensor | None,
+                  num_draft: torch.Tensor | None, params: Sampling, generator: torch.Generator | None,
+                  use_kernel: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify.verify_block` for the batch, or row by row under `RowSampling`."""
+    if isinstance(params, RowSampling):
+        return params.verify(logits, drafts, probs, num_draft, use_kernel)
+    return verify.verify_block(logits, drafts, probs, num_draft, params, generator, use_kernel=use_kernel)
+
+
 # ----------------------------------------------------------------------------------------- shared state
 
 
@@ -214,6 +295,42 @@ class _Rows:
         self.active = torch.ones(self.batch, dtype=torch.bool, device=device)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.pad_id = pad_id
+
+    @classmethod
+    def slots(cls, batch: int, width: int, pad_id: int, eos: list[int], device: torch.device) -> _Rows:
+        """Empty state for `batch` slots of up to `width` tokens each, filled by `fill` (a step session's rows)."""
+        rows = cls.__new__(cls)
+        rows.streamer, rows.batch, rows.max_prompt, rows.pad_id = None, batch, 0, pad_id
+        rows.tokens = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+        rows.prompt_lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        rows.lengths = torch.zeros_like(rows.prompt_lengths)
+        rows.budget = torch.zeros_like(rows.prompt_lengths)
+        rows.active = torch.zeros(batch, dtype=torch.bool, device=device)
+        rows.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        return rows
+
+    def fill(self, slot: int, prompt: torch.Tensor, max_new_tokens: int) -> None:
+        """Put a new prompt in `slot` (active, nothing generated yet)."""
+        n = prompt.numel()
+        self.tokens[slot].fill_(self.pad_id)
+        self.tokens[slot, :n] = prompt.to(self.tokens.device)
+        self.prompt_lengths[slot] = self.lengths[slot] = n
+        self.budget[slot] = max_new_tokens
+        self.active[slot] = True
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy the state of slot `src` into slot `dst`."""
+        for t in (self.tokens, self.prompt_lengths, self.lengths, self.budget, self.active):
+            t[dst] = t[src]
+
+    def view(self, start: int, stop: int, streamer: Streamer | None = None) -> _Rows:
+        """Slots start..stop-1 as a batch of their own that shares this state's storage (its appends land here)."""
+        rows = _Rows.__new__(_Rows)
+        rows.streamer, rows.batch, rows.pad_id, rows.eos = streamer, stop - start, self.pad_id, self.eos
+        for name in ("tokens", "prompt_lengths", "lengths", "budget", "active"):
+            setattr(rows, name, getattr(self, name)[start:stop])
+        rows.max_prompt = int(rows.prompt_lengths.max()) if stop > start else 0
+        return rows
 
     def last_tokens(self) -> torch.Tensor:
         """[B] the newest token of each row (the pending input of the next target call)."""
@@ -300,18 +417,32 @@ def _start_rows(runner: CachedCausalLM, input_ids: Any, attention_mask: torch.Te
     prompts = normalise_prompts(input_ids, attention_mask)
     check_lengths(runner, prompts, max_new_tokens)
     eos = eos_set(eos_token_id)
+    block = min(block, max_new_tokens)  # blocks propose at most max_new_tokens - 1 tokens (cap_block_width)
     rows = _Rows(prompts, max_new_tokens, block, _pad_id(runner, eos), eos, runner.device, streamer)
     runner.start(rows.batch, rows.max_prompt + max_new_tokens + block)
     return rows
 
 
-def _prefill_and_sample_first(runner: CachedCausalLM, rows: _Rows, params: SamplingParams,
+def _prefill_and_sample_first(runner: CachedCausalLM, rows: _Rows, params: Sampling,
                               generator: torch.Generator | None, stats: SpecStats) -> None:
     """Prefill the target on the prompts and append the first new token of every row."""
     logits = _prefill(runner, rows)
     stats.target_calls += 1
-    first, _ = sampling.sample_next(logits, params, generator)
+    first, _ = _draw(logits, params, generator)
     rows.append(first.unsqueeze(1), torch.ones_like(first))
+
+
+def _plain_step(runner: CachedCausalLM, rows: _Rows, params: Sampling, generator: torch.Generator | None,
+                stats: SpecStats) -> None:
+    """One plain decoding step: a target call on every row's pending token, one token appended per active row."""
+    starts = rows.lengths - 1
+    active_rows = int(rows.active.sum())
+    logits = runner.forward(rows.last_tokens().unsqueeze(1), starts, logits_at=torch.zeros_like(starts))
+    runner.cache.set_lengths(rows.lengths)
+    stats.target_calls += 1
+    stats.decode_row_calls += active_rows
+    token, _ = _draw(logits, params, generator)
+    stats.decode_tokens += int(rows.append(token.unsqueeze(1), torch.ones_like(token)).sum())
 
 
 @torch.inference_mode()
@@ -329,23 +460,9 @@ def autoregressive_generate(model: Any, input_ids: Any, max_new_tokens: int, do_
     params = SamplingParams(do_sample, temperature, top_p, top_k)
     rows = _start_rows(runner, input_ids, attention_mask, max_new_tokens, 1, eos_token_id, streamer)
     stats = SpecStats()
-    logits = _prefill(runner, rows)
-    stats.target_calls += 1
-    from_prefill = True
-    while True:
-        token, _ = sampling.sample_next(logits, params, generator)
-        kept = rows.append(token.unsqueeze(1), torch.ones_like(token))
-        if not from_prefill:
-            stats.decode_tokens += int(kept.sum())
-        from_prefill = False
-        if not bool(rows.active.any()):
-            break
-        starts = rows.lengths - 1
-        active_rows = int(rows.active.sum())
-        logits = runner.forward(rows.last_tokens().unsqueeze(1), starts, logits_at=torch.zeros_like(starts))
-        runner.cache.set_lengths(rows.lengths)
-        stats.target_calls += 1
-        stats.decode_row_calls += active_rows
+    _prefill_and_sample_first(runner, rows, params, generator, stats)
+    while bool(rows.active.any()):
+        _plain_step(runner, rows, params, generator, stats)
     stats.wall_time_s = time.perf_counter() - t0
     return rows.output(stats)
 
@@ -370,7 +487,7 @@ def prepack_rows(batch: int, widths: Iterable[int]) -> list[int]:
 
 
 def _verify_and_append(target: CachedCausalLM, rows: _Rows, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
-                       num_draft: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                       num_draft: torch.Tensor, params: Sampling, generator: torch.Generator | None,
                        stats: SpecStats, use_kernel: bool | None, return_hidden: bool = False,
                        from_lookup: torch.Tensor | None = None, max_width: int = 0) -> torch.Tensor | None:
     """One target call over [pending token, drafts...]; accept, append, roll the target cache back. With
@@ -392,8 +509,7 @@ def _verify_and_append(target: CachedCausalLM, rows: _Rows, drafts: torch.Tensor
         logits = target.forward(block, old_lengths - 1)
     logits = logits[:, :width + 1]  # padding rows are never verified (nor warped)
     stats.target_calls += 1
-    num_accepted, next_token = verify.verify_block(logits, drafts, draft_probs, num_draft, params, generator,
-                                                   use_kernel=use_kernel)
+    num_accepted, next_token = _verify_block(logits, drafts, draft_probs, num_draft, params, generator, use_kernel)
     stats.record_block(num_draft, num_accepted, active, width)
     if from_lookup is not None:
         mine = active & from_lookup
@@ -464,6 +580,8 @@ class SpeculativeDecoder:
             raise InvalidArgumentError(
                 f"target and draft vocabularies differ ({self.target.vocab_size} vs {self.draft.vocab_size} "
                 "output rows): speculative decoding needs a shared tokenizer and vocabulary")
+        if self.feature is not None:
+            check_draft_target(self.feature.draft, self.target.model)  # built for this target, or told otherwise
         if not 0.0 <= draft_confidence < 1.0:
             raise InvalidArgumentError(f"draft_confidence must be in [0, 1), got {draft_confidence!r}")
         self.draft_confidence = draft_confidence
@@ -495,7 +613,7 @@ class SpeculativeDecoder:
         """The most tokens one block proposes (draft or lookup)."""
         return max(self.num_speculative_tokens, self.lookup_tokens)
 
-    def _draft_or_lookup(self, rows: _Rows, params: SamplingParams,
+    def _draft_or_lookup(self, rows: _Rows, params: Sampling,
                          propose: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
                          generator: torch.Generator | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
@@ -504,7 +622,8 @@ class SpeculativeDecoder:
         if not self.lookup_tokens:
             drafts, probs = propose()
             return drafts, probs, torch.full_like(rows.lengths, drafts.shape[1]), None
-        found, counts = propose_ngram_continuations(rows.tokens, rows.lengths, rows.active, self.lookup_tokens,
+        found, counts = propose_ngram_continuations(rows.tokens, rows.lengths, rows.active,
+                                                    _row_cap(self.lookup_tokens, rows),
                                                     self.lookup_max_ngram, self.lookup_min_ngram)
         use = counts > 0
         vocab = self.target.vocab_size
@@ -550,7 +669,7 @@ class SpeculativeDecoder:
         """`lookup_extend`: after the draft's m tokens, a row whose text + drafts ends in an n-gram seen earlier
         proposes what followed it too (up to lookup_tokens - m tokens, one-hot q): (drafts, q, num_draft)."""
         m = drafts.shape[1]
-        room = self.lookup_tokens - m
+        room = _row_cap(self.lookup_tokens, rows) - m
         num_draft = torch.full_like(rows.lengths, m)
         if room < 1:
             return drafts, probs, num_draft
@@ -576,12 +695,13 @@ class SpeculativeDecoder:
         return drafts, probs, num_draft
 
     def _sample_drafts(self, logits: torch.Tensor, step: Callable[[int, torch.Tensor], torch.Tensor],
-                       rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
+                       rows: _Rows, params: Sampling, generator: torch.Generator | None,
                        stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draw up to n draft tokens: the first from `logits`, each next from `step(i, previous token)` (one draft
         call); stops early under `draft_confidence`. Returns tokens [B, m] and their warped q [B, m, V] (sampling)."""
         tokens, probs = [], []
-        for i in range(self.num_speculative_tokens):
+        n = _row_cap(self.num_speculative_tokens, rows)
+        for i in range(n):
             if i > 0:
                 logits = step(i, tokens[-1])
                 stats.draft_calls += 1
@@ -589,26 +709,26 @@ class SpeculativeDecoder:
             tokens.append(tok)
             if q is not None:
                 probs.append(q)
-            if self.draft_confidence > 0 and i + 1 < self.num_speculative_tokens:
+            if self.draft_confidence > 0 and i + 1 < n:
                 top = (q if q is not None else torch.softmax(logits, dim=-1)).max(dim=-1).values
                 if not bool((top[rows.active] >= self.draft_confidence).any()):
                     break
         return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
 
-    def _sample_proposal(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+    def _sample_proposal(self, logits: torch.Tensor, params: Sampling, generator: torch.Generator | None,
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One draft token per row and the full-vocabulary q it was drawn from. A draft whose head is restricted to
         a token subset (-inf logits elsewhere) is warped and sampled over that subset only, ~10x fewer entries than
         the vocabulary, and q is scattered back; the tokens outside it have probability 0 either way."""
         head_ids = self._draft_head_ids
         if not params.do_sample or head_ids is None:
-            return draft_sample(logits, params, generator)
-        sub, q_sub = draft_sample(logits.index_select(-1, head_ids), params, generator)
+            return _draw(logits, params, generator, draft_sample, draft=True)
+        sub, q_sub = _draw(logits.index_select(-1, head_ids), params, generator, draft_sample, draft=True)
         assert q_sub is not None
         q = q_sub.new_zeros(*q_sub.shape[:-1], logits.shape[-1]).index_copy_(-1, head_ids, q_sub)
         return head_ids[sub], q
 
-    def _propose(self, rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
+    def _propose(self, rows: _Rows, params: Sampling, generator: torch.Generator | None,
                  stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draft n tokens per row (catching the draft cache up on tokens it has not seen first)."""
         draft = self.draft
@@ -628,7 +748,7 @@ class SpeculativeDecoder:
         draft.cache.set_lengths(rows.lengths + drafts.shape[1] - 1)  # the last proposal is not in the cache
         return drafts, probs
 
-    def _propose_from_features(self, rows: _Rows, first: tuple[torch.Tensor, torch.Tensor], params: SamplingParams,
+    def _propose_from_features(self, rows: _Rows, first: tuple[torch.Tensor, torch.Tensor], params: Sampling,
                                generator: torch.Generator | None, stats: SpecStats,
                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feature draft: the first proposal from `first` (logits, g) of the last true-feature pass, each next one
@@ -675,52 +795,76 @@ class SpeculativeDecoder:
         rows = _start_rows(self.target, input_ids, attention_mask, max_new_tokens, n + 1, eos_token_id, streamer)
         if self.prepack:
             self.target.prepack(prepack_rows(rows.batch, (self.num_speculative_tokens, self.lookup_tokens)))
-        self.draft.start(rows.batch, rows.max_prompt + max_new_tokens + n + 1)
+        self.draft.start(rows.batch, rows.tokens.shape[1])
         stats = SpecStats()
         if self.feature is not None:
             self._generate_from_features(rows, params, generator, stats)
             stats.wall_time_s = time.perf_counter() - t0
             return rows.output(stats)
-        _prefill(self.draft, rows, need_logits=False)  # before the first token is appended: prompts only
-        stats.draft_calls += 1
-        _prefill_and_sample_first(self.target, rows, params, generator, stats)
+        self._prefill_layer_draft(rows, params, generator, stats)
         while bool(rows.active.any()):
-            drafts, probs, num_draft, from_lookup = self._draft_or_lookup(
-                rows, params, partial(self._propose, rows, params, generator, stats), generator)
-            if from_lookup is not None:  # the draft's speculative entries of lookup rows are not what is verified
-                self.draft.cache.rollback(torch.where(from_lookup, rows.lengths, self.draft.cache.lengths))
-            _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
-                               self.use_kernel, from_lookup=from_lookup, max_width=n)
-            # The draft holds old_len + k - 1 tokens (it never saw its last proposal); keep only the valid prefix.
-            self.draft.cache.rollback(rows.lengths - 1)
+            self._layer_step(rows, params, generator, stats)
         stats.wall_time_s = time.perf_counter() - t0
         return rows.output(stats)
 
-    def _generate_from_features(self, rows: _Rows, params: SamplingParams, generator: torch.Generator | None,
+    def _prefill_layer_draft(self, rows: _Rows, params: Sampling, generator: torch.Generator | None,
+                             stats: SpecStats) -> None:
+        """Prefill the (layer) draft and the target on the prompts and append each row's first token."""
+        _prefill(self.draft, rows, need_logits=False)  # before the first token is appended: prompts only
+        stats.draft_calls += 1
+        _prefill_and_sample_first(self.target, rows, params, generator, stats)
+
+    def _layer_step(self, rows: _Rows, params: Sampling, generator: torch.Generator | None,
+                    stats: SpecStats) -> None:
+        """One block with a layer draft (or prompt lookup): propose, verify, append, roll both caches back."""
+        drafts, probs, num_draft, from_lookup = self._draft_or_lookup(
+            rows, params, partial(self._propose, rows, params, generator, stats), generator)
+        if from_lookup is not None:  # the draft's speculative entries of lookup rows are not what is verified
+            self.draft.cache.rollback(torch.where(from_lookup, rows.lengths, self.draft.cache.lengths))
+        _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
+                           self.use_kernel, from_lookup=from_lookup, max_width=_row_cap(self._block_width(), rows))
+        # The draft holds old_len + k - 1 tokens (it never saw its last proposal); keep only the valid prefix.
+        self.draft.cache.rollback(rows.lengths - 1)
+
+    def _generate_from_features(self, rows: _Rows, params: Sampling, generator: torch.Generator | None,
                                 stats: SpecStats) -> None:
         """The decoding loop with a feature draft (see the class docstring); the draft cache holds rows.lengths - 1
         (true feature, token) pairs after every cycle."""
+        first = self._prefill_features(rows, params, generator, stats)
+        while bool(rows.active.any()):
+            first = self._feature_step(rows, first, params, generator, stats)
+
+    def _prefill_features(self, rows: _Rows, params: Sampling, generator: torch.Generator | None,
+                          stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill the target on the prompts, append each row's first token and run the feature draft over the
+        prompts' true features; returns (logits, g) of the next block's first proposal."""
         assert self.feature is not None
         starts = torch.zeros(rows.batch, dtype=torch.long, device=rows.tokens.device)
         last = rows.prompt_lengths - 1
         logits, features = self.target.forward(_prompt_block(rows), starts, logits_at=last, return_hidden="all")
         self.target.cache.set_lengths(rows.prompt_lengths)
         stats.target_calls += 1
-        token, _ = sampling.sample_next(logits, params, generator)
+        token, _ = _draw(logits, params, generator)
         rows.append(token.unsqueeze(1), torch.ones_like(token))
         # draft positions 0..L-1 read (f[p], x[p+1]); x[L] is the token just sampled
         first = self.feature.step(features, rows.tokens[:, 1:rows.max_prompt + 1], starts, logits_at=last)
         self.feature.cache.set_lengths(rows.lengths - 1)
         stats.draft_calls += 1
-        while bool(rows.active.any()):
-            drafts, probs, num_draft, from_lookup = self._draft_or_lookup(
-                rows, params, partial(self._propose_from_features, rows, first, params, generator, stats), generator)
-            old_lengths = rows.lengths.clone()
-            hidden = _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
-                                        self.use_kernel, return_hidden=True, from_lookup=from_lookup,
-                                        max_width=self._block_width())
-            if bool(rows.active.any()):
-                first = self._catch_up(rows, old_lengths, hidden, stats)
+        return first
+
+    def _feature_step(self, rows: _Rows, first: tuple[torch.Tensor, torch.Tensor], params: Sampling,
+                      generator: torch.Generator | None, stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block with a feature draft: propose from `first`, verify, append, catch the draft up; returns the
+        next block's `first` (unchanged when no row is left active)."""
+        drafts, probs, num_draft, from_lookup = self._draft_or_lookup(
+            rows, params, partial(self._propose_from_features, rows, first, params, generator, stats), generator)
+        old_lengths = rows.lengths.clone()
+        hidden = _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats,
+                                    self.use_kernel, return_hidden=True, from_lookup=from_lookup,
+                                    max_width=_row_cap(self._block_width(), rows))
+        if bool(rows.active.any()):
+            first = self._catch_up(rows, old_lengths, hidden, stats)
+        return first
 
 
 def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -782,10 +926,11 @@ class PromptLookupDecoder:
         _prefill_and_sample_first(self.target, rows, params, generator, stats)
         vocab = self.target.vocab_size
         while bool(rows.active.any()):
-            drafts, num_draft = propose_ngram_continuations(rows.tokens, rows.lengths, rows.active, n,
+            width = _row_cap(n, rows)
+            drafts, num_draft = propose_ngram_continuations(rows.tokens, rows.lengths, rows.active, width,
                                                             self.max_ngram)
             probs = _one_hot(drafts, vocab) if params.do_sample and drafts.shape[1] > 0 else None
             _verify_and_append(self.target, rows, drafts, probs, num_draft, params, generator, stats, False,
-                               max_width=n)
+                               max_width=width)
         stats.wall_time_s = time.perf_counter() - t0
         return rows.output(stats)
