@@ -31,6 +31,7 @@ CLIS = {
 
 # small files the cases refer to as {d}/NAME (created fresh for each case)
 CHAT = '{"messages": [{"role": "user", "content": "什么是产权登记？"}, {"role": "assistant", "content": "登记。"}]}\n'
+R = "name: t\nstages: [curate, pack]\n"  # a pipeline recipe with cheap stages only
 RECIPE_OK = "inputs: [{d}/docs.jsonl]\noutput_dir: {d}/out\nstages: [read, clean]\n"
 # a "billion laughs" under a known key: nine levels of nine aliases, ~400 bytes that would expand to 9**9 strings
 LAUGHS = "relevance:\n  lexicon: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -87,6 +88,35 @@ CASES: list[Case] = [
     C("soaes", "generate --max-new-tokens 0 hi", "zero new tokens", "max_new_tokens must be an integer >= 1"),
     C("soaes", "data pack {d}/missing.jsonl -o {d}/out", "subcommand: missing input file",
       "missing.jsonl' does not exist"),
+    C("soaes", "pipeline plan {d}/r.yaml --set threads=-1", "pipeline threads below 1", "threads: must be >= 1",
+      r__yaml=R),
+    C("soaes", "pipeline plan {d}/r.yaml --set specdec_bench.num_speculative_tokens=[0]", "pipeline bench n of 0",
+      "num_speculative_tokens: give one or more ints >= 1", r__yaml=R),
+    C("soaes", "pipeline plan {d}/r.yaml --set specdec_bench.max_new_tokens=0", "pipeline bench zero new tokens",
+      "specdec_bench: max_new_tokens must be >= 1", r__yaml=R),
+    C("soaes", "pipeline plan {d}/r.yaml --set eval.limit=-1", "pipeline negative eval limit",
+      "eval: limit must be >= 1", r__yaml=R),
+    C("soaes", "pipeline plan {d}/r.yaml --set specdec_bench.dtype=float99", "pipeline unknown bench dtype",
+      "dtype must be one of float32, bfloat16, float16", r__yaml=R),
+    C("soaes", "pipeline plan {d}/r.yaml --set eval.general_tasks=[soaes_cmmlu_agronom]", "pipeline unknown eval task",
+      "did you mean 'soaes_cmmlu_agronomy'", r__yaml=R),
+    C("soaes", "pipeline plan {d}/r.yaml --set export.draft=nosuch", "pipeline unknown export draft",
+      "distill_draft makes: undistilled, distilled", r__yaml=R),
+    C("soaes", "pipeline plan {d}/r.yaml", "pipeline stages out of order", "which is listed after it",
+      r__yaml="name: t\nstages: [pack, curate]\n"),
+    C("soaes", "pipeline plan {d}/r.yaml", "pipeline without stages", "stages: no stages",
+      r__yaml="name: t\nstages: []\n"),
+    C("soaes", "pipeline plan {d}/r.yaml", "pipeline missing target", "target: no such model file or directory",
+      r__yaml="name: t\ntarget: models/base\nstages: [curate, pack]\n"),
+    C("soaes", "pipeline run {d}/r.yaml -o {d}/r.yaml/run", "pipeline run folder under a file", "cannot create it",
+      r__yaml=R),
+    C("soaes", "pipeline run {d}/p.yaml -o {d}/corpus/run", "pipeline run folder inside the curation input folder",
+      "is inside curation input", corpus___a__jsonl='{"text": "国有资产监督管理。"}\n',
+      c__yaml="inputs: [corpus]\noutput_dir: unused\n",
+      p__yaml="name: p\nstages: [curate]\ncurate: {recipe: c.yaml}\n"),
+    C("soaes", "serve --target {d}/nope", "serve: model path that does not exist", "does not exist"),
+    C("soaes", "serve --lookup-tokens 2", "serve: prompt lookup without a draft", "give --draft too"),
+    C("soaes", "serve --max-batch 0", "serve: a batch of zero requests", "0 is not in the range x>=1"),
     # ---- soaes-data ------------------------------------------------------------------------------------------
     C("soaes-data", "curate {d}/missing.yaml", "recipe file that does not exist", "missing.yaml' does not exist"),
     C("soaes-data", "curate {d}/r.yaml", "recipe that is not valid YAML", "r.yaml:2: invalid YAML",
@@ -201,6 +231,21 @@ CASES: list[Case] = [
     C("soaes-specdec", "bench -n 3,abc", "block size that is not a number",
       "--num-speculative-tokens[1]: expected int, got str 'abc'"),
     C("soaes-specdec", "bench --max-prompts 0", "zero prompts", "max_prompts must be >= 1"),
+    C("soaes-specdec", "export {d}/nope --format gguf -o {d}/out", "gguf export of a missing model folder",
+      "no such model directory"),
+    C("soaes-specdec", "export {d} --format gguf -o {d}/out", "gguf export of a folder without config.json",
+      "not a model directory (no config.json)", notes__txt="hello\n"),
+    C("soaes-specdec", "export {d}/m --format gguf -o {d}/out", "gguf export of an unsupported architecture",
+      "architecture 'gpt2' cannot be exported to GGUF",
+      m___config__json='{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}'),
+    C("soaes-specdec", "export {d}/m --format gguf -o {d}/out", "gguf export without a tokenizer",
+      "no tokenizer.json (no tokenizer files)",
+      m___config__json='{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}'),
+    C("soaes-specdec", "export {d}/m --format gguf --outtype q4_0 -o {d}/out", "unsupported gguf outtype",
+      "outtype must be one of f32, f16, bf16", m___config__json='{"model_type": "qwen2"}'),
+    C("soaes-specdec", "export {d}/nope --format vllm-eagle --target {d}/nope", "export of a missing draft",
+      "no such directory"),
+    C("soaes-specdec", "export {d}/nope --format vllm-eagle", "export without --target", "--target is required"),
     # ---- soaes-eval ------------------------------------------------------------------------------------------
     C("soaes-eval", "metrics {d}/missing.jsonl", "metrics: file that does not exist", "missing.jsonl: no such file"),
     C("soaes-eval", "metrics {d}/p.jsonl", "metrics: line that is not JSON", "p.jsonl:2: invalid JSON",
@@ -218,6 +263,9 @@ CASES: list[Case] = [
       "r.json: not a readable JSON result file", r__json="{oops"),
     C("soaes-eval", "fetch cmmlu --url {d}/missing.zip --dest {d}/out", "fetch: local archive that does not exist",
       "--url must be an http(s):// or file:// URL or an existing file"),
+    C("soaes-eval", "fetch cmmlu --url {d}/page.zip --dest {d}/out", "fetch: an HTML page instead of a zip",
+      "got an HTML page, not a zip archive", page__zip="<!DOCTYPE html><html>sign in</html>\n"),
+    C("soaes-eval", "fetch cmmlu --timeout 0", "fetch: zero --timeout", "--timeout must be a number of seconds > 0"),
 ]
 
 
@@ -253,7 +301,9 @@ def _quiet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_line_exit_2(case: Case, tmp_path: Path) -> None:
+def test_bad_input_is_one_clear_line_exit_2(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case.cli == "soaes-eval" and case.args[0] == "fetch":  # fetch locks and stages downloads in the cache
+        monkeypatch.setenv("SOAES_CACHE", str(tmp_path / "cache"))
     result = run_case(case, tmp_path / "case")
     stderr = result.stderr
     assert isinstance(result.exception, SystemExit), f"{case.command()}: raised {result.exception!r}\n{stderr}"
