@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,3 +41,31 @@ def test_kd_checkpoints_are_sealed_and_a_changed_one_is_refused(tmp_path: Path, 
     with pytest.raises(IntegrityError, match=r"refusing to resume from .*checkpoint-2: optimizer.pt checksum"):
         _last_checkpoint(out)
     assert _last_checkpoint(tmp_path / "none") is None
+
+
+def test_kd_resume_from_the_final_checkpoint_trains_no_extra_step(tmp_path: Path, token_dataset: Path,
+                                                                  tiny_qwen2) -> None:
+    """A KD run killed right after its final checkpoint resumes to the same weights and global_step, not one more
+    optimiser step (transformers checks max_steps only after a step)."""
+    examples = load_token_examples(token_dataset)
+
+    def run(out: Path, resume: str | None = None) -> tuple[Any, int]:
+        student = load_model(make_tiny_qwen2(tmp_path / "student", seed=1, num_hidden_layers=1),
+                             dtype=torch.float32, device="cpu")
+        args = TrainingArguments(output_dir=str(out), max_steps=2, per_device_train_batch_size=2,
+                                 learning_rate=1e-3, lr_scheduler_type="constant", save_strategy="steps",
+                                 save_steps=1, report_to=[], remove_unused_columns=False, seed=0, use_cpu=True,
+                                 disable_tqdm=True)
+        trainer = KDTrainer(model=student, args=args, train_dataset=KDDataset(examples),
+                            data_collator=KDCollator(pad_token_id=0), kd=KDConfig(alpha=0.5, temperature=2.0),
+                            teacher_model=tiny_qwen2)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.model, trainer.state.global_step
+
+    assert len(examples) > 4  # max_steps falls mid-epoch, where the extra step used to happen
+    whole, steps = run(tmp_path / "whole")
+    assert steps == 2
+    resumed, steps = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    assert steps == 2
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
