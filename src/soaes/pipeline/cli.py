@@ -35,10 +35,8 @@ def _common(f):  # type: ignore[no-untyped-def]
     return click.argument("recipe")(f)
 
 
-def _load(recipe: str, quick: bool, overrides: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def _overrides(overrides: tuple[str, ...]) -> dict[str, str]:
     from soaes_core.errors import ConfigError
-
-    from .recipe import load_pipeline_recipe
 
     over = {}
     for item in overrides:
@@ -46,17 +44,34 @@ def _load(recipe: str, quick: bool, overrides: tuple[str, ...]):  # type: ignore
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         over[key] = value
-    return load_pipeline_recipe(recipe, quick=quick, overrides=over)
+    return over
+
+
+def _load(recipe: str, quick: bool, overrides: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    from .recipe import load_pipeline_recipe
+
+    return load_pipeline_recipe(recipe, quick=quick, overrides=_overrides(overrides))
 
 
 @pipeline.command()
 @_common
+@click.option("--scale/--status", "scale", default=None,
+              help="The cluster-scale plan (per stage: device layout, memory, launcher command, expected time; "
+                   "offline), or each stage's status. Default: the scale plan for recipes with a `scale:` section.")
 def plan(recipe: str, overrides: tuple[str, ...], output_dir: str | None, quick: bool, start: str | None,
-         until: str | None) -> None:
-    """Print each stage as up-to-date / will run (and why) / not selected."""
+         until: str | None, scale: bool | None) -> None:
+    """Print each stage as up-to-date / will run (and why) / not selected, or (--scale) the plan at cluster scale."""
     from soaes_core.cache import describe_holder
 
-    from .runner import plan_pipeline, run_dir_of, run_lock_holder
+    from .runner import plan_pipeline, run_dir_of, run_lock_holder, select_stages
+    from .scale_plan import has_scale_section, load_scale_recipe, plan_at_scale, render_plan
+
+    if scale if scale is not None else has_scale_section(recipe):
+        r, settings = load_scale_recipe(recipe, overrides=_overrides(overrides), quick=quick)
+        keep = set(select_stages(r, start, until))
+        rows = [row for row in plan_at_scale(r, settings, recipe_ref=recipe) if row.stage in keep]
+        click.echo(render_plan(rows, r.target, settings))
+        return
 
     r = _load(recipe, quick, overrides)
     run_dir = run_dir_of(r, output_dir)

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from soaes_core import DEFAULT_MODEL, from_dict, load_yaml
-from soaes_core.config import apply_overrides
+from soaes_core.config import OMIT_IF_DEFAULT, apply_overrides
 from soaes_core.errors import ConfigError, SoaesError
+from soaes_core.placement import Placement
 from soaes_distill.feature_kd import FeatureKDConfig
 from soaes_distill.trainer import KDConfig
 from soaes_train.config import TrainConfig
+
+from .scale_plan import ScaleSettings
 
 # Every stage the pipeline knows, in the order they run. `decontaminate` and `sft_stage2_only` are optional.
 STAGE_ORDER = ("curate", "decontaminate", "pack", "cpt", "sft_stage1", "sft_stage2", "sft_stage2_only",
@@ -30,6 +33,8 @@ EVAL_SAMPLE_PREFIX = "eval-sample:"  # soaes-eval's shipped samples
 DISTILL_DATA_PREFIX = "distill-data:"  # soaes-distill's shipped data (the committed held-out domain prompts)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DTYPES = ("float32", "bfloat16", "float16")  # plus soaes_core's aliases (fp32, bf16, fp16, half, float)
+# Stages that load a model: each takes the recipe's `placement`, or its own `<stage>.placement` when set
+MODEL_STAGES = ("teacher_data", "dump_logits", "distill_draft", "specdec_bench", "eval")
 
 
 def _check_min(obj: Any, minimum: int, *names: str, optional: bool = False) -> None:
@@ -136,6 +141,7 @@ class TeacherDataSettings:
     samples_per_prompt: int = 0
     sample_temperature: float = 1.0
     sample_top_p: float = 0.7
+    placement: Placement | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
         if self.holdout_every < 2:
@@ -156,6 +162,7 @@ class DumpSettings:
 
     top_k: int = 64
     batch_size: int = 8
+    placement: Placement | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
         _check_min(self, 1, "top_k", "batch_size")
@@ -186,6 +193,7 @@ class DistillSettings:
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: list[SweepPoint] = field(default_factory=list)  # extra (α, τ) drafts for Tables 3-4
     feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
+    placement: Placement | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
         if self.kind not in ("layer", "feature"):
@@ -217,6 +225,8 @@ class BenchSettings:
     lookup_mix: float = 0.0  # sampling: a lookup row's first proposal from this lookup/draft mixture
     sampling_seeds: int = 1  # sampling mode: every prompt decoded under this many seeds per timed pass
     prepack: bool | None = None  # MKL-packed verification (unset = on where supported)
+    # its own device (and sharding); `dtype` above sets the precision. Unset: the recipe's. (Same in every section.)
+    placement: Placement | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
         from soaes_specdec.bench import MODES
@@ -265,6 +275,7 @@ class EvalSettings:
     max_gen_toks: int = 64
     batch_size: int = 8
     data_dir: str = "eval-sample:"  # folder with cmmlu/, ceval/, domain/ (default: soaes-eval's shipped samples)
+    placement: Placement | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
         _check_min(self, 1, "limit", optional=True)
@@ -284,6 +295,11 @@ class PipelineRecipe:
     description: str = ""
     trained_target: str | None = None  # the trained target when the recipe has no sft_stage2
     threads: int | None = None  # torch CPU threads for the run; unset = torch's choice (not part of any hash)
+    # where the model-running stages load models (auto: a GPU in bf16 when present, else the CPU in float32); a stage's
+    # own `placement` replaces it. Hashed as what it resolves to (device type and dtype), and only when that is not
+    # the CPU in float32, so runs made before placements existed stay up to date.
+    placement: Placement = field(default_factory=Placement)
+    scale: ScaleSettings | None = None  # how the recipe runs at cluster scale (`soaes pipeline plan`; not hashed)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     curate: CurateSettings = field(default_factory=CurateSettings)
     decontaminate: DecontaminateSettings = field(default_factory=DecontaminateSettings)
@@ -433,7 +449,26 @@ def validate_recipe(recipe: PipelineRecipe) -> None:
                             f"in stages (add it, or set {inp.field} to a path)")
     _check_export_draft(recipe)
     _check_eval_tasks(recipe)
+    _check_placements(recipe)
     _check_draft_tokenizer(recipe)
+
+
+def stage_placement(recipe: PipelineRecipe, stage: str) -> Placement:
+    """The placement stage `stage` loads its models with: its own `placement`, else the recipe's."""
+    own = getattr(getattr(recipe, stage, None), "placement", None)
+    return own if own is not None else recipe.placement
+
+
+def _check_placements(recipe: PipelineRecipe) -> None:
+    """Each model-running stage's placement resolves on this machine (e.g. `cuda` without a GPU is refused here)."""
+    for name in MODEL_STAGES:
+        if name not in recipe.stages:
+            continue
+        own = getattr(recipe, name).placement is not None
+        try:
+            stage_placement(recipe, name).resolve()
+        except ConfigError as err:
+            raise _fail(recipe, f"{name}.placement" if own else "placement", str(err)) from None
 
 
 def draft_names(recipe: PipelineRecipe) -> list[str]:

@@ -7,6 +7,7 @@ The runner (`runner.py`) decides whether a stage runs, and makes its output appe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,8 +17,17 @@ from typing import Any, ClassVar
 
 from soaes_core import read_jsonl, write_jsonl
 from soaes_core.errors import ConfigError, SoaesError
+from soaes_core.placement import ResolvedPlacement, input_device
 
-from .recipe import STAGE_ORDER, PipelineRecipe, is_model_spec, model_spec, resolve_path, target_spec
+from .recipe import (
+    STAGE_ORDER,
+    PipelineRecipe,
+    is_model_spec,
+    model_spec,
+    resolve_path,
+    stage_placement,
+    target_spec,
+)
 
 FAIL_ENV = "SOAES_PIPELINE_FAIL_AT"  # "STAGE:POINT": raise there (tests of kill-and-rerun)
 # "STAGE:POINT=FILE": at that point create FILE.waiting, then wait until FILE exists (tests of concurrent runs)
@@ -103,8 +113,12 @@ class Stage:
     weight: ClassVar[float] = 1.0  # relative cost, for the overall ETA before any timing is known
 
     def settings(self, recipe: PipelineRecipe) -> Any:
-        """The recipe section that configures this stage (hashed into its config fingerprint)."""
-        return getattr(recipe, self.name, None)
+        """The recipe section that configures this stage (hashed into its config fingerprint); its `placement` is
+        left out: what it resolves to is hashed instead (`placement_extra`)."""
+        section = getattr(recipe, self.name, None)
+        if getattr(section, "placement", None) is not None:
+            section = dataclasses.replace(section, placement=None)
+        return section
 
     def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
         """Recipe values outside the stage's section that change its output."""
@@ -134,6 +148,19 @@ STAGES: dict[str, Stage] = {}
 def register(cls: type[Stage]) -> type[Stage]:
     STAGES[cls.name] = cls()
     return cls
+
+
+def placed(recipe: PipelineRecipe, stage: str) -> ResolvedPlacement:
+    """Where stage `stage` loads its models on this machine (its placement, resolved)."""
+    return stage_placement(recipe, stage).resolve()
+
+
+def placement_extra(recipe: PipelineRecipe, stage: str, dtype: bool = True) -> dict[str, Any]:
+    """The fingerprint entry of a stage's placement: nothing when it resolves to the CPU in float32 (what every stage
+    used before placements existed, so those runs stay up to date), else its device type (and dtype)."""
+    r = placed(recipe, stage)
+    fp = r.fingerprint() if dtype else ({} if r.device_type == "cpu" else {"device": r.device_type})
+    return {"placement": fp} if fp else {}
 
 
 def _target_input(recipe: PipelineRecipe) -> Input:
@@ -364,8 +391,10 @@ class TeacherData(Stage):
         return {k.removeprefix("teacher_data."): resolve_path(ctx.recipe, v)
                 for k, v in self.data_paths(ctx.recipe).items() if v is not None}
 
+    def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
+        return {"seed": recipe.seed, **placement_extra(recipe, self.name)}
+
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
-        import torch
 
         from soaes_core import load_model, load_tokenizer, seed_everything
         from soaes_distill.synth import blackbox_sft_records, chat_records_to_examples, sampled_sft_records
@@ -374,7 +403,7 @@ class TeacherData(Stage):
         r, s = ctx.recipe, ctx.recipe.teacher_data
         seed_everything(r.seed)
         spec = ctx.spec(self.inputs(r)[0])
-        tok, model = load_tokenizer(spec), load_model(spec, dtype=torch.float32, device="cpu").eval()
+        tok, model = load_tokenizer(spec), load_model(spec, **placed(r, self.name).load_kwargs()).eval()
         rejects: list[dict[str, Any]] = []
         train, held = _teacher_prompts(r, rejects)
         counts: dict[str, Any] = {"prompts": len(train) + len(held)}
@@ -448,10 +477,9 @@ class DumpLogits(Stage):
         return [_target_input(recipe), Input("data", "teacher_data", "teacher_data", None, "train_tokens.jsonl")]
 
     def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
-        return {"temperatures": _temperatures(recipe)}
+        return {"temperatures": _temperatures(recipe), **placement_extra(recipe, self.name)}
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
-        import torch
 
         from soaes_core import load_model, load_tokenizer
         from soaes_distill.dump import DumpConfig, run_dump
@@ -460,7 +488,7 @@ class DumpLogits(Stage):
         target, data = (ctx.spec(i) for i in self.inputs(r))
         cfg = DumpConfig(dataset=data, output_dir=str(out / "store"), model=target, top_k=s.top_k,
                          temperatures=_temperatures(r), batch_size=s.batch_size)
-        res = run_dump(cfg, model=load_model(target, dtype=torch.float32, device="cpu").eval(),
+        res = run_dump(cfg, model=load_model(target, **placed(r, self.name).load_kwargs()).eval(),
                        tokenizer=load_tokenizer(target))
         return {"examples": res.examples, "positions": res.positions, "bytes": res.bytes}
 
@@ -495,6 +523,9 @@ class DistillDraft(Stage):
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
         return {"distill_draft.draft": recipe.distill_draft.draft}
 
+    def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
+        return {"seed": recipe.seed, **placement_extra(recipe, self.name)}
+
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
         if ctx.recipe.distill_draft.kind == "feature":
             return self._run_feature(ctx, out)
@@ -518,7 +549,7 @@ class DistillDraft(Stage):
         r, s = ctx.recipe, ctx.recipe.distill_draft
         target_spec, data, heldout = (ctx.spec(i) for i in self.inputs(r))
         seed_everything(r.seed)
-        target = load_model(target_spec, dtype=torch.float32, device="cpu").eval()
+        target = load_model(target_spec, **placed(r, self.name).load_kwargs()).eval()
         tok = load_tokenizer(target_spec)
         train, held = load_token_examples(data), load_token_examples(heldout)
         init = out / "undistilled"
@@ -529,7 +560,7 @@ class DistillDraft(Stage):
         res = train_feature_draft(target, train, None, s.feature, out / "distilled", heldout_examples=held,
                                   tokenizer=tok)
         with torch.no_grad():  # the distilled draft was scored on the held-out answers by train_feature_draft
-            draft = FeatureDraft.from_pretrained(init, dtype=torch.float32, device="cpu")
+            draft = FeatureDraft.from_pretrained(init, dtype=target.dtype, device=input_device(target))
             feats = extract_features(target, held, batch_size=s.feature.extract_batch_size)
             init_est = estimate_feature_acceptance(target, draft, held, feats, top_p=s.feature.top_p,
                                                    temperature=s.feature.temperature, block_sizes=(3,))
@@ -573,15 +604,18 @@ class DistillDraft(Stage):
                            "train_seconds": round(res.train_seconds, 2),
                            "final_loss": res.kd_history[-1].get("loss") if res.kd_history else None}
         estimates = _estimate_acceptance(target, heldout, {k: (out / v["dir"] if not is_model_spec(str(v["dir"]))
-                                                               else v["dir"]) for k, v in drafts.items()})
+                                                               else v["dir"]) for k, v in drafts.items()},
+                                         placed(r, self.name))
         for k, est in estimates.items():
             drafts[k]["offline_acceptance"] = est
         atomic_write_json(out / "drafts.json", drafts)
         return {"drafts": len(drafts), "heldout_examples": len(read_jsonl(heldout))}
 
 
-def _estimate_acceptance(target_spec: str, heldout: str, drafts: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """soaes-distill's offline acceptance estimator (teacher-forced, greedy and top-p 0.7) per draft."""
+def _estimate_acceptance(target_spec: str, heldout: str, drafts: dict[str, Any],
+                         placement: ResolvedPlacement) -> dict[str, dict[str, float]]:
+    """soaes-distill's offline acceptance estimator (teacher-forced, greedy and top-p 0.7) per draft, the models where
+    `placement` puts them; the logits are compared in float32 on the CPU."""
     import torch
 
     from soaes_core import load_model
@@ -590,16 +624,19 @@ def _estimate_acceptance(target_spec: str, heldout: str, drafts: dict[str, Any])
     from soaes_specdec.draft import load_draft
 
     examples = load_token_examples(heldout)
-    target = load_model(target_spec, dtype=torch.float32, device="cpu").eval()
+    target = load_model(target_spec, **placement.load_kwargs()).eval()
     out = {}
+
+    def logits(model: Any, ids: list[int]) -> Any:
+        return model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False).logits.float().cpu()
+
     with torch.no_grad():
-        t_logits = [target(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits for ex in examples]
+        t_logits = [logits(target, ex.input_ids) for ex in examples]
         for name, d in drafts.items():
-            draft = load_draft(str(d), dtype=torch.float32, device="cpu")
+            draft = load_draft(str(d), dtype=placement.dtype, device=placement.device)
             acc = AcceptanceAccumulator(top_p=0.7, block_sizes=(3,))
             for tl, ex in zip(t_logits, examples, strict=True):
-                acc.add(tl, draft(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits,
-                        torch.tensor([ex.labels]))
+                acc.add(tl, logits(draft, ex.input_ids), torch.tensor([ex.labels]))
             out[name] = {k: round(v, 6) for k, v in acc.result().as_metrics().items()}
     return out
 
@@ -618,6 +655,9 @@ class SpecdecBench(Stage):
     def inputs(self, recipe: PipelineRecipe) -> list[Input]:
         return [_target_input(recipe), Input("drafts", "distill_draft", "distill_draft", None),
                 Input("prompts", "teacher_data", "teacher_data", None, "heldout_prompts.jsonl")]
+
+    def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
+        return {"seed": recipe.seed, **placement_extra(recipe, self.name, dtype=False)}  # dtype: the section's own
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
         import json
@@ -652,12 +692,15 @@ class SpecdecBench(Stage):
             report = run_benchmark(cfg, out / key)
             counts[key] = {"prompts": report["num_prompts"], "results": len(report["results"])}
             ctx.fail_point(self.name, f"after_{key.replace('/', '_')}")
-        counts["exactness"] = _exactness(target, draft_path("distilled"), prompts, s, out / "exactness.json")
+        counts["exactness"] = _exactness(target, draft_path("distilled"), prompts, s, out / "exactness.json",
+                                         placed(r, self.name))
         return counts
 
 
-def _exactness(target_spec: str, draft_spec: str, prompts: str, s: Any, path: Path) -> dict[str, Any]:
-    """Greedy speculative output == plain greedy output, token for token, in fp32 (and in the bench dtype)."""
+def _exactness(target_spec: str, draft_spec: str, prompts: str, s: Any, path: Path,
+               placement: ResolvedPlacement) -> dict[str, Any]:
+    """Greedy speculative output == plain greedy output, token for token, in fp32 (and in the bench dtype), on the
+    placement's device."""
     import torch
 
     from soaes_core import atomic_write_json, load_model, load_tokenizer
@@ -669,12 +712,12 @@ def _exactness(target_spec: str, draft_spec: str, prompts: str, s: Any, path: Pa
     ids = load_prompts(prompts, tok, s.exactness_prompts)
     result: dict[str, Any] = {"prompts": len(ids), "max_new_tokens": s.max_new_tokens, "n": 3}
     for dtype in dict.fromkeys(["float32", s.dtype]):
-        target = load_model(target_spec, dtype=dtype, device="cpu").eval()
-        draft = load_any_draft(draft_spec, dtype=dtype, device="cpu")
+        target = load_model(target_spec, **{**placement.load_kwargs(), "dtype": dtype}).eval()
+        draft = load_any_draft(draft_spec, dtype=dtype, device=placement.device)
         dec = SpeculativeDecoder(target, draft, num_speculative_tokens=3)
         same = 0
         for p in ids:
-            p = p.unsqueeze(0) if p.dim() == 1 else p
+            p = (p.unsqueeze(0) if p.dim() == 1 else p).to(input_device(target))
             kw = {"max_new_tokens": s.max_new_tokens, "eos_token_id": tok.eos_token_id}
             plain = autoregressive_generate(target, p, **kw).sequences
             same += int(torch.equal(plain, dec.generate(p, **kw).sequences))
@@ -755,7 +798,7 @@ class Eval(Stage):
         return {"eval_data": resolve_path(ctx.recipe, ctx.recipe.eval.data_dir)}  # a folder: hashed by content
 
     def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
-        return {"target": recipe.target}
+        return {"target": recipe.target, **placement_extra(recipe, self.name)}
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
         from soaes_core import atomic_write_json
@@ -788,12 +831,14 @@ class Eval(Stage):
         from soaes_eval.runner import EvalRunConfig, run_eval
 
         r, s, label = ctx.recipe, ctx.recipe.eval, entry["label"]
+        where = placed(r, self.name)
         for kind, tasks, chat in runs:
             folder = out / label / kind
             cfg = EvalRunConfig(tasks=tasks, model=entry["model"], output_dir=str(folder), data_dir=data_dir,
                                 limit=s.limit, max_gen_toks=s.max_gen_toks, batch_size=s.batch_size,
                                 apply_chat_template=chat, name=label, stage=entry["stage"], seed=r.seed,
-                                cache=str(out / ".cache" / f"{label}-{kind}"))
+                                cache=str(out / ".cache" / f"{label}-{kind}"), device=where.device,
+                                dtype=where.dtype)
             run_eval(cfg)
             entry[kind] = f"{label}/{kind}"
             ctx.fail_point(self.name, f"after_{label}_{kind}")

@@ -238,30 +238,66 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = None, *, trust_remote_code: bool = False,
-               **kwargs: Any) -> Any:
-    """Load a causal LM from `spec` in eval mode on `device` (default: cuda if available, else cpu).
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """The dtype `auto` stands for on `device`: bfloat16 on a GPU (float16 where it has no bf16), float32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
-    `dtype` defaults to float32 for cached GGUF models and to the checkpoint's own dtype otherwise.
-    Extra keyword arguments go to `AutoModelForCausalLM.from_pretrained` (e.g. `attn_implementation`).
+
+def _sharding_kwargs(device: torch.device, device_map: str | dict[str, Any], max_memory: dict[Any, Any] | None,
+                     offload_folder: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """`from_pretrained` arguments of an accelerate-sharded load; a strategy map on the CPU plans over host memory
+    only (never a GPU that happens to be present)."""
+    if device.type == "cpu" and isinstance(device_map, str) and max_memory is None:
+        from accelerate.utils import get_max_memory
+
+        max_memory = {"cpu": get_max_memory()["cpu"]}
+    kw: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        kw["max_memory"] = max_memory
+    if offload_folder is not None:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+        kw["offload_folder"] = str(offload_folder)
+    return kw
+
+
+def load_model(spec: str | os.PathLike[str] = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None, *, device_map: str | dict[str, Any] | None = None,
+               max_memory: dict[Any, Any] | None = None, offload_folder: str | os.PathLike[str] | None = None,
+               trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """Load a causal LM from `spec` in eval mode on `device` (None/'auto': cuda if available, else cpu).
+
+    `dtype`: None keeps the checkpoint's own dtype (float32 for cached GGUF models); 'auto' is bfloat16 on a GPU and
+    float32 on the CPU. `device_map` (an accelerate strategy such as 'auto', or module → device) shards the model
+    over devices within `max_memory` ({0: '70GiB', 'cpu': '200GiB'}), the rest on disk under `offload_folder`;
+    accelerate's hooks then move activations between devices. Extra keyword arguments go to
+    `AutoModelForCausalLM.from_pretrained` (e.g. `attn_implementation`).
     """
     from transformers import AutoModelForCausalLM
 
     r = parse_spec(spec)
     torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
     if r.kind == "hub":
         source: str = r.hub_id or ""
     else:
         source = str(resolve_model_dir(spec))
     if torch_dtype is None:
         torch_dtype = torch.float32 if r.kind in ("gguf", "embedded") else "auto"
+    elif torch_dtype == "auto":
+        torch_dtype = auto_dtype(target)
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ModelLoadError(f"{spec}: max_memory and offload_folder need a device_map")
+    if device_map is not None:
+        kwargs.update(_sharding_kwargs(target, device_map, max_memory, offload_folder))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:
         raise ModelLoadError(f"{spec}: cannot load model: {_first_line(err)}") from None
-    model.to(resolve_device(device))
+    if device_map is None:
+        model.to(target)
     model.eval()
     return model
 

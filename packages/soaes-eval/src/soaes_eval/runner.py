@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from soaes_core import DEFAULT_MODEL, atomic_write_json, resolve_model_dir, write_jsonl, write_manifest
 from soaes_core.errors import ConfigError, SoaesError
+from soaes_core.placement import Placement
 
 from .metrics import score_provenance
 
@@ -63,8 +64,10 @@ class EvalRunConfig:
     num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples; unset = the task's."})
     max_gen_toks: int | None = field(default=None, metadata={"help": "Generation length cap; unset = the task's."})
     batch_size: int = field(default=8, metadata={"help": "lm-eval batch size."})
-    device: str = field(default="cpu", metadata={"help": "Torch device, e.g. cpu or cuda."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16."})
+    device: str = field(default="auto", metadata={
+        "help": "Torch device: auto (cuda when present, else cpu), cpu, cuda or cuda:N."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Model dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16."})
     apply_chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the chat template."})
     name: str | None = field(default=None, metadata={
         "help": "Model label in the tables; unset = the model folder name."})
@@ -83,6 +86,7 @@ class EvalRunConfig:
             raise ValueError("limit must be >= 1")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1")
+        Placement(device=self.device, dtype=self.dtype)  # one ConfigError (a ValueError) per bad device or dtype
 
     @property
     def resolved_backend(self) -> str:
@@ -99,14 +103,15 @@ def build_lm(cfg: EvalRunConfig) -> Any:
     """The lm-eval model object: lm-eval's own ``hf`` model, or ``soaes-specdec``."""
     from lm_eval.api.registry import get_model
 
+    where = Placement(device=cfg.device, dtype=cfg.dtype).resolve()
     if cfg.resolved_backend == "hf":
-        return get_model("hf")(pretrained=str(resolve_model_dir(cfg.model)), dtype=cfg.dtype, device=cfg.device,
+        return get_model("hf")(pretrained=str(resolve_model_dir(cfg.model)), dtype=where.dtype, device=where.device,
                                batch_size=cfg.batch_size)
     from .specdec_lm import SpecDecLM
 
     return SpecDecLM(pretrained=cfg.model, draft=cfg.draft or "none", num_speculative_tokens=cfg.num_speculative_tokens,
                      do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                     seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
+                     seed=cfg.seed, dtype=where.dtype, device=where.device, batch_size=cfg.batch_size)
 
 
 def _num_items(results: dict[str, Any], key: str = "effective") -> dict[str, int]:
