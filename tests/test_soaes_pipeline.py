@@ -126,6 +126,9 @@ def test_export_hands_off_the_draft(quick_run: Path) -> None:
     assert f"soaes-specdec generate --target {target}" in readme and "EAGLE-1" in readme
     counts = _manifest(quick_run, "export")["counts"]
     assert counts["kind"] == "feature" and counts["n_from"] == "bench" and counts["vllm_serve"] is None
+    assert counts["engines"] == {}  # the demo's draft has soaes's layout: no vLLM/SGLang EAGLE export
+    assert counts["soaes_serve"].startswith(f"soaes serve --target {target} --draft {serve / 'draft'} -n ")
+    assert counts["soaes_serve"] in (serve / "soaes_serve.sh").read_text(encoding="utf-8")
     model = load_model(str(target), dtype=torch.float32)
     ids = torch.tensor([encode_chat_prompt(load_tokenizer(str(target)), "什么是增值税？")])
     dec = SpeculativeDecoder(model, FeatureDraft.from_pretrained(serve / "draft", dtype=torch.float32), 3)

@@ -731,9 +731,12 @@ def _exactness(target_spec: str, draft_spec: str, prompts: str, s: Any, path: Pa
 class Export(Stage):
     """The serving hand-off (soaes-specdec `export_for_vllm`): `serve/draft/`, the distilled draft as a full-head HF
     directory with the target's tokenizer, and `serve/vllm_serve.sh` + `serve/README.md` with the exact
-    `vllm serve TARGET --speculative-config ...` command for the trained target (absolute paths of this run)."""
+    `vllm serve TARGET --speculative-config ...` command for the trained target (absolute paths of this run), and
+    `serve/soaes_serve.sh` (`soaes serve`). An engine-layout feature draft is also exported as vLLM's and SGLang's
+    EAGLE drafts (`serve/vllm-eagle/`, `serve/sglang-eagle/`, each with its README and serve command)."""
 
     name = "export"
+    SOAES_SERVE_SCRIPT: ClassVar[str] = "soaes_serve.sh"
     weight = 0.5
 
     def inputs(self, recipe: PipelineRecipe) -> list[Input]:
@@ -741,8 +744,13 @@ class Export(Stage):
                 Input("bench", "specdec_bench", "specdec_bench", None, "distilled/bench.json", required=False)]
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
+        from soaes_core.atomic import atomic_write_text
         from soaes_core.errors import ConfigError
+        from soaes_specdec.eagle_export import export_eagle
         from soaes_specdec.export import best_num_speculative_tokens, export_for_vllm
+        from soaes_specdec.feature_draft import feature_draft_layout
+
+        from ..serve import serve_command
 
         r, s = ctx.recipe, ctx.recipe.export
         target_in, drafts_in, bench_in = self.inputs(r)
@@ -759,11 +767,20 @@ class Export(Stage):
             n, n_from = best_num_speculative_tokens(json.loads(Path(bench).read_text(encoding="utf-8"))), "bench"
         if n is None:
             n, n_from = r.specdec_bench.num_speculative_tokens[0], "specdec_bench.num_speculative_tokens[0]"
-        res = export_for_vllm(draft, out / "serve", ctx.spec(target_in), n,
-                              final_dir=ctx.stage_dir(self.name).resolve() / "serve")
+        served = ctx.stage_dir(self.name).resolve() / "serve"
+        res = export_for_vllm(draft, out / "serve", ctx.spec(target_in), n, final_dir=served)
+        soaes_serve = serve_command(str(res.target_dir), str(res.draft_dir), num_speculative_tokens=n,
+                                    lookup_tokens=r.specdec_bench.lookup_tokens)
+        script = f"#!/usr/bin/env bash\nset -euo pipefail\n{soaes_serve}\n"
+        atomic_write_text(out / "serve" / self.SOAES_SERVE_SCRIPT, script)
+        engines = {}
+        if feature_draft_layout(draft) == "engine":  # vLLM and SGLang load only the engine layout as EAGLE
+            for fmt in ("vllm-eagle", "sglang-eagle"):
+                engines[fmt] = export_eagle(draft, out / "serve" / fmt, ctx.spec(target_in), fmt, n,
+                                            final_dir=served / fmt).serve_command()
         return {"draft": s.draft, "kind": res.kind, "num_speculative_tokens": n, "n_from": n_from,
                 "target": str(res.target_dir), "restricted_head_tokens": res.restricted_head_tokens,
-                "vllm_serve": res.serve_command()}
+                "vllm_serve": res.serve_command(), "soaes_serve": soaes_serve, "engines": engines}
 
 
 @register
