@@ -8,13 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from soaes_core.errors import InvalidArgumentError
 from soaes_specdec import session as session_module
 from soaes_specdec.decoding import SpeculativeDecoder, autoregressive_generate
 from soaes_specdec.draft import make_layer_draft
-from soaes_specdec.sampling import SamplingParams, warp_probs
+from soaes_specdec.sampling import SamplingParams
 from soaes_specdec.session import DecodeSession
 from soaes_specdec.testing import identity_feature_draft
 
@@ -125,40 +124,22 @@ def test_bad_rows_are_refused(target: Any) -> None:
 
 # ------------------------------------------------------------------------------------------- distribution
 
-VOCAB, SAMPLES, NEW = 16, 1500, 3
-PROMPT = torch.tensor([3, 7, 1, 12])
+def _chisq_module() -> Any:
+    """The chi-square helpers of test_specdec_decoding_chisq.py (its 3-token exact joint and pooled test)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("chisq", Path(__file__).with_name("test_specdec_decoding_chisq.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.fixture(scope="module")
-def pair(qwen2_factory: Any) -> tuple[Any, Any]:
-    target = qwen2_factory(11, layers=2, vocab=VOCAB, hidden=16, init=0.3, heads=1, kv_heads=1)
-    draft = qwen2_factory(12, layers=1, vocab=VOCAB, hidden=16, init=0.3, heads=1, kv_heads=1)
-    return target, draft
-
-
-def exact_joint(target: Any, params: SamplingParams) -> torch.Tensor:
-    """P(y1, y2, y3 | prompt) under the target's warped distributions, [V, V, V]."""
-    grid = torch.cartesian_prod(torch.arange(VOCAB), torch.arange(VOCAB))
-    ids = torch.cat([PROMPT.expand(grid.shape[0], -1), grid], dim=1)
-    with torch.inference_mode():
-        logits = target(ids).logits.float()
-    n = PROMPT.numel()
-    p1 = warp_probs(logits[0, n - 1], params)
-    p2 = warp_probs(logits[:VOCAB * VOCAB:VOCAB, n], params)
-    p3 = warp_probs(logits[:, n + 1], params).reshape(VOCAB, VOCAB, VOCAB)
-    return p1[:, None, None] * p2[:, :, None] * p3
-
-
-def chi_square_p(samples: torch.Tensor, joint: torch.Tensor) -> float:
-    index = (samples[:, 0] * VOCAB + samples[:, 1]) * VOCAB + samples[:, 2]
-    observed = torch.bincount(index, minlength=VOCAB ** 3).double()
-    expected = joint.reshape(-1).double() * samples.shape[0]
-    assert float(observed[expected == 0].sum()) == 0, "sampled a token the warped target forbids"
-    small = expected < 5
-    obs = torch.cat([observed[~small], observed[small].sum().reshape(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
-    keep = exp > 0
-    return float(chisquare(obs[keep].numpy(), (exp[keep] * obs[keep].sum() / exp[keep].sum()).numpy()).pvalue)
+_CHISQ = _chisq_module()
+VOCAB, NEW, PROMPT = _CHISQ.VOCAB, _CHISQ.NEW, _CHISQ.PROMPT
+SAMPLES = 1500  # rows joined one by one: fewer than the batched test's
+exact_joint, chi_square_p = _CHISQ.exact_joint, _CHISQ.chi_square_p
+pair = _CHISQ.pair
 
 
 def sample_session(target: Any, draft: Any, params: SamplingParams) -> torch.Tensor:

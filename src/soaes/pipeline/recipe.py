@@ -375,9 +375,10 @@ def target_spec(recipe: PipelineRecipe) -> str:
     return model_spec(recipe, recipe.target)
 
 
-def load_pipeline_recipe(name_or_path: str | os.PathLike[str], *, quick: bool = False,
+def read_pipeline_recipe(name_or_path: str | os.PathLike[str], *, quick: bool = False,
                          overrides: dict[str, Any] | None = None) -> PipelineRecipe:
-    """Load and validate a recipe (a path or a shipped recipe name); `quick` applies its `quick:` overrides."""
+    """Parse a recipe (a path or a shipped recipe name) field by field, with its `quick:` overrides when `quick` and
+    then `overrides`; no check against the file system (`load_pipeline_recipe` adds those)."""
     path = resolve_recipe_path(name_or_path)
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
@@ -391,7 +392,13 @@ def load_pipeline_recipe(name_or_path: str | os.PathLike[str], *, quick: bool = 
     if overrides:
         data = apply_overrides(data, overrides)
     data.update(source=str(path), base_dir=str(path.resolve().parent))
-    recipe = from_dict(PipelineRecipe, data, source=str(path))
+    return from_dict(PipelineRecipe, data, source=str(path))
+
+
+def load_pipeline_recipe(name_or_path: str | os.PathLike[str], *, quick: bool = False,
+                         overrides: dict[str, Any] | None = None) -> PipelineRecipe:
+    """Load and validate a recipe (a path or a shipped recipe name); `quick` applies its `quick:` overrides."""
+    recipe = read_pipeline_recipe(name_or_path, quick=quick, overrides=overrides)
     validate_recipe(recipe)
     return recipe
 

@@ -539,26 +539,9 @@ def load_scale_recipe(name_or_path: str, overrides: dict[str, Any] | None = None
     """A recipe and its `scale:` section, checked field by field but not against the file system or the hub: a plan
     needs no data, tokenizer or weights present (`overrides`: dotted keys, also `scale.…`; `quick`: the recipe's
     `quick:` budgets first)."""
-    import copy
+    from .recipe import read_pipeline_recipe
 
-    from soaes_core import from_dict, load_yaml
-    from soaes_core.config import apply_overrides
-
-    from .recipe import PipelineRecipe, resolve_recipe_path
-
-    path = resolve_recipe_path(name_or_path)
-    data = load_yaml(path) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping (name, stages, ...)")
-    data = copy.deepcopy(data)
-    if quick:
-        quick_over = data.get("quick") or {}
-        if not isinstance(quick_over, dict):
-            raise ConfigError(f"{path}: quick: expected a mapping of dotted keys")
-        data = apply_overrides(data, quick_over)
-    data = apply_overrides(data, overrides or {})
-    data.update(source=str(path), base_dir=str(path.resolve().parent))
-    recipe = from_dict(PipelineRecipe, data, source=str(path))
+    recipe = read_pipeline_recipe(name_or_path, quick=quick, overrides=overrides)
     return recipe, recipe.scale or ScaleSettings()
 
 
