@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from soaes.cli import main
 from soaes.pipeline import load_pipeline_recipe, plan_pipeline
@@ -19,6 +18,7 @@ from soaes.pipeline.recipe import MODEL_STAGES
 from soaes.pipeline.runner import _sha_json
 from soaes.pipeline.stages import placed
 from soaes_core import to_dict
+from soaes_core.testing.cli import one_error_line
 
 PIPELINE_DIR = Path(__file__).resolve().parents[1] / "src" / "soaes" / "pipeline"
 LITERAL = re.compile(r"""device\s*=\s*["']cpu["']|torch\.device\(\s*["']cpu["']\s*\)""")
@@ -101,11 +101,7 @@ def test_a_stage_override_changes_only_that_stage(tmp_path: Path) -> None:
 
 
 def _cli_error(*args: str) -> str:
-    res = CliRunner().invoke(main, list(args))
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    return lines[0]
+    return one_error_line(main, *args)
 
 
 def test_bad_placement_is_one_line() -> None:

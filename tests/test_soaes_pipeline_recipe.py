@@ -13,6 +13,7 @@ from soaes.cli import main
 from soaes.pipeline import load_pipeline_recipe, plan_pipeline, select_stages
 from soaes.pipeline.recipe import RECIPES_DIR
 from soaes_core.errors import ConfigError
+from soaes_core.testing.cli import one_error_line
 
 
 def _recipe(tmp_path: Path, **fields: object) -> Path:
@@ -23,11 +24,7 @@ def _recipe(tmp_path: Path, **fields: object) -> Path:
 
 
 def _cli_error(*args: str) -> str:
-    res = CliRunner().invoke(main, list(args))
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    return lines[0]
+    return one_error_line(main, *args)
 
 
 def test_unknown_stage_names_file_and_field(tmp_path: Path) -> None:

@@ -40,8 +40,9 @@ def temp_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(f"{_temp_prefix(path.name)}{secrets.token_hex(4)}.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
+def pid_alive(pid: Any) -> bool:
+    """Whether process `pid` exists on this host (also when another user owns it); False for a non-pid."""
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -63,7 +64,7 @@ def _is_stale(entry: Path, now: float, max_age_s: float) -> bool:
     if m is not None:
         if int(m["pid"]) == os.getpid() and m["host"] == _host_tag():
             return False  # ours (e.g. a nested writer in this process)
-        if m["host"] == _host_tag() and not _pid_alive(int(m["pid"])):
+        if m["host"] == _host_tag() and not pid_alive(int(m["pid"])):
             return True
         return age > max_age_s  # a live pid may have been reused; another host's pid cannot be checked
     return _LEGACY.match(entry.name) is not None and age > min(max_age_s, LEGACY_TEMP_AGE_S)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .atomic import pid_alive
 from .errors import SoaesError
 
 
@@ -78,18 +79,6 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
     return None
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by another user
-        return True
-    return True
-
-
 def describe_holder(holder: dict[str, Any] | None) -> str:
     """`pid 123 on host, since 2026-…` (or `an unknown process`) for a lock holder record."""
     if not holder:
@@ -99,7 +88,7 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
 
 
 def _is_local_and_dead(holder: dict[str, Any] | None) -> bool:
-    return bool(holder) and holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))
+    return bool(holder) and holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid"))
 
 
 def _try_flock(fd: int, path: Path, what: str) -> bool:
