@@ -155,6 +155,13 @@ def placed(recipe: PipelineRecipe, stage: str) -> ResolvedPlacement:
     return stage_placement(recipe, stage).resolve()
 
 
+def load_placed_model(recipe: PipelineRecipe, stage: str, spec: str) -> Any:
+    """Model `spec` loaded where stage `stage` places its models, in eval mode."""
+    from soaes_core import load_model
+
+    return load_model(spec, **placed(recipe, stage).load_kwargs()).eval()
+
+
 def placement_extra(recipe: PipelineRecipe, stage: str, dtype: bool = True) -> dict[str, Any]:
     """The fingerprint entry of a stage's placement: nothing when it resolves to the CPU in float32 (what every stage
     used before placements existed, so those runs stay up to date), else its device type (and dtype)."""
@@ -396,14 +403,14 @@ class TeacherData(Stage):
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
 
-        from soaes_core import load_model, load_tokenizer, seed_everything
+        from soaes_core import load_tokenizer, seed_everything
         from soaes_distill.synth import blackbox_sft_records, chat_records_to_examples, sampled_sft_records
         from soaes_distill.token_data import write_token_jsonl
 
         r, s = ctx.recipe, ctx.recipe.teacher_data
         seed_everything(r.seed)
         spec = ctx.spec(self.inputs(r)[0])
-        tok, model = load_tokenizer(spec), load_model(spec, **placed(r, self.name).load_kwargs()).eval()
+        tok, model = load_tokenizer(spec), load_placed_model(r, self.name, spec)
         rejects: list[dict[str, Any]] = []
         train, held = _teacher_prompts(r, rejects)
         counts: dict[str, Any] = {"prompts": len(train) + len(held)}
@@ -481,14 +488,14 @@ class DumpLogits(Stage):
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
 
-        from soaes_core import load_model, load_tokenizer
+        from soaes_core import load_tokenizer
         from soaes_distill.dump import DumpConfig, run_dump
 
         r, s = ctx.recipe, ctx.recipe.dump_logits
         target, data = (ctx.spec(i) for i in self.inputs(r))
         cfg = DumpConfig(dataset=data, output_dir=str(out / "store"), model=target, top_k=s.top_k,
                          temperatures=_temperatures(r), batch_size=s.batch_size)
-        res = run_dump(cfg, model=load_model(target, **placed(r, self.name).load_kwargs()).eval(),
+        res = run_dump(cfg, model=load_placed_model(r, self.name, target),
                        tokenizer=load_tokenizer(target))
         return {"examples": res.examples, "positions": res.positions, "bytes": res.bytes}
 
@@ -536,7 +543,7 @@ class DistillDraft(Stage):
         undistilled point is the same head before training (the target's last layer, pass-through fc)."""
         import torch
 
-        from soaes_core import atomic_write_json, load_model, load_tokenizer, seed_everything
+        from soaes_core import atomic_write_json, load_tokenizer, seed_everything
         from soaes_distill.feature_kd import (
             build_draft,
             estimate_feature_acceptance,
@@ -549,7 +556,7 @@ class DistillDraft(Stage):
         r, s = ctx.recipe, ctx.recipe.distill_draft
         target_spec, data, heldout = (ctx.spec(i) for i in self.inputs(r))
         seed_everything(r.seed)
-        target = load_model(target_spec, **placed(r, self.name).load_kwargs()).eval()
+        target = load_placed_model(r, self.name, target_spec)
         tok = load_tokenizer(target_spec)
         train, held = load_token_examples(data), load_token_examples(heldout)
         init = out / "undistilled"
