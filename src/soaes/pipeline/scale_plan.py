@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from soaes_core.errors import ConfigError, ModelLoadError
 from soaes_train.config import DeepSpeedConfig
+from soaes_train.launch import LaunchConfig, format_command, launcher_argv
 
 if TYPE_CHECKING:
     from .recipe import PipelineRecipe
@@ -324,15 +325,17 @@ class ScaleRow:
     time_basis: str
 
 
-def launcher_prefix(scale: ScaleSettings) -> str:
-    """`deepspeed …` / `torchrun …` for every GPU of the cluster, ready for `--module`/`-m` and the CLI."""
+def scale_launch(scale: ScaleSettings) -> LaunchConfig:
+    """The launch settings that start a training stage on every GPU of the cluster (soaes-train's `LaunchConfig`)."""
     c = scale.cluster
-    if scale.launcher == "deepspeed":
-        nodes = f" --hostfile {c.hostfile} --num_nodes {c.nodes}" if c.nodes > 1 else ""
-        return f"deepspeed{nodes} --num_gpus {c.gpus_per_node} --no_local_rank --module"
-    nodes = (f" --nnodes {c.nodes} --node_rank $NODE_RANK --master_addr $MASTER_ADDR --master_port 29500"
-             if c.nodes > 1 else "")
-    return f"torchrun{nodes} --nproc_per_node {c.gpus_per_node} -m"
+    return LaunchConfig(launcher=scale.launcher, nproc_per_node=c.gpus_per_node, nnodes=c.nodes,
+                        hostfile=c.hostfile if scale.launcher == "deepspeed" and c.nodes > 1 else None)
+
+
+def launcher_prefix(scale: ScaleSettings) -> str:
+    """`deepspeed …` / `torchrun …` for every GPU of the cluster, ready for `--module`/`-m` and the CLI: soaes-train's
+    command builder (`soaes_train.launch`), with what each node decides left to its shell."""
+    return format_command(launcher_argv(scale_launch(scale), placeholders=True))
 
 
 def _zero_text(ds: DeepSpeedConfig) -> str:
@@ -522,27 +525,6 @@ def plan_at_scale(recipe: PipelineRecipe, scale: ScaleSettings | None = None,
         else:  # specdec_bench, eval
             rows.append(_decode_row(stage, recipe, scale, m))
     return rows
-
-
-def has_scale_section(name_or_path: str) -> bool:
-    """True when the recipe (a file or a shipped name) has a `scale:` section."""
-    from soaes_core import load_yaml
-
-    from .recipe import resolve_recipe_path
-
-    data = load_yaml(resolve_recipe_path(name_or_path))
-    return isinstance(data, dict) and data.get("scale") is not None
-
-
-def load_scale_recipe(name_or_path: str, overrides: dict[str, Any] | None = None,
-                      quick: bool = False) -> tuple[PipelineRecipe, ScaleSettings]:
-    """A recipe and its `scale:` section, checked field by field but not against the file system or the hub: a plan
-    needs no data, tokenizer or weights present (`overrides`: dotted keys, also `scale.…`; `quick`: the recipe's
-    `quick:` budgets first)."""
-    from .recipe import read_pipeline_recipe
-
-    recipe = read_pipeline_recipe(name_or_path, quick=quick, overrides=overrides)
-    return recipe, recipe.scale or ScaleSettings()
 
 
 def format_duration(seconds: float | None) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
-from soaes_core.cli_options import KeysHelpCommand, parse_set_pairs
+from soaes_core.cli_options import KeysHelpCommand, config_options, parse_set_pairs
 from soaes_core.clitools import SoaesGroup
 
 from . import __version__
+from .config import DeepSpeedConfig, RecipeRunOptions, StageJob
 
 
 def _recipe_keys() -> list[tuple[str, type, str, tuple[str, ...]]]:
@@ -47,14 +49,12 @@ def main() -> None:
 
 @main.command("run", cls=KeysHelpCommand, set_keys=_recipe_keys)
 @click.argument("recipe")
-@click.option("--stage", "stages", multiple=True, help="Run only this stage (repeatable); others are not touched.")
-@click.option("--output-dir", default=None, help="Override the recipe's output_dir.")
+@config_options(RecipeRunOptions, names={"stages": ("--stage", "--stages")}, param="options", config_file=False,
+                set_option=False)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a field: train.max_steps=5 (every stage) or stages.cpt.train.max_steps=5.")
-@click.option("--force", is_flag=True, help="Retrain stages even if finished (discards their checkpoints).")
+              help="Override a recipe field: train.max_steps=5 (every stage) or stages.cpt.train.max_steps=5.")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def run_cmd(recipe: str, stages: tuple[str, ...], output_dir: str | None, sets: tuple[str, ...], force: bool,
-            verbose: bool) -> None:
+def run_cmd(recipe: str, options: RecipeRunOptions, sets: tuple[str, ...], verbose: bool) -> None:
     """Run RECIPE (a YAML path or a shipped recipe name): one stage or a whole curriculum.
 
     Finished stages are skipped and interrupted ones resume from their last checkpoint. Multi-GPU:
@@ -63,12 +63,14 @@ def run_cmd(recipe: str, stages: tuple[str, ...], output_dir: str | None, sets: 
     """
     from soaes_core.clitools import setup_logging
 
+    from .launch import exit_with_launcher
     from .stage_runner import load_train_recipe, run_train_recipe
 
     setup_logging(verbose)
+    exit_with_launcher()
     overrides = parse_set_pairs(sets)  # keys and values are checked against the recipe's dataclasses on loading
-    if output_dir:
-        overrides["output_dir"] = output_dir
+    if options.output_dir:
+        overrides["output_dir"] = options.output_dir
     rec = load_train_recipe(recipe, overrides=overrides)
 
     def on_stage(name: str, event: str) -> None:
@@ -76,13 +78,38 @@ def run_cmd(recipe: str, stages: tuple[str, ...], output_dir: str | None, sets: 
         click.echo(f"[{rec.name}] {name}: {msg}", err=True)
 
     try:
-        results = run_train_recipe(rec, only=list(stages) or None, force=force, on_stage=on_stage)
+        results = run_train_recipe(rec, only=options.stages or None, force=options.force, on_stage=on_stage)
     finally:
         _shutdown_distributed()
     for r in results:
         loss = r.metrics.get("train_loss")
         extra = "" if r.skipped else f"  attention={r.attn_implementation}  train_loss={loss:.4f}" if loss else ""
         click.echo(f"{r.name}: {r.model_dir}{' (skipped)' if r.skipped else ''}{extra}")
+
+
+@main.command("stage")
+@config_options(StageJob, param="job")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def stage_cmd(job: StageJob, verbose: bool) -> None:
+    """Train one stage into --stage-dir (model/ with its manifest; checkpoints/, resumed from when present).
+
+    The job (`stage:` a StageConfig, `model`, `stage_dir`, `parent`) comes from --config JOB.yaml and the options;
+    this is what `soaes_train.launch` starts under torchrun or DeepSpeed's launcher.
+    """
+    from soaes_core.clitools import setup_logging
+
+    from .launch import exit_with_launcher
+    from .trainer import train_stage
+
+    setup_logging(verbose)
+    exit_with_launcher()
+    try:
+        result = train_stage(job.stage, job.model, job.stage_dir, parent=job.parent)
+    finally:
+        _shutdown_distributed()
+    if os.environ.get("RANK", "0") == "0":
+        loss = result.metrics.get("train_loss")
+        click.echo(f"{result.name}: {result.model_dir}" + (f"  train_loss={loss:.4f}" if loss is not None else ""))
 
 
 @main.command("recipes")
@@ -95,26 +122,26 @@ def recipes_cmd() -> None:
     click.echo(f"\n(files in {recipe_dir()})")
 
 
+_ESTIMATE_SKIPS = ("enabled", "config_file", "overlap_comm", "contiguous_gradients", "reduce_bucket_size",
+                   "stage3_gather_16bit_weights_on_model_save", "memory_check")
+
+
 @main.command("estimate")
 @click.argument("model")
-@click.option("--zero-stage", type=click.IntRange(2, 3), default=3, show_default=True)
-@click.option("--gpus", "gpus", type=int, default=8, show_default=True, help="GPUs per node.")
-@click.option("--nodes", type=int, default=1, show_default=True)
-@click.option("--offload-optimizer/--no-offload-optimizer", default=True, show_default=True)
-@click.option("--offload-param/--no-offload-param", default=False, show_default=True)
-def estimate_cmd(model: str, zero_stage: int, gpus: int, nodes: int, offload_optimizer: bool,
-                 offload_param: bool) -> None:
+@config_options(DeepSpeedConfig, names={"stage": ("--zero-stage",), "num_gpus_per_node": ("--gpus",),
+                                        "num_nodes": ("--nodes",)},
+                exclude=_ESTIMATE_SKIPS, param="ds", config_file=False, set_option=False)
+def estimate_cmd(model: str, ds: DeepSpeedConfig) -> None:
     """Estimate ZeRO model-state memory for MODEL (DeepSpeed's estimator, on a meta-device copy). MODEL is a model
     spec or directory; qwen2.5-7b / qwen2.5-72b (or their hub ids) use shipped configs, offline."""
-    from soaes_core.errors import ModelLoadError
+    from soaes_core.errors import ConfigError, ModelLoadError
 
-    from .config import DeepSpeedConfig
     from .deepspeed_setup import estimate_zero_memory
     from .recipes import architecture_source
     from .trainer import meta_param_counts
 
-    ds = DeepSpeedConfig(enabled=True, stage=zero_stage, offload_optimizer=offload_optimizer,
-                         offload_param=offload_param and zero_stage == 3, num_gpus_per_node=gpus, num_nodes=nodes)
+    if ds.stage not in (2, 3):
+        raise ConfigError(f"--zero-stage: {ds.stage} is not in the range 2<=x<=3 (DeepSpeed estimates ZeRO-2 and -3)")
     source = architecture_source(model)
     try:
         total, largest = meta_param_counts(source)

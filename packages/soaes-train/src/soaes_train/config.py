@@ -188,6 +188,30 @@ class StageConfig:
 
 
 @dataclass
+class StageJob:
+    """One stage to train outside a recipe (`soaes-train stage`, and what `soaes_train.launch` hands a launcher):
+    its config, the model it starts from and the folder it writes (`model/`, `checkpoints/`)."""
+
+    stage: StageConfig
+    model: str = field(metadata={"help": "Model spec the stage starts from (an HF dir, embedded:NAME, hf:ORG/NAME)."})
+    stage_dir: str = field(metadata={
+        "help": "Folder the stage writes: model/ (+ manifest.json) and checkpoints/ (resumed from when present)."})
+    parent: dict = field(default_factory=dict, metadata={
+        "help": "Where the model came from, recorded in the manifest's parent_model."})
+
+
+@dataclass
+class RecipeRunOptions:
+    """Which stages of a recipe `soaes-train run` trains, where, and whether finished ones are retrained."""
+
+    stages: list[str] = field(default_factory=list, metadata={
+        "help": "Run only these stages (comma-separated); the others are not touched. Empty = every stage."})
+    output_dir: str | None = field(default=None, metadata={"help": "Override the recipe's output_dir."})
+    force: bool = field(default=False, metadata={
+        "help": "Retrain stages even if finished (discards their checkpoints)."})
+
+
+@dataclass
 class TrainRecipe:
     """A training recipe: stages run in order (`stage_runner`), each (by default) starting from the previous
     stage's output."""

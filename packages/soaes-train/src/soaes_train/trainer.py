@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from soaes_core import Timer, load_tokenizer, seed_everything, write_manifest
 from soaes_core.atomic import replace_dir
 from soaes_core.errors import ConfigError, ModelLoadError, SoaesError
-from soaes_core.progress import progress_bar
+from soaes_core.progress import progress_bar, progress_enabled
 
 from .attention import choose_attn_implementation, packed_layout_for, packed_logits_gap
 from .checkpoints import COMPLETE_MARKER as COMPLETE_MARKER  # re-exported: part of this module's API before
@@ -129,14 +129,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 class ProgressCallback(TrainerCallback):
-    """A `soaes_core.progress` bar over optimiser steps (instead of the Trainer's own tqdm)."""
+    """A `soaes_core.progress` bar over optimiser steps (instead of the Trainer's own tqdm); without a bar, an INFO
+    line per logged step."""
 
     def __init__(self, desc: str) -> None:
         self.desc = desc
         self.bar: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and progress_enabled():
             self.bar = progress_bar(total=state.max_steps, desc=self.desc)
             self.bar.update(state.global_step)
 
@@ -145,8 +146,12 @@ class ProgressCallback(TrainerCallback):
             self.bar.update(1)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if self.bar is not None and logs and "loss" in logs:
+        if not logs or "loss" not in logs:
+            return
+        if self.bar is not None:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        elif state.is_world_process_zero:  # no bar (a log file, SOAES_PROGRESS=0): one line per logged step
+            log.info("%s: step %d/%d loss %.4f", self.desc, state.global_step, state.max_steps, logs["loss"])
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:

@@ -1,13 +1,25 @@
-"""Training stages: CPT, SFT stage 1/2 and the joint-SFT variant, each one call of soaes-train."""
+"""Training stages: CPT, SFT stage 1/2 and the joint-SFT variant, each one call of soaes-train.
+
+A stage trains in this process, or (its `launch:` section) runs the soaes-train CLI under torchrun or DeepSpeed's
+launcher and reads the manifest back. Either way its checkpoints sit in the kept partial folder, so a rerun after a
+kill resumes. Of the launch settings only those that change the result enter the fingerprint: the process count
+(the global batch is per-device batch × accumulation × processes, so it sets the data order) and the DeepSpeed
+choice; the launcher, ports, hostfile and env do not.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
+from soaes_train.launch import LaunchConfig, check_launch, launch_fingerprint
+
 from ..recipe import (
     PipelineRecipe,
+    TrainStageSettings,
+    resolve_path,
 )
 from .base import (
     MODEL_DIR,
@@ -19,7 +31,7 @@ from .base import (
 
 
 class TrainStage(Stage):
-    """A CPT or SFT stage: soaes-train's `train_stage` on packed data, from the parent stage's model."""
+    """A CPT or SFT stage: soaes-train's `run_job` on packed data, from the parent stage's model."""
 
     kind: ClassVar[str]
     data_key: ClassVar[str]
@@ -36,14 +48,31 @@ class TrainStage(Stage):
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
         s = getattr(recipe, self.name)
-        return {f"{self.name}.data": s.data, f"{self.name}.model": s.model}
+        return {f"{self.name}.data": s.data, f"{self.name}.model": s.model,
+                f"{self.name}.launch.deepspeed_config": s.launch.deepspeed_config,
+                f"{self.name}.launch.hostfile": s.launch.hostfile}
+
+    def settings(self, recipe: PipelineRecipe) -> TrainStageSettings:
+        """The section without `launch`: what of it changes the result is in `fingerprint_extra`."""
+        return dataclasses.replace(super().settings(recipe), launch=LaunchConfig())
 
     def fingerprint_extra(self, recipe: PipelineRecipe) -> dict[str, Any]:
-        return {"seed": recipe.seed, "target": recipe.target if self.parent is None else None}
+        return {"seed": recipe.seed, "target": recipe.target if self.parent is None else None,
+                **launch_fingerprint(self.launch(recipe))}
+
+    def launch(self, recipe: PipelineRecipe) -> LaunchConfig:
+        """The section's launch settings, its files resolved against the recipe's folder."""
+        launch = getattr(recipe, self.name).launch
+        files = {k: str(resolve_path(recipe, v)) for k in ("deepspeed_config", "hostfile")
+                 if (v := getattr(launch, k)) is not None}
+        return dataclasses.replace(launch, **files) if files else launch
+
+    def check(self, ctx: StageContext) -> None:
+        check_launch(self.launch(ctx.recipe))
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
-        from soaes_train.config import DataConfig, StageConfig
-        from soaes_train.trainer import train_stage
+        from soaes_train.config import DataConfig, StageConfig, StageJob
+        from soaes_train.launch import run_job
 
         r, s = ctx.recipe, getattr(ctx.recipe, self.name)
         ins = self.inputs(r)
@@ -52,10 +81,14 @@ class TrainStage(Stage):
                           data=DataConfig(paths=[str(ctx.path(ins[0]))], format="packed", max_length=s.max_length),
                           train=s.train)
         ctx.fail_point(self.name, "before_train")
-        result = train_stage(cfg, spec, out, parent={"stage": self.parent or "base", "spec": spec})
+        launch = self.launch(r)
+        job = StageJob(stage=cfg, model=spec, stage_dir=str(out), parent={"stage": self.parent or "base", "spec": spec})
+        result = run_job(job, launch)  # in this process, or the soaes-train CLI under the launcher
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: the model is the output
+        launched = {} if launch.launcher == "none" else {
+            "launch": {"launcher": launch.launcher, "processes": launch.world_size, "log": "train.log"}}
         return {"model": MODEL_DIR, "metrics": result.metrics, "data": result.counts,
-                "resumed_from": result.resumed_from}
+                "resumed_from": result.resumed_from, **launched}
 
 
 @register
