@@ -259,11 +259,9 @@ def test_bad_input_is_one_clear_error(tiny_qwen2_dir: Path, tmp_path: Path) -> N
 
 # --- llama.cpp (optional peer: pip install llama-cpp-python, which builds from source) ------------------------------
 
-def _llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+def _llama_cpp_greedy(llm: Any, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
     """llama.cpp's greedy continuation (argmax of its own logits each step) and those logits [n, V]."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=128, n_batch=64, n_threads=2, verbose=False)
+    llm.reset()
     llm.eval(prompt)
     tokens, rows = [], []
     for _ in range(n):
@@ -271,7 +269,6 @@ def _llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int],
         tokens.append(int(row.argmax()))
         rows.append(row)
         llm.eval([tokens[-1]])
-    llm.close()
     return tokens, np.stack(rows)
 
 
@@ -279,15 +276,17 @@ def _compare_greedy(model: Any, path: Path, tokenizer: Any, label: str) -> list[
     """Our greedy tokens == llama.cpp's on every prompt; a divergence passes only at a near-tie (margin reported)."""
     from llama_cpp import Llama
 
-    vocab_only = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    # one thread: the test checks values, and two spinning llama.cpp threads on a shared 2-core machine run 6x slower;
+    # logits_all: since llama-cpp-python 0.3 `scores` holds logits only when every position keeps them
+    llm = Llama(model_path=str(path), n_ctx=128, n_batch=64, n_threads=1, logits_all=True, verbose=False)
     reports = []
     for text in PROMPTS:
         ids = tokenizer(text).input_ids
-        assert vocab_only.tokenize(text.encode(), add_bos=False, special=True) == ids, (label, text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, (label, text)
         ours = autoregressive_generate(model, torch.tensor([ids]), max_new_tokens=NEW_TOKENS).sequences[0].tolist()
         with torch.no_grad():
             our_logits = model(torch.tensor([ours])).logits[0, len(ids) - 1:-1].numpy()
-        theirs, their_logits = _llama_cpp_greedy(path, ids, NEW_TOKENS)
+        theirs, their_logits = _llama_cpp_greedy(llm, ids, NEW_TOKENS)
         ours = ours[len(ids):]
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), NEW_TOKENS)
         diff = float(np.abs(our_logits[:same + 1] - their_logits[:same + 1]).max())
@@ -302,7 +301,7 @@ def _compare_greedy(model: Any, path: Path, tokenizer: Any, label: str) -> list[
         else:
             report = f"{label} {text!r}: {NEW_TOKENS}/{NEW_TOKENS} equal, max |logit diff| {diff:.2e}"
         reports.append(report)
-    vocab_only.close()
+    llm.close()
     return reports
 
 
