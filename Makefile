@@ -25,7 +25,7 @@ demo: install
 	$(VENV)/bin/soaes demo
 
 generate: install
-	$(VENV)/bin/soaes generate
+	$(VENV)/bin/soaes generate "What does a state-owned assets supervision commission do?"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -21,10 +21,12 @@ def run_demo_quick(out: Path, *extra: str, env: dict[str, str] | None = None) ->
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
-    """The run folder of one uninterrupted `soaes demo --quick` (do not change it: copy it with `linked_copy`)."""
+    """The run folder of one uninterrupted `soaes demo --quick` (do not change it: copy it with `linked_copy`); its
+    printed output is kept beside it, in `demo-output.txt`."""
     out = tmp_path_factory.mktemp("pipeline") / "run"
     res = run_demo_quick(out)
     assert res.exit_code == 0, res.output
+    (out.parent / "demo-output.txt").write_text(res.output, encoding="utf-8")  # what the user saw (stdout + stderr)
     return out
 
 

@@ -137,7 +137,7 @@ def test_running_a_slice_needs_its_input_stage(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("override", "where", "what"), [
     ("threads=-1", "threads", "must be >= 1"),
     ("specdec_bench.num_speculative_tokens=[0]", "specdec_bench", "num_speculative_tokens"),
-    ("specdec_bench.max_new_tokens=0", "specdec_bench", "max_new_tokens must be >= 1"),
+    ("specdec_bench.max_new_tokens=0", "specdec_bench", "max_new_tokens"),  # soaes-specdec BenchConfig's check
     ("eval.limit=-1", "eval", "limit must be >= 1"),
     ("specdec_bench.dtype=float99", "specdec_bench", "dtype must be one of float32, bfloat16, float16"),
     ("specdec_bench.reference_dtype=half99", "specdec_bench", "reference_dtype must be one of"),

@@ -31,7 +31,7 @@ def test_curate_decontaminate_pack_slice(tmp_path: Path) -> None:
     assert plans == {"curate": "up-to-date", "decontaminate": "up-to-date", "pack": "up-to-date", "cpt": "will run"}
     res = CliRunner().invoke(main, ["pipeline", "run", str(recipe), "-o", str(run), "--from", "pack",
                                     "--until", "pack"])
-    assert res.exit_code == 0 and "pack: skipped (up to date)" in res.output
+    assert res.exit_code == 0 and "pack: up to date" in res.output
 
 
 def test_run_folder_inside_curation_input_refused_before_creating_anything(tmp_path: Path) -> None:
@@ -58,9 +58,11 @@ def test_run_folder_inside_curation_input_refused_before_creating_anything(tmp_p
 def test_teacher_prompts_committed_heldout_split_and_domain_queries(tmp_path: Path) -> None:
     """A committed held-out file is the held-out split; training prompts (given or generated from domain text)
     that share an 8-character span with a held-out prompt are dropped with the reason, never silently."""
-    from soaes.pipeline.stages import _teacher_prompts
+    from soaes.pipeline.recipe import resolve_path
+    from soaes.pipeline.stages.distill import teacher_answers_config
     from soaes_core import read_prompts
     from soaes_data.samples import sample_path
+    from soaes_distill.teacher_answers import teacher_prompts
 
     pool = read_prompts(sample_path("sft/expert_pool.jsonl"))
     held = tmp_path / "held.jsonl"
@@ -72,7 +74,9 @@ def test_teacher_prompts_committed_heldout_split_and_domain_queries(tmp_path: Pa
         "teacher_data": {"prompts": ["sample:sft/expert_pool.jsonl"], "heldout_prompts": str(held),
                          "domain_queries": {"max_queries": 50, "num_terms": 20}}}), encoding="utf-8")
     rejects: list[dict] = []
-    train, heldout = _teacher_prompts(load_pipeline_recipe(recipe), rejects)
+    r = load_pipeline_recipe(recipe)
+    train, heldout = teacher_prompts(teacher_answers_config(r, "embedded:smollm2-135m"), rejects,
+                                     resolve=lambda v: resolve_path(r, v))
     assert [h["id"] for h in heldout] == ["h0", "h1", "h2"]
     held_texts = {h["prompt"] for h in heldout}
     assert not held_texts & {p["prompt"] for p in train}
@@ -81,3 +85,50 @@ def test_teacher_prompts_committed_heldout_split_and_domain_queries(tmp_path: Pa
     pool_kept = [p for p in train if p["prompt"] in {q["prompt"] for q in pool}]
     assert len(pool_kept) + len([r for r in rejects if r.get("id") in {q["id"] for q in pool}]) == len(pool)
     assert len(train) > len(pool_kept)  # domain queries were added
+
+
+def test_teacher_data_resumes_by_prompt_id_after_a_kill(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    """Killed after the training split (a fail point), the resumable teacher_data stage keeps the answers given and
+    generates only the held-out ones; its files equal an uninterrupted run's."""
+    from soaes.pipeline.stages import FAIL_ENV
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "t", "trained_target": str(tiny_qwen2_dir), "stages": ["teacher_data"], "threads": 1,
+        "teacher_data": {"max_prompts": 6, "max_new_tokens": 4, "max_length": 96, "batch_size": 4}}),
+        encoding="utf-8")
+    runs = {}
+    for name, fail in (("ref", None), ("killed", "teacher_data:after_train")):
+        runs[name] = tmp_path / name
+        env = {FAIL_ENV: fail} if fail else {}
+        res = CliRunner().invoke(main, ["pipeline", "run", str(recipe), "-o", str(runs[name])], env=env)
+        assert (res.exit_code == 0) == (fail is None), res.output
+    partial = runs["killed"] / "stages" / f".{stage_dirname('teacher_data')}.partial"
+    assert (partial / "answers.partial" / "train-greedy.jsonl").is_file()
+    res = CliRunner().invoke(main, ["pipeline", "run", str(recipe), "-o", str(runs["killed"])])
+    assert res.exit_code == 0, res.output
+    stage = {k: v / "stages" / stage_dirname("teacher_data") for k, v in runs.items()}
+    counts = json.loads((stage["killed"] / "manifest.json").read_text())["counts"]
+    assert counts["resumed"] == counts["train"]["prompts"] > 0 and counts["heldout"]["prompts"] == 1
+    files = sorted(p.name for p in stage["ref"].glob("*.jsonl"))
+    assert files == sorted(p.name for p in stage["killed"].glob("*.jsonl")) and "train_records.jsonl" in files
+    for name in files:
+        assert (stage["ref"] / name).read_bytes() == (stage["killed"] / name).read_bytes(), name
+
+
+def test_teacher_data_engine_vllm_checked_at_load(tmp_path: Path, monkeypatch) -> None:
+    """`teacher_data.engine: vllm` without vLLM installed is one recipe error naming the section and the extra."""
+    import pytest
+
+    from soaes_core.errors import ConfigError
+    from soaes_distill import teacher_answers
+
+    monkeypatch.setattr(teacher_answers, "vllm_available", lambda: False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "t", "trained_target": "embedded:smollm2-135m",
+                                      "stages": ["teacher_data"], "teacher_data": {"engine": "vllm"}}),
+                      encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline_recipe(recipe)
+    assert str(err.value) == (f"{recipe}: teacher_data: engine 'vllm': vLLM is not installed; install the extra: "
+                              "pip install 'soaes-distill[vllm]'")

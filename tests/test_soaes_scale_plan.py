@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from soaes.pipeline.recipe import load_scale_recipe
 from soaes.pipeline.scale_plan import (
     GIB,
     ClusterSettings,
     ScaleSettings,
     arch_size,
     launcher_prefix,
-    load_scale_recipe,
     plan_at_scale,
     read_arch_config,
     render_plan,

@@ -5,6 +5,7 @@ keeps serving; batching, the bounded queue (429), cancellation on disconnect, th
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -17,7 +18,6 @@ import openai
 import pytest
 import torch
 
-from soaes.generate import generate_text
 from soaes.serve import serve_command
 from soaes.serve.app import create_app
 from soaes.serve.engine import IncrementalText, ServeEngine, build_engine
@@ -69,6 +69,18 @@ def chat(client: openai.OpenAI, prompt: str, **kwargs: Any) -> Any:
     return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], **kwargs)
 
 
+def soaes_generate(target: str, prompt: str, max_new_tokens: int) -> tuple[str, int]:
+    """`soaes generate --method plain` (soaes-specdec's command): the streamed text and its new-token count."""
+    from click.testing import CliRunner
+
+    from soaes.cli import main
+
+    res = CliRunner().invoke(main, ["generate", "--target", target, "--method", "plain", "--max-new-tokens",
+                                    str(max_new_tokens), prompt])
+    assert res.exit_code == 0, res.output
+    return res.stdout.removesuffix("\n"), json.loads(res.stderr[res.stderr.index("{"):])["new_tokens"]
+
+
 def assert_serving(client: openai.OpenAI) -> None:
     assert chat(client, "still there?", max_tokens=3, temperature=0).usage.completion_tokens >= 1
 
@@ -79,7 +91,7 @@ def test_greedy_chat_equals_plain_decoding_and_soaes_generate(client: openai.Ope
     text, count = reference(QUESTION, 24)
     assert reply.choices[0].message.content == text
     assert reply.usage.completion_tokens == count and reply.choices[0].finish_reason in ("length", "stop")
-    assert generate_text(str(tiny_qwen2_dir), QUESTION, max_new_tokens=24).text == text
+    assert soaes_generate(str(tiny_qwen2_dir), QUESTION, 24)[0] == text
     assert reply.model == "tiny" and reply.object == "chat.completion"
 
 
@@ -272,6 +284,6 @@ def test_embedded_greedy_chat_equals_soaes_generate(embedded_model: Any, embedde
         api = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=120)
         reply = api.chat.completions.create(model="smol", messages=[{"role": "user", "content": QUESTION}],
                                             max_tokens=32, temperature=0)
-    expected = generate_text("embedded:smollm2-135m", QUESTION, max_new_tokens=32)
-    assert reply.choices[0].message.content == expected.text
-    assert reply.usage.completion_tokens == expected.new_tokens
+    text, new_tokens = soaes_generate("embedded:smollm2-135m", QUESTION, 32)
+    assert reply.choices[0].message.content == text
+    assert reply.usage.completion_tokens == new_tokens

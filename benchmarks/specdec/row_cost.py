@@ -2,6 +2,8 @@
 
 Why bf16 makes long blocks pay on this CPU: a verify of n+1 rows costs c_v times a 1-row step; the row count is
 what block size n trades against. Random weights of the real shapes; median of `--repeats` passes.
+The JSON written by `--out` names the host and can be given as it is to `soaes-specdec calibrate MODEL
+--calibration-file` (projections only; `soaes-specdec calibrate` itself times the model's whole forward pass).
 
     python benchmarks/specdec/row_cost.py --out docs/bench/row_cost.json
 """
@@ -15,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from soaes_specdec.hostinfo import format_host, host_info
 from soaes_specdec.runner import packed_linear, prepack_available, stream_linear
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
@@ -64,11 +67,12 @@ def main() -> None:
     for name, ms in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{ms[r]:.1f} ({ms[r] / ms[1]:.2f})" for r in rows) + " |")
     what = "210 matrices + the head" if args.with_head else "210 matrices"
-    print(f"ms per pass over {what} (ratio to 1 row)\n" + "\n".join(lines))
+    host = host_info()
+    print(f"host: {format_host(host)}\nms per pass over {what} (ratio to 1 row)\n" + "\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": args.threads, "repeats": args.repeats, "with_head": args.with_head, "ms": table}, f,
-                      indent=1)
+            json.dump({"host": host, "threads": args.threads, "repeats": args.repeats, "with_head": args.with_head,
+                       "ms": table}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,25 @@ def test_curate_caps_tasks_and_workers_to_the_documents(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["curate", str(recipe), "-o", str(tmp_path / "small"), "--tasks", "3"])
     assert r.exit_code == 0 and r.stderr == "", r.output
     assert (sum(1 for _ in (tmp_path / "big").rglob("*")) == sum(1 for _ in (tmp_path / "small").rglob("*")))
+
+
+def test_list_options_add_up_when_repeated(tmp_path: Path) -> None:
+    """`--eval A --eval B` and `--eval A,B` both decontaminate against A and B (a repeat is never dropped), and a
+    missing one is one error line."""
+    from soaes_core import read_manifest
+
+    pool = sample_path("sft/expert_pool.jsonl")
+    rows = [json.loads(line) for line in pool.read_text(encoding="utf-8").splitlines()[:2]]
+    evals = []
+    for k, rec in enumerate(rows):
+        evals.append(tmp_path / f"e{k}.jsonl")
+        evals[-1].write_text(json.dumps({"q": rec["messages"][0]["content"]}, ensure_ascii=False) + "\n", "utf-8")
+    for args in (["--eval", str(evals[0]), "--eval", str(evals[1])], ["--eval", f"{evals[0]},{evals[1]}"]):
+        out = tmp_path / f"dc{len(args)}"
+        r = CliRunner().invoke(main, ["decontaminate", str(pool), *args, "--no-fetched", "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output) == {"in": 22, "kept": 20, "dropped": 2}
+        assert {"eval0", "eval1"} <= set(read_manifest(out)["inputs"])
+    r = CliRunner().invoke(main, ["decontaminate", str(pool), "--eval", str(evals[0]), "--eval",
+                                  str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "missing.jsonl: evaluation file not found" in r.output

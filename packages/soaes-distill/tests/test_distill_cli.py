@@ -28,7 +28,7 @@ def test_dump_then_train(tmp_path, token_dataset, tiny_qwen2_dir, student_dir, m
     runner = CliRunner()
     store = tmp_path / "logits"
     res = runner.invoke(main, ["dump", "--model", str(tiny_qwen2_dir), "--dataset", str(token_dataset), "--out",
-                               str(store), "--top-k", "16", "--temperature", "2.0", "--zstd"])
+                               str(store), "--top-k", "16", "--temperature", "2.0", "--compression", "zstd"])
     assert res.exit_code == 0, res.output
     assert "bytes/token" in res.output and (store / "manifest.json").is_file()
     recipe = _recipe(tmp_path / "kd.yaml", student=str(student_dir), train_data=str(token_dataset),
@@ -55,7 +55,7 @@ def test_dump_with_tail_samples(tmp_path, token_dataset, tiny_qwen2_dir, student
     runner = CliRunner()
     store = tmp_path / "logits"
     args = ["dump", "--model", str(tiny_qwen2_dir), "--dataset", str(token_dataset), "--out", str(store),
-            "--top-k", "8", "--temperature", "1.0", "--temperature", "2.0", "--tail-samples", "8"]
+            "--top-k", "8", "--temperature", "1.0,2.0", "--tail-samples", "8"]
     res = runner.invoke(main, [*args, "--tail-temperature", "3.0"])
     assert res.exit_code == 2 and "tail_temperature 3.0 must be one of" in res.output and "Traceback" not in res.output
     res = runner.invoke(main, [*args, "--tail-temperature", "2.0"])
@@ -124,3 +124,45 @@ def test_estimate_refuses_a_draft_with_another_tokenizer(tmp_path, token_dataset
     assert res.exit_code == 2, res.output
     errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(draft) in errors[0] and str(tiny_qwen2_dir) in errors[0]
+
+
+def test_every_option_comes_from_the_commands_config() -> None:
+    """Each command's options are generated from its config dataclass (plus --config/--set), and the option names
+    users typed before stay."""
+    import dataclasses
+
+    import click
+
+    from soaes_distill.cli_configs import (
+        BlackboxConfig,
+        DomainQueriesJob,
+        EstimateConfig,
+        FeatureDraftJob,
+        MagpieConfig,
+    )
+    from soaes_distill.draft_init import MakeDraftConfig
+    from soaes_distill.dump import DumpConfig
+    from soaes_distill.online import OnlineDistillRecipe
+    from soaes_distill.recipe import DistillRecipe
+
+    configs = {"dump": DumpConfig, "make-draft": MakeDraftConfig, "train": DistillRecipe,
+               "online": OnlineDistillRecipe, "blackbox": BlackboxConfig, "magpie": MagpieConfig,
+               "domain-queries": DomainQueriesJob, "estimate": EstimateConfig, "feature-draft": FeatureDraftJob}
+    kept = {"dump": ["--model", "--dataset", "--out", "--top-k", "--temperature", "--tail-samples"],
+            "make-draft": ["--target", "--out", "--layers", "--head-tokens", "--domain-data", "--small"],
+            "blackbox": ["--target", "--prompts", "--out", "--max-new-tokens", "--system"],
+            "magpie": ["--num", "--language", "--out", "--rejects", "--seed"],
+            "domain-queries": ["--held-out", "--out", "--max-queries", "--num-terms"],
+            "estimate": ["--target", "--draft", "--data", "--top-p"],
+            "feature-draft": ["--target", "--train", "--dev", "--heldout", "--out", "--steps", "--time-budget-s"],
+            "online": ["--draft", "--prompts", "--out", "--learning-rate", "--buffer-threshold"],
+            "train": ["--set", "--time-budget-s"]}
+    for name, cls in configs.items():
+        command = main.commands[name]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        options = [p for p in command.params if isinstance(p, click.Option)]
+        assert {p.name for p in options} - fields <= {"sets", "config_path"}, name
+        declared = {d for p in options for d in p.opts + p.secondary_opts}
+        assert set(kept[name]) <= declared, (name, set(kept[name]) - declared)
+        res = CliRunner().invoke(main, [name, "--help"])
+        assert res.exit_code == 0 and "(default:" in res.output, name

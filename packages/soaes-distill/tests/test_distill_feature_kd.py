@@ -255,3 +255,16 @@ def test_corrupt_or_unrecorded_feature_shards_are_re_extracted(tiny_qwen2, examp
     with caplog.at_level(logging.WARNING, logger="soaes_distill.feature_kd"):
         cached_features(tiny_qwen2, examples, cache, cfg)
     assert not caplog.records
+
+
+def test_steps_bound_the_run_and_a_time_cap_says_it_ended_it(tiny_qwen2, examples, tmp_path):
+    """Training runs to `steps`; `time_budget_s` only caps it, and a run the cap ends reports that in plain words."""
+    res = train_feature_draft(tiny_qwen2, examples, None, FeatureKDConfig(steps=2, **FAST), tmp_path / "steps")
+    assert (res.steps, res.stopped_by) == (2, "max_steps") and "trained the planned 2 steps" in res.stop_message
+    res = train_feature_draft(tiny_qwen2, examples, None, FeatureKDConfig(steps=500, time_budget_s=1e-9, **FAST),
+                              tmp_path / "cap")
+    assert res.steps == 1 and res.stopped_by == "time_budget"
+    assert "stopped by the time budget" in res.stop_message and "1 of the planned 500 steps" in res.stop_message
+    manifest = json.loads((tmp_path / "cap" / "draft" / "manifest.json").read_text())
+    metrics = json.loads((tmp_path / "cap" / "metrics.json").read_text())
+    assert manifest["stopped_by"] == metrics["stopped_by"] == "time_budget" and manifest["planned_steps"] == 500

@@ -125,3 +125,30 @@ def test_run_options_come_from_the_config_dataclass() -> None:
                           (["-n", "two"], "error: --num-speculative-tokens: expected int, got str 'two'")):
         result = _invoke("run", *args)
         assert result.exit_code == 2 and result.output.strip().splitlines() == [message], result.output
+
+
+def test_run_places_the_model_on_auto_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto`: a GPU in bfloat16 when present, else the CPU in float32 (soaes_core's Placement); a bad device is one
+    error line naming the option."""
+    import torch
+
+    from soaes_eval.runner import EvalRunConfig, build_lm
+
+    cfg = EvalRunConfig(model="/no/model")
+    assert (cfg.device, cfg.dtype) == ("auto", "auto")
+    seen: dict[str, Any] = {}
+
+    def fake_hf(**kwargs: Any) -> dict[str, Any]:  # capture where lm-eval's model would be loaded, load nothing
+        seen.update(kwargs)
+        return kwargs
+
+    monkeypatch.setattr("lm_eval.api.registry.get_model", lambda name: fake_hf)
+    monkeypatch.setattr("soaes_eval.runner.resolve_model_dir", lambda spec: spec)
+    for cuda, expected in ((False, ("cpu", "float32")), (True, ("cuda", "bfloat16"))):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+        build_lm(cfg)
+        assert (seen["device"], seen["dtype"]) == expected
+    result = _invoke("run", "--device", "gpu")
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: command line: device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"], result.output

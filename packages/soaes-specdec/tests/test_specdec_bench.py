@@ -85,41 +85,53 @@ def test_tiny_benchmark_writes_reports(tiny_qwen2_dir: Path, tmp_path: Path) -> 
     saved = json.loads((tmp_path / "bench.json").read_text())
     methods = {(r["mode"], r["method"]) for r in saved["results"]}
     assert methods == {(m, x) for m in ("greedy", "top_p") for x in config.methods}
-    spec = next(r for r in report["results"] if r["method"] == "speculative" and r["mode"] == "greedy")
+    spec = next(r for r in report["results"] if r["method"] == "speculative" and r["mode"] == "greedy"
+                and r["n"] == 2)
     assert spec["extra"]["theoretical_speedup"] > 0 and 0 <= spec["acceptance_rate"] <= 1
-    assert len(spec["acceptance_by_position"]) == 2
+    assert len(spec["acceptance_by_position"]) == 2 and spec["block_sizes"] == {"2": spec["target_calls"] - 2}
     plain = next(r for r in report["results"] if r["method"] == "plain" and r["mode"] == "greedy")
     assert plain["speedup_vs_plain"] == pytest.approx(1.0) and plain["extra"]["achieved_bandwidth_gb_s"] > 0
-    assert "| speculative | 2 |" in (tmp_path / "bench.md").read_text()
+    # the default decoder chooses n per step: its histogram of block sizes, the host and its cost table are recorded
+    auto = next(r for r in report["results"] if r["method"] == "speculative" and r["mode"] == "greedy"
+                and r["adaptive"])
+    assert auto["n"] is None and sum(auto["block_sizes"].values()) == auto["target_calls"] - 2  # 2 prompts' prefills
+    assert saved["host"]["cpu_model"] and "blas" in saved["host"]
+    assert saved["cost_table"]["choice"] and set(saved["projection_paths"]) >= {"1", "2", "3"}
+    md = (tmp_path / "bench.md").read_text()
+    assert "| speculative | 2 |" in md and "| speculative | auto |" in md and "Host: " in md
 
 
-def test_bench_prepacks_extends_mixes_and_samples_several_seeds(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
-    """prepack (auto: on for fp32 CPU with MKL), lookup_extend / lookup_mix reach the decoder, and sampling_seeds
-    decodes every prompt once per seed in the sampling mode (greedy once)."""
+def test_bench_paths_extends_mixes_and_samples_several_seeds(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    """The cost table picks the target's path per row count (packing only where it wins; `prepack` forces packing),
+    lookup_extend / lookup_mix reach the decoder, and sampling_seeds decodes every prompt once per seed in the
+    sampling mode (greedy once)."""
     from soaes_specdec.runner import prepack_available
 
     target = load_model(tiny_qwen2_dir, dtype=torch.float32)
     models: tuple[Any, Any, Any] = (target, make_layer_draft(target, 1), load_tokenizer(tiny_qwen2_dir))
     config = BenchConfig(target=str(tiny_qwen2_dir), max_new_tokens=6, max_prompts=2, warmup=0, repeats=1,
-                         num_speculative_tokens=[1], methods=["plain", "speculative_lookup"], lookup_tokens=3,
-                         lookup_extend=["greedy"], lookup_mix=0.5, sampling_seeds=3)
+                         num_speculative_tokens=[1], adaptive=False, methods=["plain", "speculative_lookup"],
+                         lookup_tokens=3, lookup_extend=True, lookup_mix=0.5, sampling_seeds=3)
     report = run_benchmark(config, tmp_path, models=models)
-    packs = [2, 4] if prepack_available(torch.device("cpu"), torch.float32) else []
-    assert report["prepacked_rows"] == packs and (report["prepacked_bytes"] > 0) == bool(packs)
+    packed = sorted(int(r) for r, p in report["projection_paths"].items() if p == "prepacked")
+    assert report["prepacked_rows"] == packed and (report["prepacked_bytes"] > 0) == bool(packed)
+    assert report["cost_table"]["choice"]["1"] == report["projection_paths"]["1"]
     tokens = {(r["mode"], r["method"]): r["new_tokens"] for r in report["results"]}
     assert tokens[("top_p", "plain")] == 3 * tokens[("greedy", "plain")] == 3 * 2 * 6
     row = next(r for r in report["results"] if r["method"] == "speculative_lookup" and r["mode"] == "greedy")
     assert row["exact_match"] is True
-    off = run_benchmark(BenchConfig(**{**config.__dict__, "prepack": False, "modes": ["greedy"]}), tmp_path / "off",
-                        models=models)
-    assert off["prepacked_rows"] == [] and off["prepacked_bytes"] == 0
-    with pytest.raises(ValueError, match=r"lookup_tokens \(3\) must exceed"):
-        BenchConfig(methods=["speculative_lookup"], lookup_tokens=3, num_speculative_tokens=[3],
-                    lookup_extend=["greedy"])
-    with pytest.raises(ValueError, match="lookup_extend: choose modes"):
-        BenchConfig(lookup_extend=["beam"])
+    if prepack_available(torch.device("cpu"), torch.float32):
+        forced = run_benchmark(BenchConfig(**{**config.__dict__, "prepack": True, "modes": ["greedy"]}),
+                               tmp_path / "on", models=models)
+        assert forced["prepacked_rows"] == [2, 4] and forced["cost_table"] is None
+    with pytest.raises(ValueError, match=r"lookup_tokens \(3\) must exceed num_speculative_tokens \(3\)"):
+        BenchConfig(methods=["speculative_lookup"], lookup_tokens=3, num_speculative_tokens=[3], lookup_extend=True)
+    with pytest.raises(ValueError, match="lookup_extend must be true or false"):
+        BenchConfig(lookup_extend=["greedy"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sampling_seeds"):
         BenchConfig(sampling_seeds=0)
+    with pytest.raises(ValueError, match="nothing to time"):
+        BenchConfig(adaptive=False)
 
 
 def test_reference_dtype_adds_an_interleaved_plain_baseline(tiny_qwen2_dir: Path, tmp_path: Path) -> None:

@@ -10,16 +10,18 @@ feature-conditioned draft (`FeatureDraft`: its q comes from the same `draft_samp
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from soaes_specdec import decoding, verify
+from soaes_specdec import decoding, proposers, verify
 from soaes_specdec.decoding import SpeculativeDecoder
 from soaes_specdec.draft import restrict_output_head
 from soaes_specdec.feature_draft import FeatureDraft
+from soaes_specdec.proposers import DraftSampler, LookupDraftMixture
 from soaes_specdec.sampling import SamplingParams, warp_probs
 
 VOCAB, SAMPLES, NEW = 16, 20_000, 3
@@ -106,7 +108,7 @@ def test_known_bad_samplers_fail_the_same_test(pair: tuple[Any, Any], monkeypatc
     if bug == "residual_is_target":
         monkeypatch.setattr(verify, "residual_weights", _plain_target_residual)
     else:
-        monkeypatch.setattr(decoding, "draft_sample", _greedy_draft_softmax_q)
+        monkeypatch.setattr(proposers, "draft_sample", _greedy_draft_softmax_q)
     target, draft = pair
     params = SamplingParams(True, 1.0, top_p)
     samples = sample_speculative(target, draft, 3, params, seed=5)
@@ -152,7 +154,7 @@ def test_feature_draft_differs_enough_for_the_test_to_bite(pair: tuple[Any, Any]
 
 def test_known_bad_sampler_fails_with_a_feature_draft(pair: tuple[Any, Any], feature_draft: FeatureDraft,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(decoding, "draft_sample", _greedy_draft_softmax_q)
+    monkeypatch.setattr(proposers, "draft_sample", _greedy_draft_softmax_q)
     params = SamplingParams(True, 1.0, 1.0)
     samples = sample_speculative(pair[0], feature_draft, 3, params, seed=5)
     assert chi_square_p(samples, exact_joint(pair[0], params)) < 1e-3
@@ -181,7 +183,7 @@ def test_sampling_with_prompt_lookup_matches_target_distribution(pair: tuple[Any
 
 def test_lookup_with_a_wrong_q_fails_the_same_test(pair: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A lookup proposal's q must be one-hot; claiming a uniform q biases the output and the test sees it."""
-    monkeypatch.setattr(decoding, "_one_hot", lambda tokens, vocab: torch.full((*tokens.shape, vocab), 1.0 / vocab))
+    monkeypatch.setattr(proposers, "_one_hot", lambda tokens, vocab: torch.full((*tokens.shape, vocab), 1.0 / vocab))
     params = SamplingParams(True, 1.0, 1.0)
     samples, _ = sample_with_lookup(*pair, params, seed=13)
     assert chi_square_p(samples, exact_joint(pair[0], params)) < 1e-3
@@ -204,7 +206,7 @@ def test_sampling_with_lookup_mixed_into_the_draft_matches_target_distribution(
 def test_lookup_mix_verified_against_the_drafts_q_alone_fails(pair: tuple[Any, Any],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Verifying the mixture's first proposal against the draft's q instead of the mixture biases the output."""
-    original = SpeculativeDecoder._mix_lookup_and_draft
+    original = LookupDraftMixture.mix_lookup_and_draft
 
     def wrong_q(self: Any, found: Any, counts: Any, use: Any, propose: Any, generator: Any) -> Any:
         captured: dict[str, Any] = {}
@@ -217,7 +219,7 @@ def test_lookup_mix_verified_against_the_drafts_q_alone_fails(pair: tuple[Any, A
         q[:, 0] = captured["out"][1][:, 0]
         return merged, q, num_draft, take
 
-    monkeypatch.setattr(SpeculativeDecoder, "_mix_lookup_and_draft", wrong_q)
+    monkeypatch.setattr(LookupDraftMixture, "mix_lookup_and_draft", wrong_q)
     params = SamplingParams(True, 1.0, 1.0)
     samples, _ = sample_with_lookup(*pair, params, seed=17, lookup_mix=0.5)
     assert chi_square_p(samples, exact_joint(pair[0], params)) < 1e-3
@@ -251,14 +253,15 @@ def _restricted(draft: Any) -> Any:
 @pytest.mark.parametrize(("n", "top_p"), [(1, 1.0), (3, 0.7)])
 def test_restricted_head_draft_sampling_matches_target_distribution(pair: tuple[Any, Any], feature_draft: FeatureDraft,
                                                                     kind: str, n: int, top_p: float) -> None:
-    """A draft with a restricted head is warped and sampled over its head's tokens only (`_sample_proposal`); its q
-    is scattered back to the full vocabulary (0 elsewhere), so tokens outside the head come only from the residual."""
+    """A draft with a restricted head is warped and sampled over its head's tokens only
+    (`DraftSampler.sample_proposal`); its q is scattered back to the full vocabulary (0 elsewhere), so tokens outside
+    the head come only from the residual."""
     target, draft = pair
     model = _restricted(draft if kind == "layer" else feature_draft)
     params = SamplingParams(True, 1.0, top_p)
     g = torch.Generator().manual_seed(23 + n)
     decoder = SpeculativeDecoder(target, model, n)
-    assert decoder._draft_head_ids is not None
+    assert decoder.draft_proposer.sampler.head_ids is not None
     out = decoder.generate(PROMPT.expand(SAMPLES, -1), NEW, do_sample=True, top_p=top_p, generator=g)
     samples = out.sequences[:, PROMPT.numel():]
     assert bool(torch.isin(samples, torch.tensor([3, 6, 10, 13])).any())  # tokens outside the head were emitted
@@ -267,15 +270,32 @@ def test_restricted_head_draft_sampling_matches_target_distribution(pair: tuple[
 
 def test_restricted_head_q_left_on_the_subset_fails(pair: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Scattering the subset's q to the wrong vocabulary positions (the first 12 tokens) biases the output."""
-    original = SpeculativeDecoder._sample_proposal
+    original = DraftSampler.sample_proposal
 
     def misplaced(self: Any, logits: Any, params: Any, generator: Any) -> Any:
         tokens, q = original(self, logits, params, generator)
-        return tokens, torch.cat([q[..., self._draft_head_ids], q.new_zeros(*q.shape[:-1], 4)], dim=-1)
+        return tokens, torch.cat([q[..., self.head_ids], q.new_zeros(*q.shape[:-1], 4)], dim=-1)
 
-    monkeypatch.setattr(SpeculativeDecoder, "_sample_proposal", misplaced)
+    monkeypatch.setattr(DraftSampler, "sample_proposal", misplaced)
     params = SamplingParams(True, 1.0, 1.0)
     g = torch.Generator().manual_seed(29)
     out = SpeculativeDecoder(pair[0], _restricted(pair[1]), 3).generate(PROMPT.expand(SAMPLES, -1), NEW,
                                                                         do_sample=True, generator=g)
     assert chi_square_p(out.sequences[:, PROMPT.numel():], exact_joint(pair[0], params)) < 1e-3
+
+
+@pytest.mark.parametrize(("kind", "schedule"), [("layer", (0, 2)), ("layer", (2, 0)), ("feature", (0, 2))])
+def test_sampling_with_the_block_size_changing_between_steps_matches_target_distribution(
+        pair: tuple[Any, Any], feature_draft: FeatureDraft, monkeypatch: pytest.MonkeyPatch, kind: str,
+        schedule: tuple[int, ...]) -> None:
+    """The decoder choosing n per step (here a forced schedule, 0 = a plain step): each step is exact given the tokens
+    before it, so the output distribution is the target's whatever the schedule."""
+    steps = itertools.count()
+    monkeypatch.setattr(SpeculativeDecoder, "_choose_block_size",
+                        lambda self, rows: schedule[next(steps) % len(schedule)])
+    target, draft = pair
+    params = SamplingParams(True, 1.0, 0.7)
+    samples = sample_speculative(target, draft if kind == "layer" else feature_draft, 2, params,
+                                 seed=31 + sum(schedule) + len(kind))
+    assert next(steps) >= 2  # the schedule was followed
+    assert chi_square_p(samples, exact_joint(target, params)) > 1e-3

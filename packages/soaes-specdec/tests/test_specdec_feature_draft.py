@@ -29,6 +29,7 @@ from soaes_specdec.draft import (
 )
 from soaes_specdec.feature_draft import FC_FILE, is_feature_draft_dir
 from soaes_specdec.feature_runner import FeatureDraftRunner
+from soaes_specdec.proposers import FeatureDraftProposer
 from soaes_specdec.runner import CachedCausalLM
 from soaes_specdec.testing import identity_feature_draft, swap_tokenizer_ids
 
@@ -51,7 +52,7 @@ def target(qwen2_factory: Any) -> Any:
 def record_proposals(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
     """Record (row lengths, drafts, q) of every feature-draft proposal."""
     seen: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
-    original = SpeculativeDecoder._propose_from_features
+    original = FeatureDraftProposer.draft_tokens
 
     def wrapped(self: Any, rows: Any, *args: Any, **kwargs: Any) -> Any:
         lengths = rows.lengths.clone()
@@ -59,7 +60,7 @@ def record_proposals(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor
         seen.append((lengths, drafts.clone(), None if probs is None else probs.clone()))
         return drafts, probs
 
-    monkeypatch.setattr(SpeculativeDecoder, "_propose_from_features", wrapped)
+    monkeypatch.setattr(FeatureDraftProposer, "draft_tokens", wrapped)
     return seen
 
 
@@ -300,8 +301,10 @@ def test_bench_measures_and_checks_a_feature_draft(tiny_qwen2_dir: Path, tmp_pat
     config = BenchConfig(target=str(tiny_qwen2_dir), max_new_tokens=6, max_prompts=2, warmup=0, repeats=1,
                          num_speculative_tokens=[2], modes=["greedy"], methods=["plain", "speculative"])
     report = run_benchmark(config, tmp_path, models=(target, draft, tokenizer))
-    spec = next(r for r in report["results"] if r["method"] == "speculative")
+    spec = next(r for r in report["results"] if r["method"] == "speculative" and r["n"] == 2)
     assert spec["exact_match"] is True and spec["extra"]["c"] > 0
+    auto = next(r for r in report["results"] if r["method"] == "speculative" and r["adaptive"])
+    assert auto["exact_match"] is True  # the decoder choosing n with a feature draft
     assert report["draft_kind"] == "feature" and "(feature-conditioned)" in (tmp_path / "bench.md").read_text()
     with pytest.raises(InvalidArgumentError, match="hf_assisted needs a layer draft"):
         BenchRunner(BenchConfig(methods=["plain", "hf_assisted"]), target, draft, tokenizer, [])

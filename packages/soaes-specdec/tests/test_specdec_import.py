@@ -30,7 +30,7 @@ def _params(fn: object) -> dict[str, inspect.Parameter]:
 def test_decoder_signatures() -> None:
     spec = _params(SpeculativeDecoder)
     assert list(spec)[:3] == ["target", "draft", "num_speculative_tokens"]
-    assert spec["num_speculative_tokens"].default == 3
+    assert spec["num_speculative_tokens"].default is None  # unset: the decoder chooses n each step
     lookup = _params(PromptLookupDecoder)
     assert list(lookup)[:3] == ["target", "num_speculative_tokens", "max_ngram"]
     assert [lookup[k].default for k in ("num_speculative_tokens", "max_ngram")] == [3, 3]

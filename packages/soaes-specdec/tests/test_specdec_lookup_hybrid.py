@@ -13,6 +13,7 @@ import torch
 from soaes_core.errors import InvalidArgumentError
 from soaes_specdec.bench import BenchConfig
 from soaes_specdec.decoding import SpecStats, SpeculativeDecoder, autoregressive_generate
+from soaes_specdec.proposers import LayerDraftProposer
 from soaes_specdec.testing import identity_feature_draft as feature_draft
 from soaes_specdec.testing import mixed_lookup_prompts
 
@@ -75,7 +76,7 @@ def test_lookup_blocks_leave_the_layer_drafts_cache_right(target: Any, qwen2_fac
     equals greedy drafting by the uncached draft on the row's true prefix."""
     draft = qwen2_factory(4, layers=1)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = SpeculativeDecoder._propose
+    original = LayerDraftProposer.draft_tokens
 
     def wrapped(self: Any, rows: Any, *args: Any, **kwargs: Any) -> Any:
         lengths = rows.lengths.clone()
@@ -83,7 +84,7 @@ def test_lookup_blocks_leave_the_layer_drafts_cache_right(target: Any, qwen2_fac
         seen.append((lengths, drafts.clone()))
         return drafts, probs
 
-    monkeypatch.setattr(SpeculativeDecoder, "_propose", wrapped)
+    monkeypatch.setattr(LayerDraftProposer, "draft_tokens", wrapped)
     batch = mixed_lookup_prompts()
     out = SpeculativeDecoder(target, draft, 3, lookup_tokens=3, lookup_min_ngram=2).generate(batch, NEW)
     assert out.stats.lookup_proposed > 0
@@ -118,15 +119,15 @@ def test_lookup_refuses_bad_arguments_in_one_line(target: Any, qwen2_factory: An
                           ({"lookup_tokens": 2, "lookup_min_ngram": 4, "lookup_max_ngram": 3},
                            "lookup_min_ngram <= lookup_max_ngram"),
                           ({"lookup_tokens": 2, "lookup_min_ngram": 0}, "lookup_min_ngram"),
-                          ({"lookup_tokens": 2, "lookup_extend": True}, "lookup_tokens must exceed"),
-                          ({"lookup_tokens": 3, "lookup_extend": 1}, "lookup_extend must be True or False"),
+                          ({"lookup_tokens": 2, "lookup_extend": True}, "lookup_tokens (2) must exceed"),
+                          ({"lookup_tokens": 3, "lookup_extend": 1}, "lookup_extend must be true or false"),
                           ({"lookup_tokens": 3, "lookup_mix": 1.0}, "lookup_mix must be a number in [0, 1)"),
                           ({"lookup_mix": 0.5}, "it needs lookup_tokens > 0")):
         with pytest.raises(InvalidArgumentError) as err:
             SpeculativeDecoder(target, draft, 2, **kwargs)
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
-    with pytest.raises(ValueError, match="lookup_min_ngram <= max_ngram"):
-        BenchConfig(methods=["speculative_lookup"], lookup_min_ngram=4, max_ngram=3)
+    with pytest.raises(ValueError, match="lookup_min_ngram <= lookup_max_ngram"):  # the same check in the bench
+        BenchConfig(methods=["speculative_lookup"], lookup_tokens=2, lookup_min_ngram=4, lookup_max_ngram=3)
 
 
 @pytest.mark.parametrize("kind", ["layer", "feature"])

@@ -124,7 +124,7 @@ def test_prepack_is_refused_in_one_line_where_it_cannot_work(qwen2_factory: Any)
               (lambda: CachedCausalLM(bf16).prepack([2]), "prepack needs float32 weights"),
               (lambda: SpeculativeDecoder(qwen2_factory(0, layers=1), qwen2_factory(4, layers=1), 2,
                                           batch_invariant=True, prepack=True), "batch-invariant"),
-              (lambda: SpeculativeDecoder(bf16, draft, 2, prepack="yes"), "prepack must be True or False")]
+              (lambda: SpeculativeDecoder(bf16, draft, 2, prepack="yes"), "prepack must be true or false")]
     for make, words in checks:
         with pytest.raises(InvalidArgumentError) as err:
             make()

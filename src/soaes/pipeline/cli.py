@@ -1,21 +1,48 @@
-"""`soaes pipeline run|plan RECIPE`: thin CLI over `run_pipeline` / `plan_pipeline` (prints, nothing else)."""
+"""`soaes pipeline run|plan RECIPE`: thin CLI over `run_pipeline` / `plan_pipeline` (prints, nothing else).
+
+Options come from `RunOptions` (soaes_core.cli_options); `--set KEY=VALUE` sets a field of the recipe itself."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import click
 
+from soaes_core.cli_options import config_options
 from soaes_core.clitools import SoaesGroup
 
-from .recipe import STAGE_ORDER
-
 RECIPE_HELP = "A recipe YAML, or the name of a shipped recipe (demo)."
+NAMES = {"output_dir": ("-o", "--output-dir"), "start": ("--from",),
+         "verbose": ("-v", "--verbose/--no-verbose"), "scale": ("--scale/--status",)}
 
 
-def _fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    m, s = divmod(round(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
+@dataclass
+class RunOptions:
+    """Which stages of a recipe run (or are planned), where, and how much is shown."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Run folder; unset = the recipe's output_dir."})
+    quick: bool = field(default=False, metadata={
+        "help": "Apply the recipe's `quick:` budgets (same code path, CI-sized)."})
+    start: str | None = field(default=None, metadata={"help": "First stage to run."})
+    until: str | None = field(default=None, metadata={"help": "Last stage to run."})
+    verbose: bool = field(default=False, metadata={
+        "help": "Show libraries' own warnings and progress bars (quiet by default)."})
+
+
+@dataclass
+class PlanOptions(RunOptions):
+    """`RunOptions` plus which plan to show."""
+
+    scale: bool | None = field(default=None, metadata={
+        "help": "The cluster-scale plan (per stage: device layout, memory, launcher command, expected time; offline), "
+                "or each stage's status and effective config; unset = the scale plan for recipes with `scale:`."})
+
+
+def recipe_overrides(f: Any) -> Any:
+    """`--set KEY=VALUE`: a field of the recipe (not of the options), checked when the recipe is read."""
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="Override a recipe field (dotted key), e.g. --set cpt.train.max_steps=2.")(f)
 
 
 @click.group(cls=SoaesGroup)
@@ -24,86 +51,78 @@ def pipeline() -> None:
     teacher_data → dump_logits → distill_draft → specdec_bench → export → eval → report."""
 
 
-def _common(f):  # type: ignore[no-untyped-def]
-    f = click.option("--until", "until", type=click.Choice(STAGE_ORDER), help="Last stage to run.")(f)
-    f = click.option("--from", "start", type=click.Choice(STAGE_ORDER), help="First stage to run.")(f)
-    f = click.option("--quick", is_flag=True, help="Apply the recipe's `quick:` budgets (same code path, CI-sized).")(f)
-    f = click.option("-o", "--output-dir", type=click.Path(file_okay=False),
-                     help="Run folder (default: the recipe's output_dir).")(f)
-    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Override a recipe field (dotted key), e.g. --set cpt.train.max_steps=2.")(f)
-    return click.argument("recipe")(f)
-
-
 def _overrides(overrides: tuple[str, ...]) -> dict[str, str]:
-    from soaes_core.errors import ConfigError
+    from soaes_core.cli_options import parse_set_pairs
 
-    over = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        over[key] = value
-    return over
+    return parse_set_pairs(overrides)
 
 
-def _load(recipe: str, quick: bool, overrides: tuple[str, ...]):  # type: ignore[no-untyped-def]
-    from .recipe import load_pipeline_recipe
+def _load(recipe: str, quick: bool, overrides: tuple[str, ...]) -> Any:
+    from .checks import load_pipeline_recipe
 
     return load_pipeline_recipe(recipe, quick=quick, overrides=_overrides(overrides))
 
 
 @pipeline.command()
-@_common
-@click.option("--scale/--status", "scale", default=None,
-              help="The cluster-scale plan (per stage: device layout, memory, launcher command, expected time; "
-                   "offline), or each stage's status. Default: the scale plan for recipes with a `scale:` section.")
-def plan(recipe: str, overrides: tuple[str, ...], output_dir: str | None, quick: bool, start: str | None,
-         until: str | None, scale: bool | None) -> None:
-    """Print each stage as up-to-date / will run (and why) / not selected, or (--scale) the plan at cluster scale."""
+@click.argument("recipe")
+@recipe_overrides
+@config_options(PlanOptions, names=NAMES, param="options", config_file=False, set_option=False)
+def plan(recipe: str, overrides: tuple[str, ...], options: PlanOptions) -> None:
+    """Print each stage as up-to-date / will run (and why) / not selected, with its effective config, or (--scale)
+    the plan at cluster scale."""
     from soaes_core.cache import describe_holder
 
+    from .recipe import has_scale_section, load_scale_recipe
     from .runner import plan_pipeline, run_dir_of, run_lock_holder, select_stages
-    from .scale_plan import has_scale_section, load_scale_recipe, plan_at_scale, render_plan
+    from .scale_plan import plan_at_scale, render_plan
 
-    if scale if scale is not None else has_scale_section(recipe):
-        r, settings = load_scale_recipe(recipe, overrides=_overrides(overrides), quick=quick)
-        keep = set(select_stages(r, start, until))
+    o = options
+    if o.scale if o.scale is not None else has_scale_section(recipe):
+        r, settings = load_scale_recipe(recipe, overrides=_overrides(overrides), quick=o.quick)
+        keep = set(select_stages(r, o.start, o.until))
         rows = [row for row in plan_at_scale(r, settings, recipe_ref=recipe) if row.stage in keep]
         click.echo(render_plan(rows, r.target, settings))
         return
 
-    r = _load(recipe, quick, overrides)
-    run_dir = run_dir_of(r, output_dir)
+    from .effective import effective_config
+
+    r = _load(recipe, o.quick, overrides)
+    select_stages(r, o.start, o.until)  # a bad --from/--until is the only output
+    run_dir = run_dir_of(r, o.output_dir)
     click.echo(f"recipe {r.name} ({r.source}) → {run_dir}")
     holder = run_lock_holder(run_dir)
     if holder is not None:
         click.echo(f"note: a run is using this folder ({describe_holder(holder)}); stages may change as it goes")
-    for p in plan_pipeline(r, output_dir, start, until):
+    for p in plan_pipeline(r, o.output_dir, o.start, o.until):
         click.echo(f"  {p.dir.name:20s} {p.status:12s} {p.reason}")
+        for line in effective_config(r, p.name).splitlines():
+            click.echo(f"      {line}")
+
+
+def run_recipe(recipe: str, overrides: tuple[str, ...], o: RunOptions) -> None:
+    """Run `recipe` with options `o`, one line per stage on stderr, then the report (shared by `soaes demo`)."""
+    from .console import StageDisplay, fmt_s, quiet_libraries
+    from .runner import run_dir_of, run_pipeline
+
+    r = _load(recipe, o.quick, overrides)
+    display = StageDisplay(lambda line: click.echo(line, err=True))
+    try:
+        with quiet_libraries(o.verbose):
+            summary = run_pipeline(r, o.output_dir, o.start, o.until, on_event=display)
+    finally:
+        display.close()
+    reports = sorted((run_dir_of(r, o.output_dir) / "stages").glob("*_report/report.md"))
+    if reports:
+        click.echo(reports[-1].read_text(encoding="utf-8"))
+    took = sum(s["seconds"] for s in summary.stages.values())
+    click.echo(f"ran {len(summary.ran)} stage(s) in {fmt_s(took)}, skipped {len(summary.skipped)}: "
+               f"{summary.run_dir}", err=True)
 
 
 @pipeline.command()
-@_common
-def run(recipe: str, overrides: tuple[str, ...], output_dir: str | None, quick: bool, start: str | None,
-        until: str | None) -> None:
+@click.argument("recipe")
+@recipe_overrides
+@config_options(RunOptions, names=NAMES, param="options", config_file=False, set_option=False)
+def run(recipe: str, overrides: tuple[str, ...], options: RunOptions) -> None:
     """Run the recipe's stages (or the --from/--until slice), skipping the up-to-date ones."""
-    from .runner import StageEvent, run_dir_of, run_pipeline
-
-    r = _load(recipe, quick, overrides)
-
-    def show(ev: StageEvent) -> None:
-        head = f"[{ev.index}/{ev.total}] {ev.stage}"
-        if ev.kind == "skip":
-            click.echo(f"{head}: skipped ({ev.message})", err=True)
-        elif ev.kind == "start":
-            click.echo(f"{head}: running ({ev.message}); ETA for the run {_fmt_s(ev.eta_s)}", err=True)
-        else:
-            click.echo(f"{head}: done in {_fmt_s(ev.seconds)}; ETA for the rest {_fmt_s(ev.eta_s)}", err=True)
-
-    summary = run_pipeline(r, output_dir, start, until, on_event=show)
-    report = run_dir_of(r, output_dir) / "stages"
-    reports = sorted(report.glob("*_report/report.md"))
-    if reports:
-        click.echo(reports[-1].read_text(encoding="utf-8"))
-    click.echo(f"ran {len(summary.ran)} stage(s), skipped {len(summary.skipped)}: {summary.run_dir}", err=True)
+    run_recipe(recipe, overrides, options)

@@ -1,31 +1,40 @@
 """`soaes pipeline` recipes: one YAML that names the stages to run and each stage's settings.
 
-Settings reuse the packages' own dataclasses (soaes-train's `TrainConfig`, soaes-distill's `KDConfig`), so a
-field a package adds is settable here with no change. `load_pipeline_recipe` checks what can be checked before
-any work starts and reports it as one line naming the recipe file and the field.
+A stage's section is its package's own config dataclass (soaes-train's `TrainConfig`, soaes-distill's `KDConfig` and
+`FeatureKDConfig`, soaes-specdec's `BenchConfig`, soaes-eval's `EvalRunConfig`), extended only by what the pipeline
+itself needs (a placement, a held-out count), so a field a package adds is settable here with no change. Where the
+pipeline's defaults differ from a package's, they are written once, in `SECTION_DEFAULTS`. Parsing is here;
+the checks against the stage registry and the file system are in `checks.py` (`load_pipeline_recipe`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from soaes_core import DEFAULT_MODEL, from_dict, load_yaml
 from soaes_core.config import OMIT_IF_DEFAULT, apply_overrides
 from soaes_core.errors import ConfigError, SoaesError
 from soaes_core.placement import Placement
+from soaes_data.decontam import DecontamConfig
 from soaes_distill.feature_kd import FeatureKDConfig
+from soaes_distill.online import OnlineConfig
+from soaes_distill.teacher_answers import MagpieSettings, VLLMSettings, check_engine
 from soaes_distill.trainer import KDConfig
+from soaes_eval.runner import EvalRunConfig
+from soaes_specdec.bench import BenchConfig
 from soaes_train.config import TrainConfig
+from soaes_train.launch import LaunchConfig
 
 from .scale_plan import ScaleSettings
 
-# Every stage the pipeline knows, in the order they run. `decontaminate` and `sft_stage2_only` are optional.
-STAGE_ORDER = ("curate", "decontaminate", "pack", "cpt", "sft_stage1", "sft_stage2", "sft_stage2_only",
-               "teacher_data", "dump_logits", "distill_draft", "specdec_bench", "export", "eval", "report")
+T = TypeVar("T")
+
+# The stages a recipe runs when it lists none (the registry, `stages.STAGES`, knows every stage and their order)
 DEFAULT_STAGES = ["curate", "pack", "cpt", "sft_stage1", "sft_stage2", "teacher_data", "dump_logits",
                   "distill_draft", "specdec_bench", "export", "eval", "report"]
 SAMPLE_PREFIX = "sample:"  # soaes-data's shipped samples
@@ -35,6 +44,47 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DTYPES = ("float32", "bfloat16", "float16")  # plus soaes_core's aliases (fp32, bf16, fp16, half, float)
 # Stages that load a model: each takes the recipe's `placement`, or its own `<stage>.placement` when set
 MODEL_STAGES = ("teacher_data", "dump_logits", "distill_draft", "specdec_bench", "eval")
+
+# The pipeline's defaults where they differ from the package config a section embeds: the one place they are written.
+# A recipe's section is read over these, then `quick:` and `--set` over that.
+SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "decontaminate": {  # soaes_data.decontam.DecontamConfig
+        "eval_dirs": ["eval-sample:cmmlu", "eval-sample:ceval"],  # soaes-eval's shipped samples
+        "use_fetched": False,  # only the recipe's files: what the stage hashes is what it checks against
+    },
+    "specdec_bench": {  # soaes_specdec.bench.BenchConfig
+        "reference_dtype": "bfloat16",  # plain decoding also timed in bf16: speedups are read against the faster
+        "num_speculative_tokens": [3, 5],
+        "modes": ["greedy", "top_p"],
+        "methods": ["plain", "prompt_lookup", "speculative"],  # add speculative_lookup for Table 5
+        "max_prompts": 4,
+        "max_new_tokens": 48,
+    },
+    "eval": {  # soaes_eval.runner.EvalRunConfig
+        "max_gen_toks": 64,
+        "data_dir": "eval-sample:",  # soaes-eval's shipped samples (cmmlu/, ceval/, domain/)
+    },
+}
+
+
+def _section_default(cls: type[T], section: str) -> Any:
+    return lambda: from_dict(cls, SECTION_DEFAULTS.get(section, {}), source=f"SECTION_DEFAULTS[{section!r}]")
+
+
+def package_config(section: Any, cls: type[T], **pipeline_values: Any) -> T:
+    """The package config `cls` a stage hands its package: the section's fields of `cls`, with the values the
+    pipeline sets itself (paths of upstream outputs, the seed) replacing them."""
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    return cls(**{**values, **pipeline_values})
+
+
+def owned_by_pipeline(section: Any) -> list[str]:
+    """Fields of a section's package config that the pipeline sets itself but the recipe also set (to refuse)."""
+    owned = getattr(section, "PIPELINE_SETS", {})
+    if not owned:
+        return []
+    defaults = next(c for c in type(section).__mro__[1:] if dataclasses.is_dataclass(c))()
+    return [name for name in owned if getattr(section, name) != getattr(defaults, name)]
 
 
 def _check_min(obj: Any, minimum: int, *names: str, optional: bool = False) -> None:
@@ -70,15 +120,9 @@ class CurateSettings:
 
 
 @dataclass
-class DecontaminateSettings:
-    """Drop curated documents and SFT conversations that share `ngram`-character n-grams with benchmark items."""
-
-    eval_dirs: list[str] = field(default_factory=lambda: ["eval-sample:cmmlu", "eval-sample:ceval"])
-    ngram: int = 13
-    min_overlaps: int = 1
-
-    def __post_init__(self) -> None:
-        _check_min(self, 1, "ngram", "min_overlaps")
+class DecontaminateSettings(DecontamConfig):
+    """soaes-data's `DecontamConfig`: drop curated documents and SFT conversations that share `ngram`-character
+    n-grams with benchmark items (`eval_dirs`, `eval_files`: recipe paths; `sample:`/`eval-sample:` allowed)."""
 
 
 @dataclass
@@ -102,6 +146,8 @@ class TrainStageSettings:
     model: str | None = None
     data: str | None = None
     max_length: int = 256
+    # soaes-train's `LaunchConfig`: torchrun / deepspeed with N processes, ZeRO; left out of dumps while at default
+    launch: LaunchConfig = field(default_factory=LaunchConfig, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
         _check_min(self, 2, "max_length")
@@ -119,6 +165,14 @@ class DomainQuerySettings:
     def __post_init__(self) -> None:
         _check_min(self, 0, "max_queries")
         _check_min(self, 1, "num_terms")
+
+
+@dataclass
+class JointSftDataSettings:
+    """Table 2's joint-SFT ablation data: the stage-1 and stage-2 pools as one file, mixed (`shuffle`: in an order
+    drawn from the recipe's seed; off: stage 1 then stage 2), packed with `pack.max_length`."""
+
+    shuffle: bool = True
 
 
 @dataclass
@@ -142,8 +196,18 @@ class TeacherDataSettings:
     sample_temperature: float = 1.0
     sample_top_p: float = 0.7
     placement: Placement | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
+    # soaes-distill `TeacherAnswersConfig`: the data source (prompts, magpie, passages: `domain_queries`) and engine
+    source: str = field(default="prompts", metadata={OMIT_IF_DEFAULT: True})
+    magpie: MagpieSettings = field(default_factory=MagpieSettings, metadata={OMIT_IF_DEFAULT: True})
+    engine: str = field(default="soaes", metadata={OMIT_IF_DEFAULT: True})
+    vllm: VLLMSettings = field(default_factory=VLLMSettings, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
+        check_engine(self.engine)
+        if self.source not in ("prompts", "magpie", "passages"):
+            raise ValueError(f"source must be prompts, magpie or passages, got {self.source!r}")
+        if self.source == "passages" and self.domain_queries.max_queries < 1:
+            raise ValueError("source 'passages' needs domain_queries.max_queries >= 1")
         if self.holdout_every < 2:
             raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
         if self.samples_per_prompt < 0 or self.decontam_ngram < 1:
@@ -194,62 +258,40 @@ class DistillSettings:
     sweep: list[SweepPoint] = field(default_factory=list)  # extra (α, τ) drafts for Tables 3-4
     feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
     placement: Placement | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
+    # set: also an `online` draft, updated from the undistilled one on teacher_data's train prompts (soaes-distill
+    # online: the positions the verifier rejects); {} takes the domain-draft paper's online defaults
+    online: OnlineConfig | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
         if self.kind not in ("layer", "feature"):
             raise ValueError(f"kind must be 'layer' or 'feature', got {self.kind!r}")
         _check_min(self, 1, "draft_layers")
-        if self.kind == "feature" and (self.sweep or self.draft is not None):
-            raise ValueError("kind 'feature' trains a feature head from the target: `sweep` and `draft` apply to "
-                             "layer drafts only")
+        if self.kind == "feature" and (self.sweep or self.draft is not None or self.online is not None):
+            raise ValueError("kind 'feature' trains a feature head from the target: `sweep`, `draft` and `online` "
+                             "apply to layer drafts only")
 
 
 @dataclass
-class BenchSettings:
-    """Speculative decoding vs plain and prompt lookup (soaes-specdec bench), undistilled and distilled draft."""
+class BenchSettings(BenchConfig):
+    """soaes-specdec's `BenchConfig` of the distilled draft's benchmark (the undistilled and sweep drafts get greedy,
+    n=3, plain and speculative), plus a greedy token-exactness check on `exactness_prompts` prompts in float32 and
+    in `dtype`. The pipeline sets the fields in `PIPELINE_SETS`."""
 
-    dtype: str = "float32"
-    reference_dtype: str | None = "bfloat16"  # plain decoding also timed in this dtype; speedups use the faster
-    num_speculative_tokens: list[int] = field(default_factory=lambda: [3, 5])
-    modes: list[str] = field(default_factory=lambda: ["greedy", "top_p"])
-    max_prompts: int = 4
-    max_new_tokens: int = 48
-    repeats: int = 3
-    warmup: int = 1
-    exactness_prompts: int = 4
-    # > 0: also bench the distilled draft with prompt lookup beside it (soaes-specdec method speculative_lookup):
-    # rows whose last lookup_min_ngram+ tokens occurred before propose the lookup_tokens that followed
-    lookup_tokens: int = 0
-    lookup_min_ngram: int = 2
-    lookup_extend: list[str] = field(default_factory=list)  # modes with lookup tokens after the draft's too
-    lookup_mix: float = 0.0  # sampling: a lookup row's first proposal from this lookup/draft mixture
-    sampling_seeds: int = 1  # sampling mode: every prompt decoded under this many seeds per timed pass
-    prepack: bool | None = None  # MKL-packed verification (unset = on where supported)
-    # its own device (and sharding); `dtype` above sets the precision. Unset: the recipe's. (Same in every section.)
+    PIPELINE_SETS: ClassVar[dict[str, str]] = {
+        "target": "the trained target", "draft": "distill_draft's drafts", "prompts": "teacher_data's held-out "
+        "prompts", "seed": "the recipe's seed", "threads": "the recipe's threads",
+        "draft_layers": "unused: the pipeline always benchmarks distill_draft's drafts"}
+
+    exactness_prompts: int = field(default=4, metadata={"help": "Prompts of the greedy token-exactness check."})
+    # its own device (and sharding); `dtype` sets the precision. Unset: the recipe's. (Same in every section.)
     placement: Placement | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
-        from soaes_specdec.bench import MODES
-
+        super().__post_init__()
         _check_dtype("dtype", self.dtype)
         _check_dtype("reference_dtype", self.reference_dtype, optional=True)
-        if not self.num_speculative_tokens or min(self.num_speculative_tokens) < 1:
-            raise ValueError(f"num_speculative_tokens: give one or more ints >= 1, got {self.num_speculative_tokens}")
-        for name, modes in (("modes", self.modes), ("lookup_extend", self.lookup_extend)):
-            unknown = [m for m in modes if m not in MODES]
-            if unknown or (name == "modes" and not modes):
-                raise ValueError(f"{name}: choose from {', '.join(MODES)}, got {modes}")
-        _check_min(self, 1, "max_prompts", "max_new_tokens", "repeats", "exactness_prompts")
-        _check_min(self, 0, "warmup")
-        if self.lookup_tokens < 0 or self.lookup_min_ngram < 1:
-            raise ValueError(f"lookup_tokens must be >= 0 and lookup_min_ngram >= 1, got {self.lookup_tokens} and "
-                             f"{self.lookup_min_ngram}")
-        if self.lookup_extend and self.lookup_tokens <= max(self.num_speculative_tokens, default=0):
-            raise ValueError(f"lookup_extend: lookup_tokens ({self.lookup_tokens}) must exceed every "
-                             f"num_speculative_tokens ({self.num_speculative_tokens})")
-        if not 0.0 <= self.lookup_mix < 1.0 or self.sampling_seeds < 1:
-            raise ValueError(f"need 0 <= lookup_mix < 1 and sampling_seeds >= 1, got {self.lookup_mix} and "
-                             f"{self.sampling_seeds}")
+        _check_min(self, 1, "max_prompts", optional=True)
+        _check_min(self, 1, "exactness_prompts")
 
 
 @dataclass
@@ -266,22 +308,28 @@ class ExportSettings:
 
 
 @dataclass
-class EvalSettings:
-    """CMMLU / C-Eval before and after CPT and domain QA ROUGE/BLEU per stage (soaes-eval on lm-eval)."""
+class EvalSettings(EvalRunConfig):
+    """soaes-eval's `EvalRunConfig`, run per model: `general_tasks` (CMMLU / C-Eval) for the base and CPT models and
+    `domain_task` (QA ROUGE/BLEU) for every trained stage present. The pipeline sets the fields in `PIPELINE_SETS`."""
 
-    general_tasks: list[str] = field(default_factory=lambda: ["soaes_cmmlu", "soaes_ceval"])
-    domain_task: str = "soaes_domain_qa"
-    limit: int | None = None
-    max_gen_toks: int = 64
-    batch_size: int = 8
-    data_dir: str = "eval-sample:"  # folder with cmmlu/, ceval/, domain/ (default: soaes-eval's shipped samples)
+    PIPELINE_SETS: ClassVar[dict[str, str]] = {
+        "tasks": "general_tasks and domain_task", "model": "each stage's model", "output_dir": "the stage folder",
+        "name": "the model's label", "stage": "the model's stage", "cache": "the stage folder", "device":
+        "the placement", "dtype": "the placement", "apply_chat_template": "on for the domain task", "seed":
+        "the recipe's seed"}
+
+    general_tasks: list[str] = field(default_factory=lambda: ["soaes_cmmlu", "soaes_ceval"], metadata={
+        "help": "Tasks of the base and CPT models."})
+    domain_task: str = field(default="soaes_domain_qa", metadata={"help": "Task of every trained model."})
     placement: Placement | None = field(default=None, metadata={OMIT_IF_DEFAULT: True})
 
     def __post_init__(self) -> None:
-        _check_min(self, 1, "limit", optional=True)
-        _check_min(self, 1, "max_gen_toks", "batch_size")
+        super().__post_init__()
+        _check_min(self, 1, "max_gen_toks", "batch_size", optional=True)
         if not self.general_tasks:
             raise ValueError("general_tasks: give at least one task")
+        if not self.data_dir:
+            raise ValueError("data_dir: give the folder with cmmlu/, ceval/, domain/ (eval-sample: = soaes-eval's)")
 
 
 @dataclass
@@ -302,18 +350,25 @@ class PipelineRecipe:
     scale: ScaleSettings | None = None  # how the recipe runs at cluster scale (`soaes pipeline plan`; not hashed)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     curate: CurateSettings = field(default_factory=CurateSettings)
-    decontaminate: DecontaminateSettings = field(default_factory=DecontaminateSettings)
+    decontaminate: DecontaminateSettings = field(default_factory=_section_default(DecontaminateSettings,
+                                                                                  "decontaminate"))
     pack: PackSettings = field(default_factory=PackSettings)
     cpt: TrainStageSettings = field(default_factory=TrainStageSettings)
     sft_stage1: TrainStageSettings = field(default_factory=TrainStageSettings)
     sft_stage2: TrainStageSettings = field(default_factory=TrainStageSettings)
     sft_stage2_only: TrainStageSettings = field(default_factory=TrainStageSettings)
+    # Table 2's other training variants (stages/variants.py): stage-1 / stage-2 SFT straight from the base, and
+    # CPT + the two SFT pools mixed into one joint SFT stage
+    base_sft_stage1: TrainStageSettings = field(default_factory=TrainStageSettings)
+    base_sft_stage2: TrainStageSettings = field(default_factory=TrainStageSettings)
+    sft_joint_data: JointSftDataSettings = field(default_factory=JointSftDataSettings)
+    sft_joint: TrainStageSettings = field(default_factory=TrainStageSettings)
     teacher_data: TeacherDataSettings = field(default_factory=TeacherDataSettings)
     dump_logits: DumpSettings = field(default_factory=DumpSettings)
     distill_draft: DistillSettings = field(default_factory=DistillSettings)
-    specdec_bench: BenchSettings = field(default_factory=BenchSettings)
+    specdec_bench: BenchSettings = field(default_factory=_section_default(BenchSettings, "specdec_bench"))
     export: ExportSettings = field(default_factory=ExportSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: EvalSettings = field(default_factory=_section_default(EvalSettings, "eval"))
     quick: dict[str, Any] = field(default_factory=dict)  # dotted overrides that `--quick` applies
     source: str = "<recipe>"  # the file it came from (set by the loader)
     base_dir: str = "."  # relative paths are resolved against this (the recipe's folder)
@@ -378,12 +433,12 @@ def target_spec(recipe: PipelineRecipe) -> str:
 def read_pipeline_recipe(name_or_path: str | os.PathLike[str], *, quick: bool = False,
                          overrides: dict[str, Any] | None = None) -> PipelineRecipe:
     """Parse a recipe (a path or a shipped recipe name) field by field, with its `quick:` overrides when `quick` and
-    then `overrides`; no check against the file system (`load_pipeline_recipe` adds those)."""
+    then `overrides`; no check against the file system (`checks.load_pipeline_recipe` adds those)."""
     path = resolve_recipe_path(name_or_path)
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping (name, stages, ...)")
-    data = copy.deepcopy(data)
+    data = with_section_defaults(copy.deepcopy(data))
     if quick:
         quick_over = data.get("quick") or {}
         if not isinstance(quick_over, dict):
@@ -395,69 +450,16 @@ def read_pipeline_recipe(name_or_path: str | os.PathLike[str], *, quick: bool = 
     return from_dict(PipelineRecipe, data, source=str(path))
 
 
-def load_pipeline_recipe(name_or_path: str | os.PathLike[str], *, quick: bool = False,
-                         overrides: dict[str, Any] | None = None) -> PipelineRecipe:
-    """Load and validate a recipe (a path or a shipped recipe name); `quick` applies its `quick:` overrides."""
-    recipe = read_pipeline_recipe(name_or_path, quick=quick, overrides=overrides)
-    validate_recipe(recipe)
-    return recipe
-
-
-def _fail(recipe: PipelineRecipe, where: str, message: str) -> ConfigError:
-    return ConfigError(f"{recipe.source}: {where}: {message}")
-
-
-def trained_target_source(recipe: PipelineRecipe) -> str | None:
-    """The stage whose model is the trained target ('sft_stage2'), or None when `trained_target` names it."""
-    if recipe.trained_target is not None:
-        return None
-    return "sft_stage2"
-
-
-def validate_recipe(recipe: PipelineRecipe) -> None:
-    """Unknown, duplicated or misordered stages, missing paths and models, stages whose input stage is absent (and
-    not given as a path), unknown eval tasks or export draft, and a draft whose tokenizer differs from the target's:
-    each is one `ConfigError` naming file and field. Section values are checked by the settings classes."""
-    if not recipe.stages:
-        raise _fail(recipe, "stages", f"no stages; list some of: {', '.join(STAGE_ORDER)}")
-    for i, name in enumerate(recipe.stages):
-        if name not in STAGE_ORDER:
-            import difflib
-
-            near = difflib.get_close_matches(name, STAGE_ORDER, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise _fail(recipe, f"stages[{i}]", f"unknown stage {name!r}{hint}; known: {', '.join(STAGE_ORDER)}")
-        if recipe.stages.index(name) != i:
-            raise _fail(recipe, f"stages[{i}]", f"stage {name!r} is listed twice")
-    from .stages import STAGES
-
-    for key in ("target", "trained_target"):
-        value = getattr(recipe, key)
-        if value is not None and not is_model_spec(value):
-            p = resolve_path(recipe, value.removeprefix("gguf:"))
-            if not p.exists():
-                raise _fail(recipe, key, f"no such model file or directory: {p}")
-    for i, name in enumerate(recipe.stages):
-        stage = STAGES[name]
-        for inp in stage.inputs(recipe):
-            if inp.explicit is None and inp.stage in recipe.stages and recipe.stages.index(inp.stage) > i:
-                raise _fail(recipe, f"stages[{i}]", f"stage {name!r} reads the output of stage {inp.stage!r}, "
-                            f"which is listed after it (stages[{recipe.stages.index(inp.stage)}]); list "
-                            f"{inp.stage!r} first")
-        for path_field, value in stage.data_paths(recipe).items():
-            if value is None or is_model_spec(value):
-                continue
-            p = resolve_path(recipe, value.removeprefix("gguf:"))
-            if not p.exists():
-                raise _fail(recipe, path_field, f"no such file or directory: {p}")
-        for inp in stage.inputs(recipe):
-            if inp.explicit is None and inp.stage is not None and inp.stage not in recipe.stages and inp.required:
-                raise _fail(recipe, "stages", f"stage {name!r} needs the output of stage {inp.stage!r}, which is not "
-                            f"in stages (add it, or set {inp.field} to a path)")
-    _check_export_draft(recipe)
-    _check_eval_tasks(recipe)
-    _check_placements(recipe)
-    _check_draft_tokenizer(recipe)
+def with_section_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Recipe data with `SECTION_DEFAULTS` under each section's own keys (a non-mapping section is left for the
+    loader to report)."""
+    for section, defaults in SECTION_DEFAULTS.items():
+        given = data.get(section)
+        if given is None:
+            data[section] = dict(defaults)
+        elif isinstance(given, dict):
+            data[section] = {**defaults, **given}
+    return data
 
 
 def stage_placement(recipe: PipelineRecipe, stage: str) -> Placement:
@@ -466,80 +468,16 @@ def stage_placement(recipe: PipelineRecipe, stage: str) -> Placement:
     return own if own is not None else recipe.placement
 
 
-def _check_placements(recipe: PipelineRecipe) -> None:
-    """Each model-running stage's placement resolves on this machine (e.g. `cuda` without a GPU is refused here)."""
-    for name in MODEL_STAGES:
-        if name not in recipe.stages:
-            continue
-        own = getattr(recipe, name).placement is not None
-        try:
-            stage_placement(recipe, name).resolve()
-        except ConfigError as err:
-            raise _fail(recipe, f"{name}.placement" if own else "placement", str(err)) from None
+def has_scale_section(name_or_path: str) -> bool:
+    """True when the recipe (a file or a shipped name) has a `scale:` section."""
+    data = load_yaml(resolve_recipe_path(name_or_path))
+    return isinstance(data, dict) and data.get("scale") is not None
 
 
-def draft_names(recipe: PipelineRecipe) -> list[str]:
-    """The keys of the `drafts.json` that distill_draft writes for this recipe."""
-    from .stages import sweep_slug
-
-    return ["undistilled", "distilled"] + [f"sweep/{sweep_slug(p.alpha, p.temperature)}"
-                                           for p in recipe.distill_draft.sweep]
-
-
-def _check_export_draft(recipe: PipelineRecipe) -> None:
-    names = draft_names(recipe)
-    if recipe.export.draft not in names:
-        raise _fail(recipe, "export.draft", f"no draft {recipe.export.draft!r}; distill_draft makes: "
-                    f"{', '.join(names)}")
-
-
-def shipped_eval_tasks() -> set[str]:
-    """Task and group names of soaes-eval's shipped lm-eval YAMLs (read as text: no lm-eval import)."""
-    import re
-
-    from soaes_eval.tasks import TASKS_DIR
-
-    pattern = re.compile(r"^(?:task|group):\s*[\"']?([A-Za-z0-9_.\-]+)[\"']?\s*$", re.M)
-    return {m for p in TASKS_DIR.rglob("*.yaml") for m in pattern.findall(p.read_text(encoding="utf-8"))}
-
-
-def _check_eval_tasks(recipe: PipelineRecipe) -> None:
-    """soaes tasks against the shipped YAMLs; any other name against lm-eval's index (slow, so only when asked)."""
-    s = recipe.eval
-    named = [(f"eval.general_tasks[{i}]", t) for i, t in enumerate(s.general_tasks)] + [("eval.domain_task",
-                                                                                         s.domain_task)]
-    shipped = shipped_eval_tasks()
-    for where, task in named:
-        if task.startswith("soaes_") and task not in shipped:
-            import difflib
-
-            near = difflib.get_close_matches(task, sorted(shipped), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise _fail(recipe, where, f"unknown task {task!r}{hint}; soaes tasks: soaes_cmmlu, soaes_ceval, "
-                        "soaes_domain_qa, their subtasks, or any lm-eval task")
-    others = [(w, t) for w, t in named if not t.startswith("soaes_")]
-    if others and "eval" in recipe.stages:
-        from soaes_eval.tasks import task_manager
-
-        known = task_manager(include_defaults=True).all_tasks
-        for where, task in others:
-            if task not in known:
-                raise _fail(recipe, where, f"unknown task {task!r}: neither a soaes task (soaes_cmmlu, soaes_ceval, "
-                            "soaes_domain_qa, their subtasks) nor an lm-eval task")
-
-
-def _check_draft_tokenizer(recipe: PipelineRecipe) -> None:
-    draft = recipe.distill_draft.draft
-    if draft is None or "distill_draft" not in recipe.stages:
-        return
-    from soaes_core import load_tokenizer, tokenizer_fingerprint
-
-    spec, target = model_spec(recipe, draft), target_spec(recipe)
-    try:
-        a = tokenizer_fingerprint(load_tokenizer(spec), ids_only=True)
-    except SoaesError as err:
-        raise _fail(recipe, "distill_draft.draft", f"cannot load the draft's tokenizer: {err}") from None
-    b = tokenizer_fingerprint(load_tokenizer(target), ids_only=True)
-    if a != b:
-        raise _fail(recipe, "distill_draft.draft", f"the draft's tokenizer ({draft}) differs from the target's "
-                    f"({recipe.target}); speculative decoding needs identical token ids")
+def load_scale_recipe(name_or_path: str, overrides: dict[str, Any] | None = None,
+                      quick: bool = False) -> tuple[PipelineRecipe, ScaleSettings]:
+    """A recipe and its `scale:` section, checked field by field but not against the file system or the hub: a plan
+    needs no data, tokenizer or weights present (`overrides`: dotted keys, also `scale.…`; `quick`: the recipe's
+    `quick:` budgets first)."""
+    recipe = read_pipeline_recipe(name_or_path, quick=quick, overrides=overrides)
+    return recipe, recipe.scale or ScaleSettings()

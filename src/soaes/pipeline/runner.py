@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soaes_core import atomic_write_json, progress_bar, to_dict, write_manifest
+from soaes_core import atomic_write_json, to_dict, write_manifest
 from soaes_core.atomic import replace_dir
 from soaes_core.cache import lock_holder, owner_lock
 from soaes_core.errors import ConfigError, SoaesError
@@ -30,12 +30,12 @@ from soaes_core.manifest import MANIFEST_NAME
 
 from .recipe import PipelineRecipe, is_model_spec
 from .stages import STAGES, Input, Stage, StageContext, stage_dirname
+from .timings import StageTimes, estimate_stage, run_rate
 
 FINGERPRINT_FILE = ".pipeline_fingerprint.json"  # in a partial folder: which config its resumable work is for
 HASH_CACHE_FILE = ".pipeline_hashes.json"  # in the run folder: file sha256s by inode and stat
 LOCK_FILE = ".pipeline.lock"  # in the run folder: held by the run using it (pid and host inside)
 DAMAGED = ": rerunning the stage"  # ends the reason given for an unusable manifest
-DEFAULT_SECONDS_PER_WEIGHT = 30.0  # ETA guess for a stage never run before
 
 
 @dataclass
@@ -52,7 +52,8 @@ class StagePlan:
 
 @dataclass
 class StageEvent:
-    """Passed to `on_event`: 'skip', 'start', 'done'; `eta_s` is the estimated time left for the whole run."""
+    """Passed to `on_event`: 'skip', 'start', 'done'. `eta_s`: the estimated time left for the whole run (after
+    this stage, for 'skip' and 'done'); `stage_eta_s`: this stage's expected seconds; `counts`: what it returned."""
 
     kind: str
     stage: str
@@ -61,6 +62,8 @@ class StageEvent:
     message: str = ""
     seconds: float | None = None
     eta_s: float | None = None
+    stage_eta_s: float | None = None
+    counts: dict[str, Any] | None = None
 
 
 def _sha_json(obj: Any) -> str:
@@ -293,10 +296,13 @@ class RunSummary:
 
 def run_pipeline(recipe: PipelineRecipe, output_dir: str | os.PathLike[str] | None = None,
                  start: str | None = None, until: str | None = None,
-                 on_event: Callable[[StageEvent], None] | None = None) -> RunSummary:
+                 on_event: Callable[[StageEvent], None] | None = None,
+                 times: StageTimes | None = None) -> RunSummary:
     """Run the selected stages in order, skipping the up-to-date ones; returns what ran and what was skipped.
 
-    Holds the run folder's lock throughout: a second run on the same folder raises `LockedError` naming this one."""
+    Each stage's time is recorded in `times` (default: this machine's history, `timings.StageTimes.load()`), which
+    the ETAs passed to `on_event` come from. Holds the run folder's lock throughout: a second run on the same folder
+    raises `LockedError` naming this one."""
     run_dir = run_dir_of(recipe, output_dir)
     ctx = StageContext(recipe, run_dir)
     names = select_stages(recipe, start, until)
@@ -309,74 +315,76 @@ def run_pipeline(recipe: PipelineRecipe, output_dir: str | os.PathLike[str] | No
     with owner_lock(run_dir / LOCK_FILE, what=f"run folder {run_dir}"):
         hashes = hash_cache(run_dir)
         try:
-            return _run_locked(ctx, names, start, until, on_event, hashes)
+            times = StageTimes.load() if times is None else times
+            return _run_locked(ctx, names, start, until, on_event, hashes, times)
         finally:
             hashes.save()
 
 
 def _run_locked(ctx: StageContext, names: list[str], start: str | None, until: str | None,
-                on_event: Callable[[StageEvent], None] | None, hashes: FileHashCache) -> RunSummary:
+                on_event: Callable[[StageEvent], None] | None, hashes: FileHashCache, times: StageTimes) -> RunSummary:
     recipe, run_dir = ctx.recipe, ctx.run_dir
     if recipe.threads:
         import torch
 
         torch.set_num_threads(recipe.threads)
     plans = {p.name: p for p in plan_pipeline(recipe, run_dir, start, until, hashes=hashes)}
-    weights = {n: STAGES[n].weight for n in names}
     summary = RunSummary(run_dir)
-    bar = progress_bar(total=len(names), desc="pipeline", unit="stage")
-    spent, done_weight = 0.0, 0.0
+    done: list[tuple[float, float, float | None]] = []  # (seconds, weight, measured before) of the stages run
+    emit = on_event or (lambda ev: None)
+
+    def expected(name: str) -> float:
+        p = plans[name]
+        measured = times.measured(name, p.fingerprint.get("config_sha256", ""))
+        return estimate_stage(measured if measured is not None else p.last_seconds, STAGES[name].weight,
+                              run_rate(done))
 
     def eta(after: int) -> float:
-        rate = spent / done_weight if done_weight else DEFAULT_SECONDS_PER_WEIGHT
-        left = 0.0
-        for n in names[after:]:
-            p = plans[n]
-            if p.status == "will run":
-                left += p.last_seconds if p.last_seconds else weights[n] * rate
-        return left
+        return sum(expected(n) for n in names[after:] if plans[n].status == "will run")
 
-    try:
-        for i, name in enumerate(names):
-            stage = STAGES[name]
-            final = ctx.stage_dir(name)
-            _, fp, why = _stage_state(ctx, stage, hashes)  # now: upstream stages may just have been rerun
-            if why is None:
-                summary.stages[name] = {"status": "skipped", "seconds": 0.0}
-                plans[name].status = "up-to-date"
-                if on_event:
-                    on_event(StageEvent("skip", name, i + 1, len(names), "up to date", eta_s=eta(i + 1)))
-                bar.update(1)
-                continue
-            plans[name].status = "will run"
-            _check_inputs_exist(ctx, stage)
-            partial = final.with_name(f".{final.name}.partial")
-            resumed = _prepare_partial(stage, partial, fp)
-            if on_event:
-                on_event(StageEvent("start", name, i + 1, len(names), why + ("; resuming" if resumed else ""),
-                                    eta_s=eta(i)))
-            t0 = time.perf_counter()
-            counts = stage.run(ctx, partial)
-            seconds = time.perf_counter() - t0
-            (partial / FINGERPRINT_FILE).unlink(missing_ok=True)
-            paths = {k: v["path"] for k, v in fp["inputs"].items() if not is_model_spec(str(v["path"]))
-                     and Path(v["path"]).exists()}
-            write_manifest(partial, f"pipeline.{name}", inputs=paths, config=stage.settings(recipe), counts=counts,
-                           timings={"total": seconds},
-                           extra={"pipeline": {**fp, "recipe": recipe.source, "recipe_name": recipe.name,
-                                               "stage_dir": stage_dirname(name), "resumed": resumed}})
-            replace_dir(partial, final)
-            _remember_outputs(final, hashes)
-            spent += seconds
-            done_weight += weights[name]
+    for i, name in enumerate(names):
+        stage = STAGES[name]
+        final = ctx.stage_dir(name)
+        _, fp, why = _stage_state(ctx, stage, hashes)  # now: upstream stages may just have been rerun
+        if why is None:
+            summary.stages[name] = {"status": "skipped", "seconds": 0.0}
             plans[name].status = "up-to-date"
-            summary.stages[name] = {"status": "ran", "seconds": round(seconds, 2)}
-            bar.update(1)
-            if on_event:
-                on_event(StageEvent("done", name, i + 1, len(names), seconds=seconds, eta_s=eta(i + 1)))
-    finally:
-        bar.close()
+            emit(StageEvent("skip", name, i + 1, len(names), "up to date", eta_s=eta(i + 1)))
+            continue
+        plans[name].status, plans[name].fingerprint = "will run", fp
+        _check_inputs_exist(ctx, stage)
+        partial = final.with_name(f".{final.name}.partial")
+        resumed = _prepare_partial(stage, partial, fp)
+        guess = expected(name)
+        emit(StageEvent("start", name, i + 1, len(names), why + ("; resuming" if resumed else ""), eta_s=eta(i),
+                        stage_eta_s=guess))
+        t0 = time.perf_counter()
+        counts = stage.run(ctx, partial)
+        seconds = time.perf_counter() - t0
+        _commit(ctx, stage, partial, final, fp, counts, seconds, resumed, hashes)
+        done.append((seconds, stage.weight, times.measured(name, fp["config_sha256"])))
+        if not resumed:  # a resumed stage's time is a part of the work
+            times.record(name, fp["config_sha256"], seconds)
+        plans[name].status = "up-to-date"
+        summary.stages[name] = {"status": "ran", "seconds": round(seconds, 2)}
+        emit(StageEvent("done", name, i + 1, len(names), why, seconds=seconds, eta_s=eta(i + 1), stage_eta_s=guess,
+                        counts=counts))
     return summary
+
+
+def _commit(ctx: StageContext, stage: Stage, partial: Path, final: Path, fp: dict[str, Any], counts: dict[str, Any],
+            seconds: float, resumed: bool, hashes: FileHashCache) -> None:
+    """Write the stage's manifest into its partial folder and put the folder in place."""
+    recipe = ctx.recipe
+    (partial / FINGERPRINT_FILE).unlink(missing_ok=True)
+    paths = {k: v["path"] for k, v in fp["inputs"].items() if not is_model_spec(str(v["path"]))
+             and Path(v["path"]).exists()}
+    write_manifest(partial, f"pipeline.{stage.name}", inputs=paths, config=stage.settings(recipe), counts=counts,
+                   timings={"total": seconds},
+                   extra={"pipeline": {**fp, "recipe": recipe.source, "recipe_name": recipe.name,
+                                       "stage_dir": stage_dirname(stage.name), "resumed": resumed}})
+    replace_dir(partial, final)
+    _remember_outputs(final, hashes)
 
 
 def _remember_outputs(folder: Path, hashes: FileHashCache) -> None:

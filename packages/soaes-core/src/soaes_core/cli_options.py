@@ -2,9 +2,9 @@
 
 A setting's name, type, default and help text live on the dataclass field (`metadata={"help": ...}`), as in
 TRL's configs and transformers' `HfArgumentParser`. `config_options(Cls)` turns the fields into click options
-(one per scalar or list field: bools as ``--flag/--no-flag``, lists as comma-separated values, nested
-configs reachable through ``--set``) plus ``--config FILE.yaml`` and ``--set``, and hands the command one built
-`Cls`. Values given on the command line go through the same conversion as YAML configs
+(one per scalar or list field: bools as ``--flag/--no-flag``, lists as comma-separated values that a repeated option
+adds to, nested configs reachable through ``--set``) plus ``--config FILE.yaml`` and ``--set``, and hands the
+command one built `Cls`. Values given on the command line go through the same conversion as YAML configs
 (`soaes_core.config`), so a bad value is one `ConfigError` naming the option, e.g.
 ``--num-speculative-tokens[1]: expected int, got str 'abc'``.
 """
@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import click
 
-from .config import _convert, _Err, _safe_load_bounded, _type_name, apply_overrides, from_dict, load_config, to_dict
+from .config import _convert, _Err, _safe_load_bounded, _type_name, apply_overrides, from_dict, load_yaml, to_dict
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -104,6 +104,8 @@ def parse_value(text: str, tp: Any, where: str) -> Any:
 
 
 def _parse_scalar(text: str, tp: Any, where: str) -> Any:
+    if _strip_optional(tp) is Any:  # no declared type (a free mapping value): read it as YAML, as a config file would
+        return _safe_load_bounded(text, where)
     try:
         return _convert(text, tp, where)
     except _Err as first:
@@ -231,14 +233,23 @@ def _option_help(f: dataclasses.Field[Any]) -> str:
     return field_help(f) + shown
 
 
+def _joined(value: Any) -> Any:
+    """A repeatable (list) option's occurrences as one list, None when not given; other values unchanged."""
+    if isinstance(value, tuple):
+        return [item for part in value for item in part] if value else None
+    return value
+
+
 def build_config(cls: type[T], config_path: str | None = None, values: Mapping[str, Any] | None = None,
                  sets: Sequence[str] = (), source: str = "command line") -> T:
     """`cls` from an optional YAML file, then option values (None = not given), then ``--set`` pairs."""
     overrides = {k: v for k, v in (values or {}).items() if v is not None}
     overrides.update(parse_set_pairs(sets, cls))
-    if config_path:
-        return load_config(config_path, cls, overrides=overrides)
-    return from_dict(cls, apply_overrides({}, overrides), source=source)
+    # the values are converted to their fields' types already: a string such as '000' must not be read as YAML again
+    data = (load_yaml(config_path) or {}) if config_path else {}
+    if overrides:
+        data = apply_overrides(data, overrides, parse_strings=False)
+    return from_dict(cls, data, source=str(config_path) if config_path else source)
 
 
 def config_options(cls: type, *, names: Mapping[str, Sequence[str]] | None = None, exclude: Iterable[str] = (),
@@ -266,8 +277,9 @@ def config_options(cls: type, *, names: Mapping[str, Sequence[str]] | None = Non
         else:
             decls = decls or [f"--{f.name.replace('_', '-')}"]
             long = next((d for d in decls if d.startswith("--")), decls[0])
+            # a list option may be repeated (each occurrence adds its items): a repeat is never silently dropped
             options.append(click.option(*decls, f.name, type=FieldType(tp, long), default=None,
-                                        help=_option_help(f)))
+                                        multiple=_is_list(tp), help=_option_help(f)))
         generated.append(f.name)
     if set_option:
         options.append(click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -279,7 +291,7 @@ def config_options(cls: type, *, names: Mapping[str, Sequence[str]] | None = Non
     def decorator(func: F) -> F:
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = {name: kwargs.pop(name) for name in generated}
+            values = {name: _joined(kwargs.pop(name)) for name in generated}
             sets = kwargs.pop("sets", ()) if set_option else ()
             config_path = kwargs.pop("config_path", None) if config_file else None
             kwargs[param] = build_config(cls, config_path, values, sets)

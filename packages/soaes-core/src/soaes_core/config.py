@@ -275,13 +275,14 @@ def load_config(path: str | os.PathLike[str], cls: type[T], overrides: dict[str,
     return from_dict(cls, data, source=str(path))
 
 
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of `data` with dotted-key overrides applied (values parsed as YAML scalars if str)."""
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], parse_strings: bool = True) -> dict[str, Any]:
+    """Return a copy of `data` with dotted-key overrides applied (string values parsed as YAML scalars unless
+    `parse_strings` is False: values already converted to their field's type stay as they are)."""
     import copy
 
     out = copy.deepcopy(data)
     for dotted, value in overrides.items():
-        if isinstance(value, str):
+        if parse_strings and isinstance(value, str):
             value = yaml.safe_load(value)
         node = out
         keys = dotted.split(".")

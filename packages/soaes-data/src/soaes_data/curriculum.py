@@ -28,10 +28,11 @@ class CurriculumConfig:
     """Records whose `task_field` is in `stage2_tasks` and relevance ≥ `stage2_min_relevance` go to stage 2;
     other records pass the category and language filters and relevance ≥ `stage1_min_relevance` for stage 1."""
 
-    task_field: str = "task"
-    stage2_tasks: list[str] = field(default_factory=lambda: ["qa", "report"])
-    stage2_min_relevance: float = 0.3
-    stage1_min_relevance: float = 0.0
+    task_field: str = field(default="task", metadata={"help": "Record field holding the task."})
+    stage2_tasks: list[str] = field(default_factory=lambda: ["qa", "report"], metadata={
+        "help": "Tasks that go to stage 2 (expert Q&A / reports)."})
+    stage2_min_relevance: float = field(default=0.3, metadata={"help": "Minimum domain relevance for stage 2."})
+    stage1_min_relevance: float = field(default=0.0, metadata={"help": "Minimum domain relevance for stage 1."})
     category: CategoryConfig = field(default_factory=CategoryConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig)

@@ -33,11 +33,15 @@ class DecontamConfig:
     `use_fetched`: also the benchmarks `soaes-eval fetch` put in the cache, when present; `ngram`: overlap length
     in normalised characters (13 by default, as in GPT-3's decontamination, counted in characters for Chinese)."""
 
-    eval_files: list[str] = field(default_factory=list)
-    eval_dirs: list[str] = field(default_factory=list)
-    use_fetched: bool = True
-    ngram: int = 13
-    min_overlaps: int = 1
+    eval_files: list[str] = field(default_factory=list, metadata={
+        "help": "Evaluation files (JSONL/JSON/CSV/TXT), comma-separated (CMMLU, C-Eval, a test split)."})
+    eval_dirs: list[str] = field(default_factory=list, metadata={
+        "help": "Folders of subject CSVs (CMMLU / C-Eval release layout, or a parent of cmmlu/ and ceval/), "
+                "comma-separated."})
+    use_fetched: bool = field(default=True, metadata={
+        "help": "Also the CMMLU / C-Eval releases `soaes-eval fetch` put in the cache, when present."})
+    ngram: int = field(default=13, metadata={"help": "Overlap length in normalised characters."})
+    min_overlaps: int = field(default=1, metadata={"help": "Shared n-grams that make a record contaminated."})
 
     def __post_init__(self) -> None:
         if self.ngram < 5 or self.min_overlaps < 1:

@@ -73,16 +73,21 @@ class CurationConfig:
     (`executor`, `tasks` shards, `workers` at a time, `engine` options of that executor) and each stage's
     settings. `decontaminate` runs only when it has benchmark data (eval files/dirs or fetched benchmarks)."""
 
-    inputs: list[str]
-    output_dir: str
-    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
-    on_error: Literal["raise", "skip"] = "skip"
-    executor: ExecutorKind = "local"
-    tasks: int = 1
-    workers: int = 1
+    inputs: list[str] = field(metadata={"help": "Input files or folders (relative to the recipe's folder)."})
+    output_dir: str = field(metadata={"help": "Output folder (relative to the working directory)."})
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES), metadata={
+        "help": "Stage order, starting with read."})
+    on_error: Literal["raise", "skip"] = field(default="skip", metadata={
+        "help": "A document that cannot be read: stop, or skip it (reason in rejects)."})
+    executor: ExecutorKind = field(default="local", metadata={"help": "Where to run (datatrove executor)."})
+    tasks: int = field(default=1, metadata={
+        "help": "Shards the corpus is split into (>= 1); the kept documents do not depend on it."})
+    workers: int = field(default=1, metadata={"help": "Tasks run at the same time (>= 1)."})
     engine: dict[str, Any] = field(default_factory=dict)
-    num_proc: int | None = None  # deprecated: sets `workers` (and `tasks`, when that is 1)
-    output_format: Literal["jsonl", "parquet", "both"] = "both"
+    num_proc: int | None = field(default=None, metadata={
+        "help": "Deprecated: same as workers N (and tasks N when tasks is 1)."})
+    output_format: Literal["jsonl", "parquet", "both"] = field(default="both", metadata={
+        "help": "Format of the final documents: jsonl, parquet or both."})
     read: ReadConfig = field(default_factory=ReadConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     pii: PiiConfig = field(default_factory=PiiConfig)
@@ -131,8 +136,13 @@ class StageReport:
 def load_curation_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> CurationConfig:
     """Load a curation recipe; relative `inputs`, eval files/dirs and lexicon are resolved against the recipe's
     folder, `output_dir` against the working directory."""
-    cfg = load_config(path, CurationConfig, overrides)
-    base = Path(path).resolve().parent
+    return resolve_curation_paths(load_config(path, CurationConfig, overrides), path)
+
+
+def resolve_curation_paths(cfg: CurationConfig, recipe: str | os.PathLike[str] | None) -> CurationConfig:
+    """`cfg` with relative `inputs`, eval files/dirs and lexicon resolved against the folder of `recipe` (the
+    working directory when there is none) and `output_dir` against the working directory."""
+    base = Path(recipe).resolve().parent if recipe else Path.cwd()
 
     def res(p: str) -> str:
         return str(p) if Path(p).is_absolute() else str(base / p)

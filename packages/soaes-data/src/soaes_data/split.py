@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .dedup import DedupConfig, jaccard, minhash_signature, minhash_template, shingles
@@ -16,13 +16,14 @@ from .records import record_text
 class SplitConfig:
     """Fractions (default 80/10/10), seed, the field to stratify by, and the near-duplicate threshold."""
 
-    train: float = 0.8
-    dev: float = 0.1
-    test: float = 0.1
-    seed: int = 42
-    stratify_field: str = "task"
-    near_duplicate_threshold: float = 0.8
-    ngram: int = 5
+    train: float = field(default=0.8, metadata={"help": "Fraction of records in train."})
+    dev: float = field(default=0.1, metadata={"help": "Fraction of records in dev."})
+    test: float = field(default=0.1, metadata={"help": "Fraction of records in test."})
+    seed: int = field(default=42, metadata={"help": "Seed of the shuffle."})
+    stratify_field: str = field(default="task", metadata={"help": "Record field the split is stratified by."})
+    near_duplicate_threshold: float = field(default=0.8, metadata={
+        "help": "Near-duplicate Jaccard threshold: a train record this close to a test item is removed."})
+    ngram: int = field(default=5, metadata={"help": "Character n-gram size of the near-duplicate check."})
 
     def __post_init__(self) -> None:
         if min(self.train, self.dev, self.test) < 0 or abs(self.train + self.dev + self.test - 1.0) > 1e-6:

@@ -190,14 +190,16 @@ def grounding_score(answer: str, document: str) -> float:
 class SynthConfig:
     """`task`: qa or report; `per_document` pairs asked for; answers need `min_grounding` bigram overlap."""
 
-    task: Literal["qa", "report"] = "qa"
-    per_document: int = 3
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    min_grounding: float = 0.5
-    max_document_chars: int = 2000
-    system_prompt: str | None = None
-    prompt_template: str | None = None
+    task: Literal["qa", "report"] = field(default="qa", metadata={"help": "Q&A pairs or report-writing samples."})
+    per_document: int = field(default=3, metadata={"help": "Pairs asked for per document."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation length cap in tokens."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0 = greedy)."})
+    min_grounding: float = field(default=0.5, metadata={
+        "help": "Minimum character-bigram overlap of an answer with its document (0-1)."})
+    max_document_chars: int = field(default=2000, metadata={"help": "Documents are cut to this many characters."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt of the generator."})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": "Prompt with {document} and {n} (default: the task's shipped prompt)."})
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -19,7 +19,10 @@ counts exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -207,3 +210,29 @@ def estimate_acceptance(target_model: torch.nn.Module, draft_model: torch.nn.Mod
         d = draft_model(**kwargs, use_cache=False).logits
         acc.add(t, d, batch["labels"])
     return acc.result()
+
+
+def estimate_drafts_acceptance(target: Any, examples_path: str | Path, drafts: Mapping[str, str | Path],
+                               load_draft_kwargs: Mapping[str, Any] | None = None, top_p: float = 0.7,
+                               block_sizes: tuple[int, ...] = (3,)) -> dict[str, dict[str, float]]:
+    """Teacher-forced acceptance (greedy and top-p) of each draft in `drafts` (name -> folder) against the loaded
+    `target` on the token examples at `examples_path`; logits are compared in float32 on the CPU."""
+    from soaes_core.placement import input_device
+    from soaes_specdec.draft import load_draft
+
+    from .token_data import load_token_examples
+
+    def logits(model: Any, ids: list[int]) -> torch.Tensor:
+        return model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False).logits.float().cpu()
+
+    examples = load_token_examples(examples_path)
+    out: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        t_logits = [logits(target, ex.input_ids) for ex in examples]
+        for name, folder in drafts.items():
+            draft = load_draft(str(folder), **dict(load_draft_kwargs or {}))
+            acc = AcceptanceAccumulator(top_p=top_p, block_sizes=block_sizes)
+            for tl, ex in zip(t_logits, examples, strict=True):
+                acc.add(tl, logits(draft, ex.input_ids), torch.tensor([ex.labels]))
+            out[name] = {k: round(v, 6) for k, v in acc.result().as_metrics().items()}
+    return out

@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from soaes_core import atomic_write_json, load_model, load_tokenizer, write_manifest
+from soaes_core import DEFAULT_MODEL, atomic_write_json, load_model, load_tokenizer, write_manifest
 from soaes_core.errors import InvalidArgumentError
+from soaes_core.placement import Placement
 from soaes_specdec.draft import (  # noqa: F401  (re-exported: the restricted head lives in soaes_specdec)
     HEAD_IDS_FILE,
     RestrictedLMHead,
@@ -85,16 +87,45 @@ def save_draft(draft: Any, tokenizer: Any, out_dir: str | os.PathLike[str], head
     return out
 
 
+SMALL_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+@dataclass
+class MakeDraftConfig:
+    """What `soaes-distill make-draft` builds: the target's first layers, or a smaller random model of its family."""
+
+    output_dir: str = field(metadata={"help": "Output HF directory."})
+    target: str = field(default=DEFAULT_MODEL, metadata={"help": "Target model spec."})
+    num_layers: int = field(default=4, metadata={"help": "Decoder layers to keep (or to build, with small)."})
+    head_tokens: int = field(default=0, metadata={
+        "help": "Restrict the output head to this many frequent domain tokens (0 = full head)."})
+    domain_data: str | None = field(default=None, metadata={
+        "help": "Tokenized JSONL/Parquet whose token frequencies choose the head tokens."})
+    small: list[int] | None = field(default=None, metadata={
+        "help": "Instead of truncating, a random model with hidden size, intermediate size, heads, KV heads "
+                "(four integers, e.g. 256,768,4,2)."})
+    device: str = field(default="auto", metadata={
+        "help": "Device the target is loaded on: auto (cuda when present, else cpu), cpu, cuda or cuda:N."})
+
+    def __post_init__(self) -> None:
+        if self.small is not None and len(self.small) != len(SMALL_KEYS):
+            raise ValueError(f"small: expected four integers H,I,HEADS,KV, got {self.small}")
+        if self.head_tokens < 0:
+            raise ValueError(f"head_tokens must be >= 0, got {self.head_tokens}")
+        Placement(device=self.device)  # one ConfigError (a ValueError) for a bad device
+
+
 def make_draft(target_spec: str, out_dir: str | os.PathLike[str], num_layers: int = 4,
                head_tokens: int = 0, domain_sequences: Iterable[Sequence[int]] | None = None,
-               small: dict[str, int] | None = None, dtype: Any = torch.float32) -> Path:
+               small: dict[str, int] | None = None, dtype: Any = torch.float32, device: str = "auto") -> Path:
     """`soaes-distill make-draft`: derive a draft from `target_spec` and save it to `out_dir`.
 
     `small` (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads) builds a smaller random
     model instead of truncating layers. `head_tokens` > 0 restricts the head to that many frequent tokens of
-    `domain_sequences` (plus the tokenizer's special tokens).
+    `domain_sequences` (plus the tokenizer's special tokens). `device` is a `Placement` device (`auto`: a GPU
+    when present).
     """
-    target = load_model(target_spec, dtype=dtype, device="cpu")
+    target = load_model(target_spec, dtype=dtype, device=Placement(device=device).resolve().device)
     tokenizer = load_tokenizer(target_spec)
     if small:
         draft = make_small_draft(target, num_layers, **small)

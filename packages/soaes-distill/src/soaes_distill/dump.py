@@ -45,19 +45,25 @@ TAIL_SEED = 20250601  # fixed: the tail samples of an example depend only on its
 class DumpConfig:
     """Settings of a teacher-logit dump (YAML-loadable)."""
 
-    dataset: str = ""
-    output_dir: str = ""
-    model: str = DEFAULT_MODEL
-    top_k: int = 64  # 0 = dense
-    dtype: str = "float16"
-    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    compression: str = "none"
-    examples_per_shard: int = 256
-    batch_size: int = 8
-    model_dtype: str | None = None
-    device: str | None = None
-    tail_samples: int = 0  # tail ids sampled per position (0 = none: the loss uses a tail bucket)
-    tail_temperature: float | None = None  # τ_s they are drawn at; one of `temperatures`, default the largest
+    dataset: str = field(default="", metadata={
+        "help": "Tokenized JSONL/Parquet (input_ids [, labels, position_ids, id])."})
+    output_dir: str = field(default="", metadata={"help": "Store directory (resumed if it exists)."})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Teacher model spec."})
+    top_k: int = field(default=64, metadata={"help": "Logits kept per position (0 = dense)."})
+    dtype: str = field(default="float16", metadata={"help": "Stored value dtype: float16, bfloat16 or float32."})
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0], metadata={
+        "help": "Temperatures τ the log-normalisers are captured at (comma-separated)."})
+    compression: str = field(default="none", metadata={"help": "Shard compression: none or zstd."})
+    examples_per_shard: int = field(default=256, metadata={"help": "Examples per shard (the unit a kill loses)."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per teacher pass."})
+    model_dtype: str | None = field(default=None, metadata={
+        "help": "Teacher weights' dtype (unset: the checkpoint's own; auto: bfloat16 on a GPU, float32 on the CPU)."})
+    device: str | None = field(default=None, metadata={
+        "help": "Teacher device: auto or unset (cuda when present, else cpu), cpu, cuda or cuda:N."})
+    tail_samples: int = field(default=0, metadata={
+        "help": "Tail token ids sampled per position outside the top-k (0 = none: the loss uses a tail bucket)."})
+    tail_temperature: float | None = field(default=None, metadata={
+        "help": "τ the tail samples are drawn at (one of temperatures; default the largest)."})
 
     def __post_init__(self) -> None:
         if self.top_k < 0:

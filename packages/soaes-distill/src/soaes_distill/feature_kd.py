@@ -40,6 +40,7 @@ from soaes_specdec.feature_draft import LAYOUTS, FeatureDraft
 from soaes_specdec.sampling import SamplingParams, nucleus_size, top_p_limit, warp_probs
 
 from .acceptance import acceptance_probabilities, block_walk
+from .budget import stop_info
 from .draft_init import frequent_tokens
 from .losses import IGNORE_INDEX
 from .token_data import TokenExample
@@ -67,10 +68,10 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 class FeatureKDConfig:
     """Settings of `train_feature_draft` (YAML-loadable; every field settable with `--set`)."""
 
-    steps: int = field(default=1000, metadata={"help": "optimizer steps (the LR schedule's length)"})
-    time_budget_s: float = field(default=0.0, metadata={"help": "stop after this many seconds of training (0 = no "
-                                                                "budget); the schedule then follows whichever "
-                                                                "of steps/time runs out first"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps to train (the LR schedule's length)"})
+    time_budget_s: float = field(default=0.0, metadata={"help": "safety cap on training seconds (0 = none); the "
+                                                                "schedule follows steps only, and a run the cap "
+                                                                "ends early reports stopped_by: time_budget"})
     batch_size: int = field(default=8, metadata={"help": "examples per step"})
     max_length: int = field(default=512, metadata={"help": "examples are truncated to this many tokens"})
     learning_rate: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate"})
@@ -153,6 +154,8 @@ class FeatureKDResult:
     head_tokens: int
     counts: dict[str, int]
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_by: str = "max_steps"
+    stop_message: str = ""
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -513,15 +516,12 @@ def estimate_feature_acceptance(target: Any, draft: FeatureDraft, examples: Sequ
 # ---- training loop ---------------------------------------------------------------------------------------
 
 
-def lr_factor(step: int, cfg: FeatureKDConfig, elapsed: float = 0.0) -> float:
-    """Linear warmup over `warmup_steps`, then cosine from 1 to `min_lr_ratio`; progress is the larger of the
-    step fraction and (with a time budget) the elapsed-time fraction."""
+def lr_factor(step: int, cfg: FeatureKDConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine from 1 to `min_lr_ratio` over the remaining `steps` (the
+    time budget is a cap, not part of the schedule: the same steps give the same draft on any machine)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if cfg.time_budget_s > 0:
-        progress = max(progress, elapsed / cfg.time_budget_s)
-    progress = min(1.0, progress)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -656,7 +656,7 @@ def train_feature_draft(target: Any, train_examples: Sequence[TokenExample],
             f_in = f_in + (torch.rand(f_in.shape, generator=rng) * 2 - 1) * cfg.feature_noise
         f_in, ids, f_next, mask = (t.to(device, non_blocking=True) for t in (f_in, ids, f_next, mask))
         for g in opt.param_groups:
-            g["lr"] = cfg.learning_rate * lr_factor(step, cfg, elapsed)
+            g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             if cfg.unroll_weight:
                 g1, g2 = two_step_hidden(draft, f_in, ids)
@@ -704,12 +704,17 @@ def train_feature_draft(target: Any, train_examples: Sequence[TokenExample],
     counts = {"train_examples": len(train), "dev_examples": len(dev), "heldout_examples": len(held),
               "rejected": len(rejects), "train_positions": int(sum(counted_positions(e, len(e.input_ids)).sum()
                                                                     for e in train))}
+    stop = stop_info("max_steps" if step >= cfg.steps else "time_budget", step, cfg.steps, elapsed, cfg.time_budget_s)
+    if stop.stopped_by == "time_budget":
+        log.warning("feature draft: %s", stop.stop_message)
     result = FeatureKDResult(out / "draft", step, best_step, best_metrics, heldout_metrics, extract_s, elapsed,
-                             0 if head_ids is None else int(head_ids.numel()), counts, history)
+                             0 if head_ids is None else int(head_ids.numel()), counts, history, stop.stopped_by,
+                             stop.stop_message)
     atomic_write_json(out / METRICS_FILE, {**{k: v for k, v in asdict(result).items() if k != "history"},
                                            "draft_dir": str(result.draft_dir), "config": asdict(cfg),
                                            "history": history})
     write_manifest(out / "draft", "distill.feature_draft", config=cfg, counts=counts,
                    timings={"extract": extract_s, "train": elapsed},
-                   extra={"dev_metrics": best_metrics, "heldout_metrics": heldout_metrics, "best_step": best_step})
+                   extra={"dev_metrics": best_metrics, "heldout_metrics": heldout_metrics, "best_step": best_step,
+                          **stop.as_dict()})
     return result

@@ -171,10 +171,13 @@ def _check_tail(teacher: TopKLogits, vocab: int) -> None:
                                    f"student vocabulary has {vocab} tokens")
 
 
-def _check_args(student_logits: torch.Tensor, teacher: torch.Tensor | TopKLogits, labels: torch.Tensor,
+def _check_args(student_logits: torch.Tensor, teacher: torch.Tensor | TopKLogits | None, labels: torch.Tensor,
                 alpha: float, temperature: float, divergence: str, beta: float) -> None:
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha!r}")
+    if teacher is None and alpha != 0:
+        raise InvalidArgumentError(f"alpha={alpha} weights a KD term, which needs the teacher's logits; without a "
+                                   "teacher only alpha=0 (plain cross-entropy on the labels) is possible")
     _check_temperature(temperature)
     if divergence not in DIVERGENCES:
         raise InvalidArgumentError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
@@ -186,6 +189,8 @@ def _check_args(student_logits: torch.Tensor, teacher: torch.Tensor | TopKLogits
     if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
         raise InvalidArgumentError(f"labels shape {tuple(labels.shape)} does not match student logits "
                                    f"positions {tuple(student_logits.shape[:-1])}")
+    if teacher is None:
+        return
     if isinstance(teacher, TopKLogits):
         if teacher.vocab_size is not None and teacher.vocab_size != vocab:
             raise InvalidArgumentError(f"vocabulary mismatch: teacher top-k logits are over {teacher.vocab_size} "
@@ -331,11 +336,12 @@ def _divergence_rows(student: torch.Tensor, teacher: torch.Tensor | TopKLogits, 
 
 
 def _chunk_terms(student: torch.Tensor, targets: torch.Tensor, temperature: float, divergence: str, beta: float,
-                 need_ce: bool, need_kd: bool, teacher: torch.Tensor | TopKLogits) -> tuple[torch.Tensor, torch.Tensor]:
+                 need_ce: bool, need_kd: bool, teacher: torch.Tensor | TopKLogits | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over one chunk of positions of the divergence and of the CE (fp32 scalars)."""
     zero = student.new_zeros((), dtype=torch.float32)
     kd = zero
-    if need_kd:
+    if need_kd and teacher is not None:
         kd = _divergence_rows(student, teacher, temperature, divergence, beta).sum()
     ce = zero
     if need_ce:
@@ -369,26 +375,31 @@ class DistillationLossTerms:
     num_positions: int
 
 
-def _shift(teacher: torch.Tensor | TopKLogits, student: torch.Tensor,
-           labels: torch.Tensor) -> tuple[torch.Tensor | TopKLogits, torch.Tensor, torch.Tensor]:
+def _shift(teacher: torch.Tensor | TopKLogits | None, student: torch.Tensor,
+           labels: torch.Tensor) -> tuple[torch.Tensor | TopKLogits | None, torch.Tensor, torch.Tensor]:
     def cut(t: torch.Tensor) -> torch.Tensor:
         return t[..., :-1, :] if t.dim() == student.dim() else t[..., :-1]
-    teacher = teacher.index(cut) if isinstance(teacher, TopKLogits) else teacher[..., :-1, :]
+    if teacher is not None:
+        teacher = teacher.index(cut) if isinstance(teacher, TopKLogits) else teacher[..., :-1, :]
     return teacher, student[..., :-1, :], labels[..., 1:]
 
 
-def _select_rows(teacher: torch.Tensor | TopKLogits, sel: torch.Tensor) -> torch.Tensor | TopKLogits:
+def _select_rows(teacher: torch.Tensor | TopKLogits | None, sel: torch.Tensor) -> torch.Tensor | TopKLogits | None:
     """Rows `sel` of flat (n, ·) teacher tensors, detached (the teacher gets no gradient)."""
+    if teacher is None:
+        return None
     if isinstance(teacher, TopKLogits):
         return teacher.index(lambda t: t[sel].detach())
     return teacher[sel].detach()
 
 
-def distillation_loss_terms(student_logits: torch.Tensor, teacher: torch.Tensor | TopKLogits, labels: torch.Tensor,
+def distillation_loss_terms(student_logits: torch.Tensor, teacher: torch.Tensor | TopKLogits | None,
+                            labels: torch.Tensor,
                             alpha: float = 0.5, temperature: float = 2.0, divergence: str = "forward_kl", *,
                             beta: float = 0.5, shift_labels: bool = True, scale_by_temperature_squared: bool = False,
                             chunk_size: int | None = None) -> DistillationLossTerms:
-    """`distillation_loss` returning the KD and CE parts as well (for logging)."""
+    """`distillation_loss` returning the KD and CE parts as well (for logging). `teacher` may be None only with
+    alpha = 0 (black-box SFT: cross-entropy on the labels alone)."""
     _check_args(student_logits, teacher, labels, alpha, temperature, divergence, beta)
     if shift_labels:
         teacher, student_logits, labels = _shift(teacher, student_logits, labels)
@@ -402,9 +413,10 @@ def distillation_loss_terms(student_logits: torch.Tensor, teacher: torch.Tensor 
     if n == 0:
         z = zero.float()
         return DistillationLossTerms(z, z.detach(), z.detach(), 0)
+    flat_teacher: torch.Tensor | TopKLogits | None = None
     if isinstance(teacher, TopKLogits):
-        flat_teacher: torch.Tensor | TopKLogits = teacher.index(lambda t: t.reshape(-1, *t.shape[nd:]))
-    else:
+        flat_teacher = teacher.index(lambda t: t.reshape(-1, *t.shape[nd:]))
+    elif teacher is not None:
         flat_teacher = teacher.reshape(-1, vocab)
     need_kd, need_ce = alpha > 0, alpha < 1
     step = chunk_size or max(1, CHUNK_ELEMENTS // vocab)

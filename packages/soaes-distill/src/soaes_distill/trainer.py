@@ -1,5 +1,6 @@
 """`KDTrainer`: a `transformers.Trainer` that trains a draft (student) with the Eq. 2 loss against a teacher
-given either online (a model in eval mode, no grad) or offline (a `TeacherLogitStore`).
+given either online (a model in eval mode, no grad) or offline (a `TeacherLogitStore`), or with no teacher at all
+when alpha = 0 (black-box SFT on the teacher's answers as token data).
 
 Batches carry, per token, the teacher example id and position to look up, so offline logits stay aligned
 under shuffling and packing. Evaluation reports the KD/CE losses and the offline acceptance estimate
@@ -33,13 +34,17 @@ from .token_data import TokenExample
 class KDConfig:
     """Distillation hyper-parameters (defaults: the SOAEs paper's α = 0.5, τ = 2, forward KL, plain Eq. 2)."""
 
-    alpha: float = 0.5
-    temperature: float = 2.0
-    divergence: str = "forward_kl"
-    jsd_beta: float = 0.5
-    scale_by_temperature_squared: bool = False
-    eval_top_p: float = 0.7
-    eval_block_sizes: list[int] = field(default_factory=lambda: [3, 9])
+    alpha: float = field(default=0.5, metadata={
+        "help": "Weight of the KD term; 1 - alpha weights cross-entropy on the labels (0 = black-box SFT)."})
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature tau of both distributions."})
+    divergence: str = field(default="forward_kl", metadata={
+        "help": "forward_kl, reverse_kl, jsd, total_variation or acceptance."})
+    jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of the jsd divergence."})
+    scale_by_temperature_squared: bool = field(default=False, metadata={
+        "help": "Multiply the KD term by tau^2 (Hinton); off = the paper's Eq. 2."})
+    eval_top_p: float = field(default=0.7, metadata={"help": "Top-p of the evaluation's acceptance estimate."})
+    eval_block_sizes: list[int] = field(default_factory=lambda: [3, 9], metadata={
+        "help": "Block sizes n whose accepted length evaluation reports."})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -114,17 +119,21 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
 class KDTrainer(FinishedResumeMixin, Trainer):
-    """Trainer whose loss is `distillation_loss` (Eq. 2) against an online teacher or stored logits (resuming from
-    the final checkpoint trains nothing)."""
+    """Trainer whose loss is `distillation_loss` (Eq. 2) against an online teacher or stored logits, or plain
+    cross-entropy without a teacher when alpha = 0 (resuming from the final checkpoint trains nothing)."""
 
     def __init__(self, *args: Any, kd: KDConfig | None = None, teacher_model: torch.nn.Module | None = None,
                  teacher_store: TeacherLogitStore | None = None, expected_tokenizer_sha256: str | None = None,
                  expected_dataset_sha256: str | None = None, **kwargs: Any) -> None:
-        if (teacher_model is None) == (teacher_store is None):
-            raise InvalidArgumentError("KDTrainer needs exactly one of teacher_model (online) or teacher_store "
-                                       "(offline logits)")
+        kd = kd or KDConfig()
+        if teacher_model is not None and teacher_store is not None:
+            raise InvalidArgumentError("KDTrainer takes one of teacher_model (online) or teacher_store (offline "
+                                       "logits), not both")
+        if teacher_model is None and teacher_store is None and kd.alpha != 0:
+            raise InvalidArgumentError(f"KDTrainer needs teacher_model (online) or teacher_store (offline logits) for "
+                                       f"alpha={kd.alpha}; only alpha=0 (black-box SFT) trains without a teacher")
         super().__init__(*args, **kwargs)
-        self.kd = kd or KDConfig()
+        self.kd = kd
         self.teacher_model = teacher_model
         self.teacher_store = teacher_store
         if teacher_model is not None:
@@ -138,13 +147,17 @@ class KDTrainer(FinishedResumeMixin, Trainer):
         self._window: list[tuple[float, float]] = []
 
     # -- teacher --------------------------------------------------------------------------------------------
-    def teacher_logits(self, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | TopKLogits:
-        """The teacher's logits for a batch: a forward pass (online) or a store lookup (offline)."""
+    def teacher_logits(self, inputs: dict[str, torch.Tensor], device: torch.device
+                       ) -> torch.Tensor | TopKLogits | None:
+        """The teacher's logits for a batch: a forward pass (online), a store lookup (offline), or None (no
+        teacher: black-box SFT)."""
         if self.teacher_store is not None:
             t = self.teacher_store.lookup(inputs["teacher_example_ids"].cpu(), inputs["teacher_positions"].cpu(),
                                           temperature=self.kd.temperature)
             return t.to(device)  # TopKLogits.to moves every field, tail samples included
         teacher = self.teacher_model
+        if teacher is None:
+            return None
         if next(teacher.parameters()).device != device:
             teacher.to(device)
         with torch.no_grad():
@@ -206,11 +219,12 @@ class KDTrainer(FinishedResumeMixin, Trainer):
                     sums[key] += float(val) * n
                 count += n
                 # the decoder samples at τ = 1: exact for a dense teacher; top-k renormalises if captured at τ ≠ 1
-                acc.add(teacher, logits, batch["labels"])
+                if teacher is not None:
+                    acc.add(teacher, logits, batch["labels"])
         if was_training:
             model.train()
         metrics = {f"{metric_key_prefix}_{k}": v / max(count, 1) for k, v in sums.items()}
-        if count:
+        if count and (self.teacher_model is not None or self.teacher_store is not None):
             metrics.update(acc.result().as_metrics(prefix=f"{metric_key_prefix}_"))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

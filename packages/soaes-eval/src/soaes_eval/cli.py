@@ -12,6 +12,7 @@ from soaes_core.cli_options import config_options
 from soaes_core.clitools import SoaesGroup, setup_logging
 
 from . import __version__
+from .cli_configs import FetchJob, MetricsJob, TableJob
 from .runner import EvalRunConfig, set_offline
 
 
@@ -46,17 +47,14 @@ def run(cfg: EvalRunConfig) -> None:
 
 @main.command()
 @click.argument("predictions", type=click.Path(dir_okay=False))
-@click.option("--references", type=click.Path(dir_okay=False), help="Separate JSONL with a 'reference' field.")
-@click.option("--lang", type=click.Choice(["zh", "en"]), default="zh", show_default=True)
-@click.option("--convention", type=click.Choice(["all", "llamafactory", "jieba", "char"]), default="all",
-              show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the scores and provenance as JSON.")
-def metrics(predictions: str, references: str | None, lang: str, convention: str, output: str | None) -> None:
+@config_options(MetricsJob, names={"output": ("-o", "--output")})
+def metrics(predictions: str, config: MetricsJob) -> None:
     """Score a JSONL of {prediction, reference} with ROUGE-1/2/L and BLEU-4 (0–100)."""
     from .metrics import CONVENTIONS, text_metrics
     from .predictions import read_pairs
 
-    preds, refs = read_pairs(predictions, references)
+    preds, refs = read_pairs(predictions, config.references)
+    lang, convention = config.lang, config.convention
     conventions = (["en"] if lang == "en" else list(CONVENTIONS)) if convention == "all" else [convention]
     out = {c: text_metrics(preds, refs, lang=lang, convention=c if c != "en" else "llamafactory").to_dict()
            for c in conventions}
@@ -65,31 +63,21 @@ def metrics(predictions: str, references: str | None, lang: str, convention: str
         sig = f"  [{m['sacrebleu_signature']}]" if m["sacrebleu_signature"] else ""
         click.echo(f"{c:13s} rouge1={m['rouge1']:.2f} rouge2={m['rouge2']:.2f} rougeL={m['rougeL']:.2f} "
                    f"bleu4={m['bleu4']:.2f}{sig}")
-    if output:
-        atomic_write_json(output, {"source": str(predictions), "num_items": len(preds), "metrics": out})
-        click.echo(f"wrote {output}")
+    if config.output:
+        atomic_write_json(config.output, {"source": str(predictions), "num_items": len(preds), "metrics": out})
+        click.echo(f"wrote {config.output}")
 
 
 @main.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="eval_tables", show_default=True)
-@click.option("--base", help="Run label that Table 1 retention is relative to (default: the first run).")
-@click.option("--baseline", help="Run label that Table 4 speedup is relative to (default: the run without draft).")
-@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
-def table(results: tuple[str, ...], output_dir: str, base: str | None, baseline: str | None, no_plots: bool) -> None:
-    """Paper-style tables (Markdown, CSV, PNG): from a `soaes pipeline` run folder, Tables 1-6 and report.md
-    regenerated from its manifests; else Tables 1/2/4 from result files or folders of them."""
-    if len(results) == 1 and (Path(results[0]) / "stages").is_dir():
-        from .paper_tables import write_run_report
-
-        written_run = write_run_report(results[0], output_dir, plots=not no_plots)
-        click.echo((Path(output_dir) / "report.md").read_text(encoding="utf-8"))
-        click.echo(f"tables: {', '.join(written_run['tables'])}; wrote {output_dir}")
-        return
+@config_options(TableJob, names={"output_dir": ("-o", "--output-dir")})
+def table(results: tuple[str, ...], config: TableJob) -> None:
+    """Paper-style Tables 1/2/4 (Markdown, CSV, PNG) from result files or folders of them. (The paper's Tables
+    1-6 of a `soaes pipeline` run are its report stage's output, `stages/NN_report/report.md`.)"""
     from .report import build_tables, load_results, write_tables
 
-    tables = build_tables(load_results(list(results)), base=base, baseline=baseline)
-    written = write_tables(tables, output_dir, plots=not no_plots)
+    tables = build_tables(load_results(list(results)), base=config.base, baseline=config.baseline)
+    written = write_tables(tables, config.output_dir, plots=config.plots)
     for t in tables:
         click.echo(t.to_markdown())
     click.echo(json.dumps({k: str(v) for k, v in written.items()}, indent=1))
@@ -97,17 +85,12 @@ def table(results: tuple[str, ...], output_dir: str, base: str | None, baseline:
 
 @main.command()
 @click.argument("benchmark", type=click.Choice(["cmmlu", "ceval"]))
-@click.option("--dest", type=click.Path(file_okay=False),
-              help="Unpack here, not in $SOAES_CACHE/benchmarks/BENCHMARK (then pass --cmmlu-dir/--ceval-dir DIR).")
-@click.option("--url", help="Archive URL or local zip (default: the official release on the Hugging Face Hub).")
-@click.option("--sha256", help="Expected sha256 of the archive (default: pinned by the first download of the URL).")
-@click.option("--timeout", type=float, default=300.0, show_default=True,
-              help="Seconds for the whole download (a stalled or trickling server fails after it; a rerun resumes).")
-def fetch(benchmark: str, dest: str | None, url: str | None, sha256: str | None, timeout: float) -> None:
+@config_options(FetchJob)
+def fetch(benchmark: str, config: FetchJob) -> None:
     """Download a public CMMLU / C-Eval release, verify its sha256 and unpack it where the tasks find it."""
     from .fetch import fetch_benchmark
 
-    res = fetch_benchmark(benchmark, dest=dest, url=url, sha256=sha256, timeout=timeout)
+    res = fetch_benchmark(benchmark, dest=config.dest, url=config.url, sha256=config.sha256, timeout=config.timeout)
     files = ", ".join(f"{split}={n}" for split, n in res.subjects.items())
     state = "already present" if res.reused else "fetched"
     click.echo(f"{benchmark}: {state} in {res.dir} ({files} subject files)")

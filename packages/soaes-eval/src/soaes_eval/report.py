@@ -1,11 +1,13 @@
 """Paper-style tables from result files: Table 1 (general ability + retention), Table 2 (ROUGE/BLEU per model and
-stage), Table 4 (acceptance, speed, speedup), as Markdown, CSV and PNG plots."""
+stage), Table 4 (acceptance, speed, speedup), as Markdown, CSV and PNG plots; and the table types a report links
+to its sources with (`Cell`, `PaperTable`), with the readers of a result file's scores that such a report needs."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,69 @@ class Table:
         w.writerow(self.columns)
         w.writerows([["" if v is None else v for v in row] for row in self.rows])
         return buf.getvalue()
+
+
+@dataclass
+class Cell:
+    """A number and the file it came from (None: no number)."""
+
+    value: float | str | None
+    source: Path | None = None
+
+
+@dataclass
+class PaperTable:
+    """A table laid out like one of the paper's: cells linked to their sources, the sample sizes, and one line on
+    whether the paper's direction reproduces."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list[Cell | str | None]] = field(default_factory=list)
+    sizes: str = ""
+    direction: str = ""
+
+    def plain(self) -> Table:
+        """The table without links (CSV / PNG)."""
+        def val(c: Any) -> Any:
+            return c.value if isinstance(c, Cell) else c
+        return Table(self.name, self.title, list(self.columns), [[val(c) for c in row] for row in self.rows])
+
+    def to_markdown(self, base: Path) -> str:
+        """Markdown with each number linking to its source, relative to folder `base`."""
+        def fmt(c: Any) -> str:
+            if not isinstance(c, Cell):
+                return "–" if c is None else str(c)
+            if c.value is None:
+                return "–"
+            text = f"{c.value:.2f}" if isinstance(c.value, float) else str(c.value)
+            if c.source is None:
+                return text
+            return f"[{text}]({Path(os.path.relpath(Path(c.source).resolve(), base.resolve())).as_posix()})"
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "|".join(" --- " for _ in self.columns) + "|"]
+        lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in self.rows]
+        lines += ["", f"Sample sizes: {self.sizes}", "", f"Paper's direction: {self.direction}", ""]
+        return "\n".join(lines)
+
+
+def general_accuracy(results: dict[str, Any], prefix: str) -> tuple[float | None, int]:
+    """Accuracy (%) of a result file over the leaf tasks of `prefix` (soaes_cmmlu, ...), weighted by items, and
+    the number of items; (None, 0) when absent."""
+    res, n_items = results.get("results", {}), results.get("soaes", {}).get("num_items", {})
+    leaves = [t for t in res if t.startswith(prefix + "_")] or [t for t in res if t == prefix]
+    total, weight = 0.0, 0
+    for t in leaves:
+        acc, n = res[t].get("acc,none"), int(n_items.get(t) or 0)
+        if isinstance(acc, (int, float)) and n:
+            total += 100 * acc * n
+            weight += n
+    return (total / weight if weight else None), weight
+
+
+def domain_text_metrics(results: dict[str, Any], convention: str = "llamafactory") -> dict[str, Any]:
+    """ROUGE/BLEU (and num_items) of a result file's domain generation task, in `convention`; {} when absent."""
+    return next(iter(results.get("soaes", {}).get("text_metrics", {}).values()), {}).get(convention, {})
 
 
 def _fmt(v: Any) -> str:

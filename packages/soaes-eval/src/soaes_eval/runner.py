@@ -18,7 +18,7 @@ from soaes_core.placement import Placement
 from .metrics import score_provenance
 
 _log = logging.getLogger(__name__)
-GENERATION_TASKS = ("soaes_domain_qa", "soaes_domain_report")
+GENERATION_TASKS = ("soaes_domain_qa", "soaes_domain_qa_heldout", "soaes_domain_report")
 # The domain tasks' lm-eval metric behind each score, per convention (aggregated by lm-eval: tasks/domain/utils.py)
 TEXT_SCORES = {
     "llamafactory": {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rougeL", "bleu4": "bleu4"},
@@ -38,8 +38,8 @@ class EvalRunConfig:
     """One evaluation run: a model (optionally with a draft for speculative decoding) on a list of tasks."""
 
     tasks: list[str] = field(default_factory=lambda: ["soaes_cmmlu", "soaes_ceval"], metadata={
-        "help": "Tasks, comma-separated: soaes_cmmlu, soaes_ceval, soaes_domain_qa, soaes_domain_report, "
-                "a subtask (soaes_cmmlu_agronomy) or any lm-eval task."})
+        "help": "Tasks, comma-separated: soaes_cmmlu, soaes_ceval, soaes_domain_qa, soaes_domain_qa_heldout, "
+                "soaes_domain_report, a subtask (soaes_cmmlu_agronomy) or any lm-eval task."})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Target: HF dir, gguf:PATH or hf:ORG/NAME."})
     output_dir: str = field(default="eval_out", metadata={"help": "Where results.json, predictions and the "
                                                                   "manifest go."})
@@ -169,7 +169,7 @@ def run_eval(cfg: EvalRunConfig, lm: Any = None) -> dict[str, Any]:
     unknown = [t for t in cfg.tasks if t not in tm.all_tasks]
     if unknown:
         raise ConfigError(f"unknown task(s) {unknown}; soaes tasks: soaes_cmmlu, soaes_ceval, soaes_domain_qa, "
-                          f"soaes_domain_report (or any lm-eval task)")
+                          f"soaes_domain_qa_heldout, soaes_domain_report (or any lm-eval task)")
     gen_kwargs = {"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None
     with _soaes_errors():
         from lm_eval.tasks import get_task_dict

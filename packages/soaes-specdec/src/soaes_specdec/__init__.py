@@ -11,11 +11,15 @@ from .decoding import (
 )
 from .draft import load_any_draft, make_layer_draft
 from .feature_draft import FeatureDraft
+from .proposers import Proposer
 from .sampling import SamplingParams
+from .settings import DecodingSettings
 
 __all__ = [
+    "DecodingSettings",
     "FeatureDraft",
     "PromptLookupDecoder",
+    "Proposer",
     "SamplingParams",
     "SpecDecodeOutput",
     "SpecStats",

@@ -20,7 +20,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,9 @@ from soaes_core.progress import progress
 from soaes_core.prompts import encode_chat_prompt, read_prompt_records
 
 from .cost_model import break_even_acceptance, expected_accepted_length, theoretical_speedup
+from .cost_table import CostTable, load_or_measure
 from .decoding import (
+    COST_TABLE_MAX_ROWS,
     PromptLookupDecoder,
     SpecDecodeOutput,
     SpecStats,
@@ -47,7 +49,9 @@ from .decoding import (
 from .draft import check_draft_tokenizer, load_any_draft, make_layer_draft
 from .feature_draft import FeatureDraft
 from .feature_runner import FeatureDraftRunner
+from .hostinfo import format_host, host_info
 from .runner import CachedCausalLM
+from .settings import DecodingSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +63,17 @@ MODES = ("greedy", "top_p")
 
 
 @dataclass
-class BenchConfig:
-    """What to benchmark (YAML-loadable; CLI flags override)."""
+class BenchConfig(DecodingSettings):
+    """What to benchmark (YAML-loadable; CLI flags override). The decoder's settings are `DecodingSettings`' own fields
+    (inherited, so a bench file and the command line name them directly); `num_speculative_tokens` here lists the
+    fixed block sizes to time beside the adaptive decoder."""
 
+    num_speculative_tokens: list[int] = field(default_factory=list, metadata={  # type: ignore[assignment]
+        "help": "Fixed block sizes to time as well, comma-separated (e.g. 1,3,5), beside the decoder that chooses n "
+                "each step (adaptive)."})
+    adaptive: bool = field(default=True, metadata={
+        "help": "Time the decoder that chooses its block size each step from this host's cost table (the default "
+                "decoder); off = only the fixed num_speculative_tokens."})
     target: str = field(default=DEFAULT_MODEL, metadata={"help": "Target model spec."})
     draft: str | None = field(default=None, metadata={
         "help": "Draft model spec (a layer draft or a feature-draft directory); unset = the target's first "
@@ -70,29 +82,14 @@ class BenchConfig:
     prompts: str | None = field(default=None, metadata={
         "help": 'JSONL of {"messages": [...]} or {"prompt": "..."} per line; unset = the packaged prompts.'})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts; unset = all."})
-    num_speculative_tokens: list[int] = field(default_factory=lambda: [3], metadata={
-        "help": "Draft block sizes to compare, comma-separated (e.g. 1,3,5)."})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
         "help": f"Decoding modes, comma-separated subset of {','.join(MODES)}."})
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={
         "help": f"Methods, comma-separated subset of {','.join(METHODS)} (speculative_lookup: the draft, with "
-                "prompt lookup's proposals wherever the text repeats an earlier n-gram)."})
+                "prompt lookup's proposals wherever the text repeats an earlier n-gram, lookup_tokens of them)."})
     top_p: float = field(default=0.7, metadata={"help": "Top-p of the sampling mode (the paper's 0.7)."})
     temperature: float = field(default=1.0, metadata={"help": "Temperature of the sampling mode."})
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per prompt."})
-    max_ngram: int = field(default=3, metadata={"help": "Longest n-gram prompt lookup matches."})
-    lookup_tokens: int = field(default=3, metadata={
-        "help": "speculative_lookup: tokens proposed from a prompt-lookup match (the draft proposes n)."})
-    lookup_min_ngram: int = field(default=2, metadata={
-        "help": "speculative_lookup: shortest suffix n-gram that counts as a match (shorter ones use the draft)."})
-    lookup_extend: list[str] = field(default_factory=list, metadata={
-        "help": "speculative_lookup, in these modes (e.g. greedy): after the draft's n tokens, also propose what "
-                "followed an earlier occurrence of the text's last n-gram (up to lookup_tokens in all)."})
-    lookup_mix: float = field(default=0.0, metadata={
-        "help": "speculative_lookup, sampling: draw a lookup row's first proposal from this mixture of the lookup's "
-                "token and the draft's distribution (0 = the lookup's token)."})
-    draft_confidence: float = field(default=0.0, metadata={
-        "help": "Dynamic draft length: end a block when the draft's top probability is below this; 0 = off."})
     warmup: int = field(default=1, metadata={"help": "Warm-up passes (first prompt only) before the timed repeats."})
     repeats: int = field(default=3, metadata={"help": "Timed passes; the median is reported."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling mode."})
@@ -106,47 +103,47 @@ class BenchConfig:
         "help": "Also time plain decoding of the target in this dtype (e.g. float32), for a speedup against the "
                 "fastest baseline."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; unset = torch's choice."})
-    prepack: bool | None = field(default=None, metadata={
-        "help": "Pack the target's weights for each verify's row count (MKL, fp32 CPU): cheaper multi-row "
-                "verification at one weight copy per row count; unset = on where supported."})
-    batch_invariant: bool = field(default=False, metadata={
-        "help": "Verify token by token through plain decoding's one-row calls: greedy output bit-identical to plain "
-                "decoding in every dtype, but a verify costs n+1 steps (no speed-up)."})
 
-    def __post_init__(self) -> None:
+    @property
+    def block_sizes(self) -> list[int | None]:
+        """The block sizes timed: None (the adaptive decoder) first when `adaptive`, then the fixed ones."""
+        return ([None] if self.adaptive else []) + list(dict.fromkeys(self.num_speculative_tokens))
+
+    def decoding_settings(self, n: int | None, lookup: bool) -> DecodingSettings:
+        """The `DecodingSettings` of one speculative job: block size `n` (None = chosen per step), with prompt lookup
+        beside the draft (`speculative_lookup`) or without it (`speculative`)."""
+        values = {f.name: getattr(self, f.name) for f in fields(DecodingSettings)}
+        values["num_speculative_tokens"] = n
+        if not lookup:
+            values.update(lookup_tokens=0, lookup_extend=False, lookup_mix=0.0)
+        return DecodingSettings(**values)
+
+    def validate(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
         if sorted(set(self.modes) - set(MODES)):
             raise ValueError(f"modes: choose from {list(MODES)}, got {self.modes}")
-        if not self.num_speculative_tokens or min(self.num_speculative_tokens) < 1:
-            raise ValueError("num_speculative_tokens: give one or more ints >= 1")
+        if min(self.num_speculative_tokens, default=1) < 1:
+            raise ValueError("num_speculative_tokens: give ints >= 1 (fixed block sizes)")
+        if not self.block_sizes:
+            raise ValueError("nothing to time: set adaptive or give fixed num_speculative_tokens")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.draft_confidence < 1.0:
-            raise ValueError(f"draft_confidence must be in [0, 1), got {self.draft_confidence}")
         if self.max_new_tokens < 1 or self.repeats < 1 or self.warmup < 0 or self.draft_layers < 1:
             raise ValueError("max_new_tokens, repeats and draft_layers must be >= 1 and warmup >= 0")
-        if self.lookup_tokens < 1 or not 1 <= self.lookup_min_ngram <= self.max_ngram:
-            raise ValueError(f"need lookup_tokens >= 1 and 1 <= lookup_min_ngram <= max_ngram, got {self.lookup_tokens}"
-                             f", {self.lookup_min_ngram} and {self.max_ngram}")
         if self.sampling_seeds < 1:
             raise ValueError(f"sampling_seeds must be >= 1, got {self.sampling_seeds}")
-        if not 0.0 <= self.lookup_mix < 1.0:
-            raise ValueError(f"lookup_mix must be in [0, 1), got {self.lookup_mix}")
-        if sorted(set(self.lookup_extend) - set(MODES)):
-            raise ValueError(f"lookup_extend: choose modes from {list(MODES)}, got {self.lookup_extend}")
-        if self.lookup_extend and "speculative_lookup" in self.methods and \
-                max(self.num_speculative_tokens) >= self.lookup_tokens:
-            raise ValueError(f"lookup_extend appends lookup tokens after the draft's n, up to lookup_tokens in all: "
-                             f"lookup_tokens ({self.lookup_tokens}) must exceed every num_speculative_tokens "
-                             f"({self.num_speculative_tokens})")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1 (or null for all prompts), got {self.max_prompts}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or null for torch's choice), got {self.threads}")
+        if "speculative_lookup" in self.methods and not self.lookup_tokens:
+            raise ValueError("methods: speculative_lookup needs lookup_tokens > 0 (the tokens prompt lookup proposes)")
+        for n in self.block_sizes:  # every job's decoder settings (lookup's included), checked where they are defined
+            self.decoding_settings(n, lookup=True)
 
 
 def compare_greedy(reference: list[list[int]], outputs: list[list[int]]) -> dict[str, Any]:
@@ -303,6 +300,8 @@ class MethodResult:
     exact_match: bool | None = None
     mismatch_rate: float | None = None
     first_difference: dict[str, Any] | None = None
+    adaptive: bool = False  # the decoder chose n each step (n is None then)
+    block_sizes: dict[str, int] | None = None  # decode steps per block size (our speculative decoders)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -345,7 +344,7 @@ class BenchRunner:
             return {"do_sample": False}
         return {"do_sample": True, "top_p": self.config.top_p, "temperature": self.config.temperature}
 
-    def _ours(self, method: str, mode: str, n: int) -> Callable[[], tuple[int, Any]]:
+    def _ours(self, method: str, mode: str, n: int | None) -> Callable[[], tuple[int, Any]]:
         cfg = self.config
         if method in PLAIN:
             runner = self.target_runner if method == "plain" else self.reference_runner
@@ -353,14 +352,11 @@ class BenchRunner:
             def gen(p: torch.Tensor, **kw: Any) -> SpecDecodeOutput:
                 return autoregressive_generate(runner, p, **kw)
         elif method == "prompt_lookup":
-            gen = PromptLookupDecoder(self.target_runner, n, cfg.max_ngram, batch_invariant=cfg.batch_invariant,
-                                      prepack=self.prepack).generate
+            gen = PromptLookupDecoder(self.target_runner, n or cfg.max_speculative_tokens, cfg.lookup_max_ngram,
+                                      batch_invariant=cfg.batch_invariant, prepack=cfg.prepack).generate
         else:
-            lookup = {"lookup_tokens": cfg.lookup_tokens, "lookup_max_ngram": cfg.max_ngram,
-                      "lookup_min_ngram": cfg.lookup_min_ngram, "lookup_extend": mode in cfg.lookup_extend,
-                      "lookup_mix": cfg.lookup_mix} if method == "speculative_lookup" else {}
-            gen = SpeculativeDecoder(self.target_runner, self.draft_runner, n, draft_confidence=cfg.draft_confidence,
-                                     batch_invariant=cfg.batch_invariant, prepack=self.prepack, **lookup).generate
+            settings = cfg.decoding_settings(n, lookup=method == "speculative_lookup")
+            gen = SpeculativeDecoder(self.target_runner, self.draft_runner, settings=settings).generate
         sampling = self._sampling(mode)
 
         def run_all(warmup: bool = False) -> tuple[int, Any]:
@@ -377,7 +373,7 @@ class BenchRunner:
         count = 1 if (mode == "greedy" or warmup) else self.config.sampling_seeds
         return [self.config.seed + i for i in range(count)]
 
-    def _hf(self, method: str, mode: str, n: int) -> Callable[[], tuple[int, Any]]:
+    def _hf(self, method: str, mode: str, n: int | None) -> Callable[[], tuple[int, Any]]:
         cfg = self.config
         kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "eos_token_id": self.eos,
                                   "pad_token_id": self.pad, **self._sampling(mode)}
@@ -387,11 +383,15 @@ class BenchRunner:
             kwargs["top_k"] = 0
         if method == "hf_assisted":
             gc = self.draft.generation_config
-            gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = n, "constant"
-            gc.assistant_confidence_threshold = 0.0  # fixed n, like ours
+            if n is None:  # transformers' own adaptive schedule beside ours
+                gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = cfg.max_speculative_tokens, "heuristic"
+            else:
+                gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = n, "constant"
+                gc.assistant_confidence_threshold = 0.0  # fixed n, like ours
             kwargs["assistant_model"] = self.draft
         elif method == "hf_prompt_lookup":
-            kwargs.update(prompt_lookup_num_tokens=n, max_matching_ngram_size=cfg.max_ngram)
+            kwargs.update(prompt_lookup_num_tokens=n or cfg.max_speculative_tokens,
+                          max_matching_ngram_size=cfg.lookup_max_ngram)
 
         @torch.inference_mode()
         def run_all(warmup: bool = False) -> tuple[int, Any]:
@@ -420,22 +420,27 @@ class BenchRunner:
             self._reference_runner = CachedCausalLM(self.reference)
         return self._reference_runner
 
-    @property
-    def prepack(self) -> bool:
-        """Whether the decoders prepack the target (`prepack` unset: where the target runner supports it)."""
-        if self.config.prepack is None:
-            return self.target_runner.supports_prepack and not self.config.batch_invariant
-        return self.config.prepack
-
-    def prepack_all(self) -> list[int]:
-        """Pack the target for every verify the jobs run (batch 1), before costs are measured; returns the rows."""
-        if not self.prepack:
-            return []
+    def verify_widths(self) -> list[int]:
+        """Every block width a verify of the jobs may have (batch 1): the fixed sizes, the adaptive bound, lookup's."""
         cfg = self.config
-        widths = list(cfg.num_speculative_tokens)
+        widths = [n if n is not None else cfg.max_speculative_tokens for n in cfg.block_sizes]
         if "speculative_lookup" in cfg.methods:
             widths.append(cfg.lookup_tokens)
-        return self.target_runner.prepack(prepack_rows(1, widths))
+        return widths
+
+    def choose_paths(self) -> tuple[CostTable | None, list[int]]:
+        """Set the target's projection path per row count before anything is timed: with `prepack`, MKL-packed for
+        every verify row count (forced); else the fastest path per row count of this host's cost table (measured
+        once and cached, or `calibration_file`), packing only where packing wins. Returns (table, packed rows)."""
+        cfg, runner = self.config, self.target_runner
+        if cfg.prepack:
+            return None, runner.prepack(prepack_rows(1, self.verify_widths()))
+        if cfg.batch_invariant:
+            return None, []
+        rows = range(1, min(max(self.verify_widths()) + 1, COST_TABLE_MAX_ROWS) + 1)
+        table = load_or_measure(runner, rows=rows, calibration_file=cfg.calibration_file)
+        runner.apply_cost_table(table)
+        return table, runner.packed_rows
 
     @property
     def draft_kind(self) -> str:
@@ -449,12 +454,12 @@ class BenchRunner:
                                   else CachedCausalLM(self.draft))
         return self._draft_runner
 
-    def closure(self, method: str, mode: str, n: int) -> Callable[..., tuple[int, Any]]:
+    def closure(self, method: str, mode: str, n: int | None) -> Callable[..., tuple[int, Any]]:
         """A callable that decodes every prompt once with `method`; returns (new tokens, outputs): our decoders'
         `SpecDecodeOutput`s, or the transformers peers' new-token lists."""
         return self._hf(method, mode, n) if method.startswith("hf_") else self._ours(method, mode, n)
 
-    def run_jobs(self, jobs: list[tuple[str, int, str]]) -> list[MethodResult]:
+    def run_jobs(self, jobs: list[tuple[str, int | None, str]]) -> list[MethodResult]:
         """Time every (mode, n, method) job, interleaving the repeats (job 1, job 2, ..., job 1, job 2, ...).
 
         Interleaving spreads slow periods of a shared machine over all methods instead of one.
@@ -476,11 +481,13 @@ class BenchRunner:
             _, tokens, wall, outs = min(runs_of_job, key=lambda s: abs(s[0] - median_rate))
             result = MethodResult(method=method, mode=mode, n=None if method in PLAIN else n,
                                   tokens_per_s=median_rate, new_tokens=tokens, wall_time_s=wall,
-                                  repeats_tokens_per_s=rates)
+                                  repeats_tokens_per_s=rates, adaptive=method not in PLAIN and n is None)
             if method not in PLAIN and not method.startswith("hf_"):
                 total = SpecStats.merge(o.stats for o in outs)  # the counters of the median repeat's runs
                 for key, value in _stats_fields(total).items():
                     setattr(result, key, value)
+                if method != "prompt_lookup":
+                    result.block_sizes = {str(k): v for k, v in sorted(total.block_sizes.items())}
                 if method == "speculative_lookup":
                     result.extra = _lookup_fields(total)
             results.append(result)
@@ -545,14 +552,15 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
     bandwidth = measure_bandwidth(megabytes=256 if device.type == "cpu" else 4096, device=device)
     target_bytes = runner.target_runner.num_parameter_bytes()
     context = int(statistics.median(p.numel() for p in prompts)) + config.max_new_tokens // 2
-    packed_rows = runner.prepack_all()
+    table, packed_rows = runner.choose_paths()
     verifier = runner.target_runner.with_batch_invariance() if config.batch_invariant else runner.target_runner
     costs = {n: measure_costs(verifier, runner.draft_runner, n, context)  # c_v of the verify the decoders run
              for n in config.num_speculative_tokens}
-    jobs = [(mode, n, m) for mode in config.modes for n in config.num_speculative_tokens for m in config.methods
-            if not (m == "plain" and n != config.num_speculative_tokens[0])]
+    blocks = config.block_sizes
+    jobs = [(mode, n, m) for mode in config.modes for n in blocks for m in config.methods
+            if not (m == "plain" and n != blocks[0])]
     if reference is not None:
-        jobs += [(mode, config.num_speculative_tokens[0], REFERENCE) for mode in config.modes]
+        jobs += [(mode, blocks[0], REFERENCE) for mode in config.modes]
     log.info("bench: %d jobs x %d repeats (interleaved) over %d prompts", len(jobs), config.repeats, len(prompts))
     results = runner.run_jobs(jobs)
     rows = []
@@ -563,7 +571,7 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
         ref = next((p for p in results if p.method == REFERENCE and p.mode == r.mode), None)
         if ref is not None and ref.tokens_per_s > 0:
             r.speedup_vs_reference = r.tokens_per_s / ref.tokens_per_s
-        if r.method == "speculative" and r.acceptance_rate is not None and r.n is not None:
+        if r.method == "speculative" and r.acceptance_rate is not None and r.n in costs:
             cost = costs[r.n]
             bound = theoretical_speedup(r.acceptance_rate, r.n, cost["c"], cost["c_v"])
             r.extra = {"c": cost["c"], "c_v": cost["c_v"],
@@ -578,12 +586,17 @@ def run_benchmark(config: BenchConfig, out_dir: str | os.PathLike[str], models: 
     for mode in config.modes:
         ours = next((r for r in results if r.method == "speculative" and r.mode == mode), None)
         peer = next((r for r in results if r.method == "hf_assisted" and r.mode == mode and ours
-                     and r.n == ours.n), None)
+                     and r.n == ours.n and r.adaptive == ours.adaptive), None)
         if ours and peer and peer.tokens_per_s > 0:
             ours.extra["vs_hf_assisted"] = ours.tokens_per_s / peer.tokens_per_s
             next(row for row in rows if row["method"] == "speculative" and row["mode"] == mode)["extra"] = ours.extra
     report = {
         "config": asdict(config),
+        "host": host_info(),
+        "cost_table": table.to_dict() if table is not None else None,
+        "projection_paths": {str(r): runner.target_runner.path_for_rows(r)
+                             for r in range(1, max([max(runner.verify_widths()) + 1, *(table.rows if table else [])])
+                                            + 1)},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "device": str(runner.target_runner.device), "matvec_bandwidth_gb_s": bandwidth,
@@ -646,8 +659,18 @@ def _exactness_cell(row: dict[str, Any]) -> str:
             f"{first['min']}–{first['max']} (median {first['median']:g})")
 
 
+def _n_cell(row: dict[str, Any]) -> str:
+    """The block size column: the fixed n, 'auto' for the decoder choosing n, '–' for plain decoding."""
+    return "auto" if row.get("adaptive") else _fmt(row["n"])
+
+
 def _label(row: dict[str, Any]) -> str:
-    return row["method"] if row["n"] is None else f"{row['method']} n={row['n']}"
+    return row["method"] if row["n"] is None and not row.get("adaptive") else f"{row['method']} n={_n_cell(row)}"
+
+
+def _histogram(sizes: dict[str, int] | None) -> str:
+    """Steps per block size as 'n:steps' pairs (0 = a plain step)."""
+    return " ".join(f"{n}:{c}" for n, c in sorted((sizes or {}).items(), key=lambda kv: int(kv[0]))) or "–"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -662,6 +685,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['num_prompts']} prompts, max_new_tokens {cfg['max_new_tokens']}, batch 1, {cfg['dtype']}, "
         f"warm-up {cfg['warmup']}, median of {cfg['repeats']} interleaved repeats; "
         f"{machine['torch_threads']} threads on {machine['cpu_count']} CPUs (load average at end {load}).", "",
+        f"Host: {format_host(report['host'])}." if report.get("host") else "", "",
         "acceptance = accepted / proposed draft tokens; mean length = new tokens per target call (bonus included); "
         "S = E[L]/(n·c + c_v); output = plain: greedy output equal, token for token on every prompt, to plain greedy "
         f"decoding of the target in {cfg['dtype']}"
@@ -671,18 +695,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         title = "greedy" if mode == "greedy" else f"top-p {cfg['top_p']} (T={cfg['temperature']})"
         lines += [f"## {title}", "",
                   "| method | n | tokens/s | speedup vs plain | acceptance | per-position acceptance | mean length "
-                  "| c | c_v | S | measured/S | output = plain |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| c | c_v | S | measured/S | block sizes (n:steps) | output = plain |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["results"]:
             if r["mode"] != mode:
                 continue
             x = r.get("extra") or {}
             per_pos = ", ".join(f"{a:.2f}" for a in (r.get("acceptance_by_position") or [])) or "–"
             lines.append(
-                f"| {r['method']} | {_fmt(r['n'])} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['speedup_vs_plain'])}× "
+                f"| {r['method']} | {_n_cell(r)} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['speedup_vs_plain'])}× "
                 f"| {_fmt(r['acceptance_rate'], 3)} | {per_pos} | {_fmt(r['mean_accepted_length'])} "
                 f"| {_fmt(x.get('c'), 3)} | {_fmt(x.get('c_v'), 3)} | {_fmt(x.get('theoretical_speedup'))} "
-                f"| {_fmt(x.get('measured_over_theoretical'))} | {_exactness_cell(r)} |")
+                f"| {_fmt(x.get('measured_over_theoretical'))} | {_histogram(r.get('block_sizes'))} "
+                f"| {_exactness_cell(r)} |")
         ours = next((r for r in report["results"] if r["method"] == "speculative" and r["mode"] == mode), None)
         if ours and (ours.get("extra") or {}).get("break_even_acceptance") is not None:
             lines += ["", f"Break-even acceptance for n={ours['n']} at the measured c and c_v: "
@@ -697,6 +722,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", f"Our speculative decoder vs transformers assisted generation (same models, n): "
                           f"{ours['extra']['vs_hf_assisted']:.2f}×."]
         lines.append("")
+    paths = report.get("projection_paths") or {}
+    if paths:
+        table = report.get("cost_table") or {}
+        source = table.get("source", "prepack forced" if report.get("prepacked_rows") else "none")
+        lines += ["## Projection paths", "",
+                  "The target's projection path per pass row count (cost table: " + source + "): "
+                  + ", ".join(f"{r} rows {p}" for r, p in paths.items()) + ".", ""]
     plain = [r for r in report["results"] if r["method"] == "plain"]
     if plain:
         p = plain[0]["extra"]

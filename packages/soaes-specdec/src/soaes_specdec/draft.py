@@ -1,11 +1,8 @@
 """Draft models: derive one from a target by keeping its first k decoder layers (plus final norm and head),
-and load saved drafts, applying a *restricted output head* when one is recorded.
+and load saved drafts, applying a *restricted output head* (`restricted_head`) when one is recorded.
 
 A layer-truncated copy shares the target's tokenizer, embeddings and (tied) output head, so it is a
-valid speculative draft out of the box and a good initialisation for distillation. A restricted head
-computes logits only for a subset S of the vocabulary (the rest get -inf) and returns full-vocabulary
-logits, so decoding stays exact while the draft's head costs S/V of the full one; it is stored as
-`head_token_ids.json` beside a normal HF directory and applied by `load_draft`. A draft loaded for a target
+valid speculative draft out of the box and a good initialisation for distillation. A draft loaded for a target
 must share the target's tokenizer (same ids for the same tokens, same special tokens), which `load_draft`
 checks by fingerprint when it is told the target: equal vocabulary sizes alone let a foreign tokenizer through.
 `load_any_draft` loads either a layer draft or a feature-conditioned one (`feature_draft.FeatureDraft`).
@@ -14,16 +11,27 @@ checks by fingerprint when it is told the target: equal vocabulary sizes alone l
 from __future__ import annotations
 
 import copy
-import json
 import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from soaes_core import load_model, load_tokenizer, tokenizer_fingerprint
+from soaes_core import load_tokenizer, tokenizer_fingerprint
 from soaes_core.errors import InvalidArgumentError, ModelLoadError
+
+from .feature_draft import FEATURE_DRAFT_FILE, FeatureDraft, is_feature_draft_dir
+from .restricted_head import (
+    HEAD_IDS_FILE,
+    RestrictedLMHead,
+    load_hf_draft,
+    restrict_output_head,
+    unrestricted_copy,
+)
+
+__all__ = [
+    "HEAD_IDS_FILE", "DraftTokenizerMismatchError", "RestrictedLMHead", "check_draft_tokenizer", "load_any_draft",
+    "load_draft", "load_hf_draft", "make_layer_draft", "restrict_output_head", "unrestricted_copy",
+]
 
 
 def _decoder_layers(model: Any) -> torch.nn.ModuleList:
@@ -59,68 +67,6 @@ def make_layer_draft(target: Any, num_layers: int) -> Any:
     if getattr(cfg, "tie_word_embeddings", False):
         draft.tie_weights()
     return draft.eval()
-
-
-HEAD_IDS_FILE = "head_token_ids.json"
-
-
-class RestrictedLMHead(torch.nn.Module):
-    """Output head over a token subset `token_ids`, returning full-vocabulary logits (-inf elsewhere)."""
-
-    def __init__(self, full_weight: torch.Tensor, token_ids: Sequence[int]) -> None:
-        super().__init__()
-        ids = torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)
-        vocab, hidden = full_weight.shape
-        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise InvalidArgumentError(f"restricted head token ids must be non-empty and in [0, {vocab})")
-        self.sub_weight = torch.nn.Parameter(full_weight.detach()[ids].clone())
-        self.register_buffer("token_ids", ids.to(full_weight.device), persistent=False)
-        self.vocab_size = vocab
-        # shape stand-in (meta tensor, no memory) so code that reads `head.weight.shape` sees (V, hidden)
-        self._shape = torch.empty((vocab, hidden), device="meta")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._shape
-
-    def forward(self, hidden: torch.Tensor, linear: Callable[..., torch.Tensor] = torch.nn.functional.linear,
-                ) -> torch.Tensor:
-        """Full-vocabulary logits; `linear(x, weight)` computes the kept rows (the runner passes `stream_linear`)."""
-        sub = linear(hidden, self.sub_weight)
-        out = sub.new_full((*sub.shape[:-1], self.vocab_size), float("-inf"))
-        return out.index_copy_(-1, self.token_ids, sub)
-
-
-def restrict_output_head(model: Any, token_ids: Sequence[int]) -> Any:
-    """Replace `model`'s output head (in place) by a `RestrictedLMHead` over `token_ids`; returns `model`."""
-    full = model.get_output_embeddings().weight
-    head = RestrictedLMHead(full, token_ids)
-    model.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
-    model.set_output_embeddings(head)
-    return model
-
-
-def unrestricted_copy(model: Any) -> Any:
-    """A copy of `model` whose `RestrictedLMHead` is replaced by a full linear head, for `save_pretrained`.
-
-    The kept tokens' rows come from the restricted head (they may have been trained after the restriction);
-    the other rows from the input embeddings (what the tied head held), or zeros when the shapes differ. Saved
-    with `head_token_ids.json`, `load_draft` restores exactly the restricted draft; without it the directory is
-    an ordinary untied HF model.
-    """
-    head = model.get_output_embeddings()
-    if not isinstance(head, RestrictedLMHead):
-        return model
-    embed = model.get_input_embeddings().weight
-    vocab, hidden = head.weight.shape
-    full = embed.detach().clone() if tuple(embed.shape) == (vocab, hidden) else head.sub_weight.new_zeros(vocab, hidden)
-    full[head.token_ids] = head.sub_weight.detach()
-    out = copy.deepcopy(model)
-    linear = torch.nn.Linear(hidden, vocab, bias=False, device=full.device, dtype=full.dtype)
-    linear.weight = torch.nn.Parameter(full)
-    out.set_output_embeddings(linear)
-    out.config.tie_word_embeddings = False
-    return out
 
 
 class DraftTokenizerMismatchError(ModelLoadError):
@@ -166,8 +112,6 @@ def load_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = No
     (`check_draft_tokenizer`; `target_tokenizer` saves reloading it). A feature-draft directory is refused: its
     1-layer model reads the target's hidden states and is no stand-alone draft (`load_any_draft` loads both kinds).
     """
-    from .feature_draft import FEATURE_DRAFT_FILE, is_feature_draft_dir
-
     if is_feature_draft_dir(spec):
         raise ModelLoadError(f"draft {str(spec)!r} is a feature-conditioned draft ({FEATURE_DRAFT_FILE}): it reads the "
                              "target's hidden states and cannot run as a layer draft; load it with "
@@ -177,21 +121,6 @@ def load_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = No
     return load_hf_draft(spec, dtype=dtype, device=device, restrict_head=restrict_head)
 
 
-def load_hf_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = None,
-                  restrict_head: bool = True) -> Any:
-    """The HF causal LM of a draft directory (restricted head applied when recorded), with no kind or tokenizer
-    check: `load_draft` for layer drafts, `FeatureDraft.from_pretrained` for a feature draft's 1-layer model."""
-    model = load_model(str(spec), dtype=dtype, device=device)
-    ids_file = Path(str(spec)) / HEAD_IDS_FILE
-    if restrict_head and ids_file.is_file():
-        try:
-            ids = json.loads(ids_file.read_text(encoding="utf-8"))["token_ids"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ModelLoadError(f"{ids_file}: unreadable restricted-head token ids ({err})") from None
-        restrict_output_head(model, ids)
-    return model.eval()
-
-
 def load_any_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any = None,
                    restrict_head: bool = True, target: str | os.PathLike[str] | None = None,
                    target_tokenizer: Any = None, allow_other_target: bool = False) -> Any:
@@ -199,8 +128,6 @@ def load_any_draft(spec: str | os.PathLike[str], dtype: Any = None, device: Any 
     else a layer draft (`load_draft`); with `target`, the tokenizer is checked against the target's first. Both
     kinds go straight into `SpeculativeDecoder(target, draft)`, which refuses a feature draft trained for another
     target unless `allow_other_target`."""
-    from .feature_draft import FeatureDraft, is_feature_draft_dir
-
     if not is_feature_draft_dir(spec):
         return load_draft(spec, dtype=dtype, device=device, restrict_head=restrict_head, target=target,
                           target_tokenizer=target_tokenizer)

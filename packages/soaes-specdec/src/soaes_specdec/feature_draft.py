@@ -38,6 +38,8 @@ import torch
 
 from soaes_core.errors import InvalidArgumentError, ModelLoadError
 
+from .restricted_head import HEAD_IDS_FILE, RestrictedLMHead, load_hf_draft, unrestricted_copy
+
 FEATURE_DRAFT_FILE = "feature_draft.json"
 FC_FILE = "feature_fc.safetensors"
 FORMAT = "soaes-feature-draft"
@@ -226,13 +228,11 @@ class FeatureDraft(torch.nn.Module):
 
     def save_pretrained(self, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> Path:
         """Write the draft directory (see the module docstring); a restricted head is saved as a full head plus
-        `head_token_ids.json`, as `soaes_specdec.draft` does for layer drafts. `tokenizer` (the target's) is saved
+        `head_token_ids.json`, as layer drafts are saved. `tokenizer` (the target's) is saved
         beside it when given: `load_any_draft(..., target=)` checks it against the target's."""
         from safetensors.torch import save_file
 
         from soaes_core.atomic import atomic_write_json, temp_path
-
-        from .draft import HEAD_IDS_FILE, RestrictedLMHead, unrestricted_copy
 
         out = Path(str(out_dir))
         out.mkdir(parents=True, exist_ok=True)
@@ -264,8 +264,6 @@ class FeatureDraft(torch.nn.Module):
         """Load a directory written by `save_pretrained` (restricted head applied when recorded); with
         `allow_other_target` the draft skips the check against its recorded target when paired."""
         from safetensors.torch import load_file
-
-        from .draft import load_hf_draft
 
         root = Path(str(path))
         meta_file = root / FEATURE_DRAFT_FILE

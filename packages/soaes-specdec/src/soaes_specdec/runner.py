@@ -19,6 +19,11 @@ dtype, but a verify then costs n+1 steps (the speed-up is gone); see the package
 row count (`torch.ops.mkl._mkl_linear`, what torch.compile's CPU backend uses for static shapes): a pass of exactly
 that many rows then skips MKL's per-call packing; whether that pays depends on the host (docs/benchmarks.md,
 "Lever: prepacked verification"). It costs one copy of those weights per row count.
+
+Each pass runs its projections through one path chosen by its row count (`path_for_rows`): "module" (`F.linear`),
+"stream" (`stream_linear`) or "prepacked". `apply_cost_table` installs the fastest path per row count measured on
+this host (`cost_table`), packing only the row counts where prepacking wins; without a table every row count uses
+`linear_mode`, except counts packed by `prepack`.
 """
 
 from __future__ import annotations
@@ -117,6 +122,10 @@ def calibrate_linear_mode(weights: list[torch.Tensor], passes: int = 3) -> str:
     return _CALIBRATED[key]
 
 
+PROJECTION_PATHS = ("module", "stream", "prepacked")
+"""The projection paths a pass can run: the modules' own forward (`F.linear`), `stream_linear`, MKL-prepacked."""
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Rotary helper: (x1, x2) -> (-x2, x1) on the last dim."""
     half = x.shape[-1] // 2
@@ -176,11 +185,13 @@ class CachedCausalLM:
             self.linear_mode = calibrate_linear_mode([m.weight for m in self._projections()])
         gated = ("gate_proj", "up_proj", "down_proj", "act_fn")  # per layer, decided once (not on every step)
         self._gated_mlp = [all(hasattr(layer.mlp, a) for a in gated) for layer in self.layers]
-        self._stream_mlp = [self.linear_mode == "stream" and g for g in self._gated_mlp]
         self.batch_invariant = bool(batch_invariant)
         self.cache: StaticKVCache | None = None
+        self.cost_table: Any = None  # the `cost_table.CostTable` applied, if any
         self._packs: dict[int, dict[int, torch.Tensor]] = {}  # rows -> id(weight) -> MKL-packed weight
-        self._pad_to: dict[int, int] = {}  # rows -> the packed row count a pass of that many rows runs at
+        self._pad_to: dict[int, int] = {}  # rows -> the larger row count a pass of that many rows runs at
+        self._row_paths: dict[int, str] = {}  # rows -> projection path (rows not listed: linear_mode)
+        self._path = self.linear_mode  # the path of the pass in progress (set per pass by its row count)
 
     @property
     def supports_prepack(self) -> bool:
@@ -203,6 +214,44 @@ class CachedCausalLM:
         """The projections, and the head when it is a plain Linear."""
         return self._projections() + ([self.head] if type(self.head) is torch.nn.Linear else [])
 
+    def available_paths(self, rows: int = 1) -> list[str]:
+        """The projection paths a pass of `rows` rows can run here (`PROJECTION_PATHS`; stream and prepacked only up
+        to `STREAM_MAX_ROWS` rows, prepacked only where `supports_prepack`)."""
+        if rows > STREAM_MAX_ROWS:
+            return ["module"]
+        return ["module", "stream"] + (["prepacked"] if self.supports_prepack else [])
+
+    def path_for_rows(self, rows: int) -> str:
+        """The projection path a pass of `rows` rows runs: the applied cost table's or `prepack`'s choice for that
+        row count, else `linear_mode`."""
+        return self._row_paths.get(rows, self.linear_mode)
+
+    def _pack(self, rows: int) -> None:
+        """Pack the projections and the head for passes of exactly `rows` rows (once)."""
+        if rows not in self._packs:
+            self._packs[rows] = {id(m.weight): torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows)
+                                 for m in self._packable()}
+
+    @torch.no_grad()
+    def apply_cost_table(self, table: Any, min_gain: float = 0.05) -> dict[int, str]:
+        """Run each row count the `cost_table.CostTable` covers through its fastest path available here, packing
+        exactly the row counts where prepacking wins (every other packed copy is dropped), and pad a pass up to a
+        larger covered row count where the table says that is more than `min_gain` cheaper. Returns the paths."""
+        self.clear_prepack()
+        top = max(table.rows) if table.rows else 0
+        paths = {r: table.path_for(r, self.available_paths(r)) for r in range(1, top + 1)}
+        for r, path in paths.items():
+            if path == "prepacked":
+                self._pack(r)
+        self._row_paths = paths
+        for r in range(2, top):
+            best = min(range(r, top + 1), key=lambda c: (table.pass_ms(c, self.available_paths(c)), c))
+            if best > r and table.pass_ms(best, self.available_paths(best)) < (1 - min_gain) * table.pass_ms(
+                    r, self.available_paths(r)):
+                self._pad_to[r] = best
+        self.cost_table = table
+        return dict(paths)
+
     @torch.no_grad()
     def prepack(self, rows: Any) -> list[int]:
         """Pack the projections and the head for passes of exactly each of `rows` rows (batch x block, >= 2); returns
@@ -215,8 +264,8 @@ class CachedCausalLM:
         for r in wanted:
             if r < PREPACK_MIN_ROWS or r > STREAM_MAX_ROWS or r in self._packs:
                 continue
-            self._packs[r] = {id(m.weight): torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), r)
-                              for m in self._packable()}
+            self._pack(r)
+            self._row_paths[r] = "prepacked"
             new = True
         if new:
             self._pad_to = self._calibrate_padding()
@@ -235,6 +284,7 @@ class CachedCausalLM:
         xs: dict[tuple[int, int], torch.Tensor] = {}
 
         def one_pass(rows: int) -> float:
+            self._path = self.path_for_rows(rows)
             t0 = time.perf_counter()
             for m in mods:
                 key = (rows, m.weight.shape[1])
@@ -272,38 +322,50 @@ class CachedCausalLM:
         return per_copy * len(self._packs)
 
     def clear_prepack(self) -> None:
-        """Drop every prepacked copy."""
+        """Drop every prepacked copy, the padding, and the applied cost table (every row count: `linear_mode`)."""
         self._packs.clear()
         self._pad_to.clear()
+        self._row_paths.clear()
+        self.cost_table = None
 
     def with_batch_invariance(self) -> CachedCausalLM:
-        """This runner, or a batch-invariant one over the same model and projection mode (weights shared)."""
+        """This runner, or a batch-invariant one over the same model (weights shared) whose passes, all one row,
+        run the path this runner uses for one row (never prepacked: batch-invariant mode does not pack)."""
         if self.batch_invariant:
             return self
-        return CachedCausalLM(self.model, linear=self.linear_mode, batch_invariant=True)
+        one = self.path_for_rows(1)
+        return CachedCausalLM(self.model, linear=one if one in ("stream", "module") else self.linear_mode,
+                              batch_invariant=True)
 
     def _proj(self, module: Any, x: torch.Tensor) -> torch.Tensor:
-        """Apply a projection module: through its prepacked weight when this pass's row count has one, else through
-        `stream_linear` in stream mode when it is a plain Linear, else its own forward."""
-        if self._packs and type(module) is torch.nn.Linear:
-            rows = x.numel() // x.shape[-1]
-            pack = self._packs.get(rows)
-            if pack is not None:
-                return packed_linear(x, pack[id(module.weight)], module.weight, module.bias, rows)
-        if self.linear_mode == "stream" and type(module) is torch.nn.Linear:
-            return stream_linear(x, module.weight, module.bias)
+        """Apply a projection module through the current pass's path when it is a plain Linear: its prepacked weight
+        (when one exists for this row count; else `linear_mode`), `stream_linear`, or its own forward."""
+        if type(module) is torch.nn.Linear:
+            path = self._path
+            if path == "prepacked":
+                rows = x.numel() // x.shape[-1]
+                pack = self._packs.get(rows)
+                if pack is not None:
+                    return packed_linear(x, pack[id(module.weight)], module.weight, module.bias, rows)
+                path = self.linear_mode
+            if path == "stream":
+                return stream_linear(x, module.weight, module.bias)
         return module(x)
 
     def _mlp(self, idx: int, mlp: Any, x: torch.Tensor) -> torch.Tensor:
-        """Gated MLP down(act(gate(x)) * up(x)) through `_proj` in stream mode or when packed weights exist;
-        otherwise the MLP's own forward."""
-        if self._stream_mlp[idx] or (self._packs and self._gated_mlp[idx]):
+        """Gated MLP down(act(gate(x)) * up(x)) through `_proj` unless the pass runs the modules' own forward."""
+        if self._path != "module" and self._gated_mlp[idx]:
             return self._proj(mlp.down_proj, mlp.act_fn(self._proj(mlp.gate_proj, x)) * self._proj(mlp.up_proj, x))
         return mlp(x)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        if self.linear_mode == "stream" and isinstance(self.head, RestrictedLMHead):
-            return self.head(x, linear=stream_linear)
+        """The output head over x [..., H], through the path of its own row count (fewer than the pass's where
+        logits are taken at one position per row)."""
+        self._path = self.path_for_rows(x.numel() // x.shape[-1])
+        if isinstance(self.head, RestrictedLMHead):  # never packed: stream where the pass (or its fallback) streams
+            if self._path == "stream" or (self._path == "prepacked" and self.linear_mode == "stream"):
+                return self.head(x, linear=stream_linear)
+            return self.head(x)
         return self._proj(self.head, x)
 
     def num_parameter_bytes(self) -> int:
@@ -438,6 +500,7 @@ class CachedCausalLM:
         kv_len = hi + t
         mask = (None if (t == 1 and common_start is not None)
                 else additive_attention_mask(block_attention_mask(positions, kv_len), self.dtype))
+        self._path = self.path_for_rows(b * t)
         h = self.embed(tokens) if inputs_embeds is None else inputs_embeds.to(self.dtype)
         cos, sin = self.rotary(h, positions)
         for idx, layer in enumerate(self.layers):

@@ -25,6 +25,7 @@ import torch
 
 from soaes_core.errors import InvalidArgumentError
 
+from .block_policy import AcceptanceTracker, choose_block_size
 from .decoding import (
     PromptLookupDecoder,
     RowSampling,
@@ -40,6 +41,7 @@ from .decoding import (
     normalise_prompts,
 )
 from .kv_cache import StaticKVCache
+from .proposers import FeatureDraftProposer
 from .runner import CachedCausalLM
 from .sampling import SamplingParams
 
@@ -61,6 +63,41 @@ class RowUpdate:
     tokens: list[int]
     finished: bool
     finish_reason: str | None = None
+
+
+class SlotTrackers:
+    """The acceptance of a step session's rows: one `AcceptanceTracker` per slot (rows keep theirs when they move
+    slots; a new row starts from the prior), and the block size for the slots a step runs, chosen for their count."""
+
+    def __init__(self, max_rows: int, n_max: int) -> None:
+        self.n_max = n_max
+        self.slots = [AcceptanceTracker(1, n_max=n_max) for _ in range(max_rows)]
+        self.start, self.stop = 0, max_rows
+
+    def view(self, start: int, stop: int) -> SlotTrackers:
+        """These trackers, answering for slots start..stop-1 (the rows of one batched call)."""
+        self.start, self.stop = start, stop
+        return self
+
+    def choose(self, pass_ms: Any, draft_ms: Any, active: Any = None) -> int:
+        live = [True] * (self.stop - self.start) if active is None else [bool(a) for a in active]
+        rows = [self.slots[self.start + i].row_estimate(0) for i, a in enumerate(live) if a]
+        if not rows:
+            return 0
+        return choose_block_size(rows, pass_ms, draft_ms, self.n_max, batch=self.stop - self.start)
+
+    def update(self, num_draft: Any, num_accepted: Any, active: Any = None) -> None:
+        drafts, accepted = num_draft.tolist(), num_accepted.tolist()
+        live = [True] * len(drafts) if active is None else [bool(a) for a in active]
+        for i, (d, a, on) in enumerate(zip(drafts, accepted, live, strict=True)):
+            if on:
+                self.slots[self.start + i].update([d], [a])
+
+    def reset(self, slot: int) -> None:
+        self.slots[slot] = AcceptanceTracker(1, n_max=self.n_max)
+
+    def move(self, src: int, dst: int) -> None:
+        self.slots[dst] = self.slots[src]
 
 
 def _allocate(runner: CachedCausalLM, rows: int, capacity: int) -> StaticKVCache:
@@ -94,6 +131,8 @@ class DecodeSession:
                                            "row's draws depend on the other rows of the batch")
             self.decoder, self.target = decoder, decoder.target
             block = decoder._block_width()
+            if decoder.settings.adaptive:
+                decoder.load_costs(max_rows)
         else:
             self.target, block = _as_runner(decoder), 0
         if self.target.max_positions and max_tokens > self.target.max_positions:
@@ -107,8 +146,11 @@ class DecodeSession:
         self._target_pool = _allocate(self.target, max_rows, capacity)
         self._target_lengths = torch.zeros(max_rows, dtype=torch.long, device=self.target.device)
         self._draft_pool: StaticKVCache | None = None
+        self._trackers: SlotTrackers | None = None
         if self.decoder is not None:
             self._draft_pool = _allocate(self.decoder.draft, max_rows, capacity)
+            if self.decoder.settings.adaptive:
+                self._trackers = SlotTrackers(max_rows, self.decoder.settings.max_speculative_tokens)
         self._draft_lengths = torch.zeros_like(self._target_lengths)
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None  # feature draft: each slot's next proposal
         self._ids: list[int] = []  # slot -> row id
@@ -160,6 +202,8 @@ class DecodeSession:
         self._params.append(params)
         self._seeds.append(secrets.randbits(63) if seed is None else seed & _MASK64)
         self._prefilled.append(False)
+        if self._trackers is not None:
+            self._trackers.reset(slot)
         return row_id
 
     def remove_row(self, row_id: int) -> None:
@@ -184,6 +228,8 @@ class DecodeSession:
         if self._first is not None:
             for t in self._first:
                 t[dst] = t[src]
+        if self._trackers is not None:
+            self._trackers.move(src, dst)
         for slots in (self._ids, self._params, self._seeds, self._prefilled):
             slots[dst] = slots[src]
 
@@ -249,20 +295,23 @@ class DecodeSession:
                     _prefill_and_sample_first(self.target, rows, params, None, self.stats)
                 else:
                     _plain_step(self.target, rows, params, None, self.stats)
-            elif dec.feature is not None:
-                if prefill:
-                    first = dec._prefill_features(rows, params, None, self.stats)
-                else:
+                return
+            feature = dec.draft_proposer if isinstance(dec.draft_proposer, FeatureDraftProposer) else None
+            if feature is not None:
+                feature.defer_catch_up = False  # the next step may run other rows: catch up now
+                if not prefill:
                     assert self._first is not None
-                    first = dec._feature_step(rows, (self._first[0][start:stop], self._first[1][start:stop]),
-                                              params, None, self.stats)
-                self._store_first(first, start, stop)
-            elif prefill:
-                dec._prefill_layer_draft(rows, params, None, self.stats)
+                    feature.first = (self._first[0][start:stop], self._first[1][start:stop])
+            if prefill:
+                dec._prefill_rows(rows, params, None, self.stats)
             else:
-                dec._layer_step(rows, params, None, self.stats)
-            if dec is not None and not prefill:
+                if self._trackers is not None:
+                    dec.tracker = self._trackers.view(start, stop)
+                dec._step(rows, params, None, self.stats)
                 self.last_block_size = (self.stats.proposed - before) / max(active, 1)
+            if feature is not None:
+                assert feature.first is not None
+                self._store_first(feature.first, start, stop)
         finally:
             self._target_lengths[start:stop] = self.target.cache.lengths
             if dec is not None:

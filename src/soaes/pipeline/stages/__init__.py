@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # isort: off
 # importing registers the stages, in run order: this import order is the pipeline's stage order
-from . import data, train, distill, specdec, eval, report  # noqa: F401
+from . import data, train, distill, specdec, variants, draft_bench, eval, paper, report  # noqa: F401
 # isort: on
 
 from .base import (
@@ -27,10 +27,12 @@ from .base import (
     register,
     stage_dirname,
 )
-from .distill import _teacher_prompts, sweep_slug
+from .distill import sweep_slug
 from .eval import Eval
 from .specdec import Export, SpecdecBench
 
-__all__ = ["FAIL_ENV", "MODEL_DIR", "PAUSE_ENV", "STAGES", "Eval", "Export", "InjectedFailure", "Input",
-           "SpecdecBench", "Stage", "StageContext", "_teacher_prompts", "load_placed_model", "placed",
-           "placement_extra", "register", "stage_dirname", "sweep_slug"]
+STAGE_ORDER = tuple(STAGES)  # every stage, in run order: read off the registry
+
+__all__ = ["FAIL_ENV", "MODEL_DIR", "PAUSE_ENV", "STAGES", "STAGE_ORDER", "Eval", "Export", "InjectedFailure",
+           "Input", "SpecdecBench", "Stage", "StageContext", "load_placed_model", "placed", "placement_extra",
+           "register", "stage_dirname", "sweep_slug"]

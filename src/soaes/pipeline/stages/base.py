@@ -8,6 +8,7 @@ The runner (`runner.py`) decides whether a stage runs, and makes its output appe
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ from soaes_core.errors import SoaesError
 from soaes_core.placement import ResolvedPlacement
 
 from ..recipe import (
-    STAGE_ORDER,
     PipelineRecipe,
     is_model_spec,
     model_spec,
@@ -97,7 +97,8 @@ class StageContext:
 
 
 def stage_dirname(name: str) -> str:
-    return f"{STAGE_ORDER.index(name) + 1:02d}_{name}"
+    """`NN_name`: the stage's place in the registry (run order), then its name."""
+    return f"{list(STAGES).index(name) + 1:02d}_{name}"
 
 
 class Stage:
@@ -169,3 +170,10 @@ def placement_extra(recipe: PipelineRecipe, stage: str, dtype: bool = True) -> d
 def _target_input(recipe: PipelineRecipe) -> Input:
     """The trained target: sft_stage2's model, or the recipe's `trained_target`."""
     return Input("target", "sft_stage2", "trained_target", recipe.trained_target, MODEL_DIR)
+
+
+def read_drafts(drafts_dir: Path) -> dict[str, str]:
+    """distill_draft's `drafts.json` as {draft key: model spec}: a relative `dir` is under `drafts_dir`."""
+    drafts = json.loads((Path(drafts_dir) / "drafts.json").read_text(encoding="utf-8"))
+    return {key: d if is_model_spec(d) or os.path.isabs(d) else str(Path(drafts_dir) / d)
+            for key, d in ((k, str(v["dir"])) for k, v in drafts.items())}

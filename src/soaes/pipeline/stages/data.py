@@ -10,6 +10,7 @@ from soaes_core.errors import ConfigError, SoaesError
 
 from ..recipe import (
     PipelineRecipe,
+    package_config,
     resolve_path,
     target_spec,
 )
@@ -77,7 +78,9 @@ class Decontaminate(Stage):
         return [Input("corpus", "curate", "pack.cpt_data", recipe.pack.cpt_data, "curation/final/docs.jsonl")]
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
-        paths = {f"decontaminate.eval_dirs[{i}]": d for i, d in enumerate(recipe.decontaminate.eval_dirs)}
+        s = recipe.decontaminate
+        paths = {f"decontaminate.eval_dirs[{i}]": d for i, d in enumerate(s.eval_dirs)}
+        paths.update({f"decontaminate.eval_files[{i}]": f for i, f in enumerate(s.eval_files)})
         return {**paths, "pack.sft_stage1": recipe.pack.sft_stage1, "pack.sft_stage2": recipe.pack.sft_stage2}
 
     def external_files(self, ctx: StageContext) -> dict[str, Path]:
@@ -86,14 +89,15 @@ class Decontaminate(Stage):
         for i, d in enumerate(r.decontaminate.eval_dirs):
             for j, f in enumerate(sorted(resolve_path(r, d).rglob("*.csv"))):
                 files[f"eval{i}.{j}"] = f
+        files.update({f"eval_file{i}": resolve_path(r, f) for i, f in enumerate(r.decontaminate.eval_files)})
         return files
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
         from soaes_data.decontam import DecontamConfig, NgramIndex, decontaminate_records
 
         r, s = ctx.recipe, ctx.recipe.decontaminate
-        index = NgramIndex.from_config(DecontamConfig(eval_dirs=[str(resolve_path(r, d)) for d in s.eval_dirs],
-                                                      use_fetched=False, ngram=s.ngram, min_overlaps=s.min_overlaps))
+        index = NgramIndex.from_config(package_config(s, DecontamConfig, eval_dirs=[
+            str(resolve_path(r, d)) for d in s.eval_dirs], eval_files=[str(resolve_path(r, f)) for f in s.eval_files]))
         counts: dict[str, Any] = {}
         sources = {"docs": ctx.path(self.inputs(r)[0]), "sft_stage1": resolve_path(r, r.pack.sft_stage1),
                    "sft_stage2": resolve_path(r, r.pack.sft_stage2)}

@@ -7,14 +7,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from soaes_core import read_jsonl, write_jsonl
-from soaes_core.placement import ResolvedPlacement, input_device
+from soaes_core import read_jsonl
+from soaes_core.placement import input_device
 
 from ..recipe import (
     PipelineRecipe,
     is_model_spec,
     model_spec,
     resolve_path,
+    stage_placement,
 )
 from .base import (
     Input,
@@ -30,9 +31,11 @@ from .base import (
 
 @register
 class TeacherData(Stage):
-    """The trained target answers domain prompts greedily: KD training text, plus held-out prompts/answers."""
+    """The trained target answers domain prompts (soaes-distill `generate_teacher_answers`): KD training text, plus
+    held-out prompts/answers."""
 
     name = "teacher_data"
+    resumable = True  # answers already given are kept in the partial folder and not generated again
     weight = 2.0
 
     def inputs(self, recipe: PipelineRecipe) -> list[Input]:
@@ -40,9 +43,11 @@ class TeacherData(Stage):
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
         s = recipe.teacher_data
-        paths: dict[str, str | None] = {f"teacher_data.prompts[{i}]": p for i, p in enumerate(s.prompts)}
+        paths: dict[str, str | None] = {}
+        if s.source == "prompts":
+            paths.update({f"teacher_data.prompts[{i}]": p for i, p in enumerate(s.prompts)})
         paths["teacher_data.heldout_prompts"] = s.heldout_prompts
-        if s.domain_queries.max_queries:
+        if s.domain_queries.max_queries and s.source != "magpie":
             paths.update({f"teacher_data.domain_queries.texts[{i}]": p for i, p in enumerate(s.domain_queries.texts)})
         return paths
 
@@ -56,73 +61,32 @@ class TeacherData(Stage):
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
 
         from soaes_core import load_tokenizer, seed_everything
-        from soaes_distill.synth import blackbox_sft_records, chat_records_to_examples, sampled_sft_records
-        from soaes_distill.token_data import write_token_jsonl
+        from soaes_distill.teacher_answers import generate_teacher_answers
 
-        r, s = ctx.recipe, ctx.recipe.teacher_data
+        r = ctx.recipe
         seed_everything(r.seed)
         spec = ctx.spec(self.inputs(r)[0])
-        tok, model = load_tokenizer(spec), load_placed_model(r, self.name, spec)
-        rejects: list[dict[str, Any]] = []
-        train, held = _teacher_prompts(r, rejects)
-        counts: dict[str, Any] = {"prompts": len(train) + len(held)}
-        for split, ps in (("train", train), ("heldout", held)):
-            records = blackbox_sft_records(model, tok, ps, s.max_new_tokens, batch_size=s.batch_size)
-            if split == "train":
-                for k in range(s.samples_per_prompt):
-                    records += sampled_sft_records(model, tok, ps, s.max_new_tokens, batch_size=s.batch_size,
-                                                   temperature=s.sample_temperature, top_p=s.sample_top_p,
-                                                   seed=r.seed + 1 + k)
-            examples = chat_records_to_examples(tok, records, s.max_length, rejects)
-            write_jsonl(out / f"{split}_records.jsonl", records)
-            write_token_jsonl(out / f"{split}_tokens.jsonl", examples)
-            write_jsonl(out / f"{split}_prompts.jsonl",  # chat messages: benchmarks apply the chat template
-                        [{"id": p.get("id"), "messages": [{"role": "user", "content": p["prompt"]}]} for p in ps])
-            counts[split] = {"prompts": len(ps), "records": len(records), "examples": len(examples)}
-            ctx.fail_point(self.name, f"after_{split}")
-        write_jsonl(out / "rejects.jsonl", rejects)
-        counts["rejected"] = len(rejects)
-        return counts
+        cfg = teacher_answers_config(r, spec)
+        model = load_placed_model(r, self.name, spec) if cfg.engine == "soaes" else None
+        res = generate_teacher_answers(cfg, out, model=model, tokenizer=load_tokenizer(spec),
+                                       resolve=lambda v: resolve_path(r, v),
+                                       on_split_done=lambda split: ctx.fail_point(self.name, f"after_{split}"))
+        return res.counts
 
 
-def _teacher_prompts(r: PipelineRecipe, rejects: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
-                                                                                   list[dict[str, Any]]]:
-    """Training and held-out prompts of the teacher_data stage; what is dropped goes to `rejects` with the reason."""
-    from soaes_core import read_prompts
-    from soaes_distill.domain_queries import held_out_matcher
+def teacher_answers_config(r: PipelineRecipe, teacher: str) -> Any:
+    """The recipe's teacher_data section as soaes-distill's `TeacherAnswersConfig` (paths resolved by the stage)."""
+    from soaes_distill.teacher_answers import PassageSettings, TeacherAnswersConfig
 
     s = r.teacher_data
-    prompts = [p for f in s.prompts for p in read_prompts(resolve_path(r, f))]
-    prompts = prompts[: s.max_prompts] if s.max_prompts else prompts
-    if s.heldout_prompts is None:
-        k = s.holdout_every
-        train = [p for i, p in enumerate(prompts) if i % k != k - 1]
-        held = [p for i, p in enumerate(prompts) if i % k == k - 1]
-    else:
-        held = read_prompts(resolve_path(r, s.heldout_prompts))
-        held = held[: s.max_heldout] if s.max_heldout else held
-        held_out_index = held_out_matcher([h["prompt"] for h in held], s.decontam_ngram)
-        train = []
-        for p in prompts:
-            if held_out_index(p["prompt"]) is not None:
-                rejects.append({"id": p.get("id"), "reason": f"shares a {s.decontam_ngram}-character span with a "
-                                "held-out prompt"})
-            else:
-                train.append(p)
-    if s.domain_queries.max_queries:
-        from soaes_distill.domain_queries import DomainQueryConfig, build_domain_queries
-
-        texts = []
-        for f in s.domain_queries.texts:
-            for rec in read_jsonl(resolve_path(r, f)):
-                texts += [rec["text"]] if isinstance(rec.get("text"), str) else [
-                    m["content"] for m in rec.get("messages", []) if isinstance(m.get("content"), str)]
-        cfg = DomainQueryConfig(num_terms=s.domain_queries.num_terms, max_queries=s.domain_queries.max_queries,
-                                decontam_ngram=s.decontam_ngram, seed=r.seed)
-        q = build_domain_queries(texts, [h["prompt"] for h in held], cfg)
-        train += q.prompts
-        rejects += q.rejects
-    return train, held
+    dq = s.domain_queries
+    return TeacherAnswersConfig(
+        model=teacher, source=s.source, prompts=list(s.prompts), heldout_prompts=s.heldout_prompts,
+        holdout_every=s.holdout_every, max_heldout=s.max_heldout, max_prompts=s.max_prompts,
+        decontam_ngram=s.decontam_ngram, passages=PassageSettings(list(dq.texts), dq.max_queries, dq.num_terms),
+        magpie=s.magpie, max_new_tokens=s.max_new_tokens, max_length=s.max_length, batch_size=s.batch_size,
+        samples_per_prompt=s.samples_per_prompt, sample_temperature=s.sample_temperature, sample_top_p=s.sample_top_p,
+        seed=r.seed, engine=s.engine, vllm=s.vllm, placement=stage_placement(r, "teacher_data"))
 
 
 @register
@@ -177,6 +141,8 @@ class DistillDraft(Stage):
             ins.append(Input("logits", "dump_logits", "dump_logits", None, "store"))
         if recipe.distill_draft.draft is not None:
             ins.append(Input("draft", None, "distill_draft.draft", recipe.distill_draft.draft))
+        if recipe.distill_draft.online is not None:
+            ins.append(Input("prompts", "teacher_data", "teacher_data", None, "train_prompts.jsonl"))
         return ins
 
     def data_paths(self, recipe: PipelineRecipe) -> dict[str, str | None]:
@@ -234,8 +200,8 @@ class DistillDraft(Stage):
         return {"drafts": len(drafts), "heldout_examples": len(held), "kind": "feature"}
 
     def _run_layer(self, ctx: StageContext, out: Path) -> dict[str, Any]:
-
         from soaes_core import atomic_write_json
+        from soaes_distill.acceptance import estimate_drafts_acceptance
         from soaes_distill.draft_init import make_draft
         from soaes_distill.recipe import DistillRecipe, run_distill
 
@@ -260,42 +226,20 @@ class DistillDraft(Stage):
             shutil.rmtree(out / rel / "checkpoints", ignore_errors=True)
             drafts[rel] = {"dir": f"{rel}/model", "alpha": kd.alpha, "temperature": kd.temperature,
                            "train_seconds": round(res.train_seconds, 2),
-                           "final_loss": res.kd_history[-1].get("loss") if res.kd_history else None}
-        estimates = _estimate_acceptance(target, heldout, {k: (out / v["dir"] if not is_model_spec(str(v["dir"]))
-                                                               else v["dir"]) for k, v in drafts.items()},
-                                         placed(r, self.name))
+                           "final_loss": res.kd_history[-1].get("loss") if res.kd_history else None,
+                           "stopped_by": res.stop.stopped_by if res.stop else None}
+        if s.online is not None:  # online distillation from the same start, on the teacher's train prompts
+            from soaes_distill.online import OnlineDistillRecipe, run_online
+
+            on = run_online(OnlineDistillRecipe.of(
+                s.online, target=target, draft=student, prompts=ctx.spec(self.inputs(r)[-1]),
+                output_dir=str(out / "online"), device=placed(r, self.name).device))
+            drafts["online"] = {"dir": "online/model", "train_seconds": round(on.seconds, 2), **on.metrics}
+        p = placed(r, self.name)
+        folders = {k: v["dir"] if is_model_spec(str(v["dir"])) else out / v["dir"] for k, v in drafts.items()}
+        estimates = estimate_drafts_acceptance(load_placed_model(r, self.name, target), heldout, folders,
+                                               {"dtype": p.dtype, "device": p.device})
         for k, est in estimates.items():
             drafts[k]["offline_acceptance"] = est
         atomic_write_json(out / "drafts.json", drafts)
         return {"drafts": len(drafts), "heldout_examples": len(read_jsonl(heldout))}
-
-
-def _estimate_acceptance(target_spec: str, heldout: str, drafts: dict[str, Any],
-                         placement: ResolvedPlacement) -> dict[str, dict[str, float]]:
-    """soaes-distill's offline acceptance estimator (teacher-forced, greedy and top-p 0.7) per draft, the models where
-    `placement` puts them; the logits are compared in float32 on the CPU."""
-    import torch
-
-    from soaes_core import load_model
-    from soaes_distill.acceptance import AcceptanceAccumulator
-    from soaes_distill.token_data import load_token_examples
-    from soaes_specdec.draft import load_draft
-
-    examples = load_token_examples(heldout)
-    target = load_model(target_spec, **placement.load_kwargs()).eval()
-    out = {}
-
-    def logits(model: Any, ids: list[int]) -> Any:
-        return model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False).logits.float().cpu()
-
-    with torch.no_grad():
-        t_logits = [logits(target, ex.input_ids) for ex in examples]
-        for name, d in drafts.items():
-            draft = load_draft(str(d), dtype=placement.dtype, device=placement.device)
-            acc = AcceptanceAccumulator(top_p=0.7, block_sizes=(3,))
-            for tl, ex in zip(t_logits, examples, strict=True):
-                acc.add(tl, logits(draft, ex.input_ids), torch.tensor([ex.labels]))
-            out[name] = {k: round(v, 6) for k, v in acc.result().as_metrics().items()}
-    return out
-
-

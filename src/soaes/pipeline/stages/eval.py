@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from ..recipe import (
     PipelineRecipe,
+    package_config,
     resolve_path,
     target_spec,
 )
@@ -38,6 +39,10 @@ class Eval(Stage):
         ("cpt", "cpt", "CPT", True),
         ("sft_stage2_only", "sft_stage2_only", "CPT + stage-2 SFT", False),
         ("sft_stage2", "sft_stage2", "CPT + stage-1 + stage-2 SFT", False),
+        ("base_sft_stage1", "base_sft_stage1", "base + stage-1 SFT", False),  # stages/variants.py
+        ("base_sft_stage2", "base_sft_stage2", "base + stage-2 SFT", False),
+        ("sft_joint", "sft_joint", "CPT + stage-1&2 joint SFT", False),
+        ("general_draft", "general_draft", "general undistilled draft", False),  # a draft: Table 3
     )
 
     def inputs(self, recipe: PipelineRecipe) -> list[Input]:
@@ -69,7 +74,8 @@ class Eval(Stage):
             model = target_spec(r) if st is None else str(ctx.stage_dir(st) / MODEL_DIR)
             runs = [("domain", [s.domain_task], True)] + ([("general", list(s.general_tasks), False)] if general
                                                            else [])
-            entry: dict[str, Any] = {"label": label, "stage": row, "model": model, "kind": "target"}
+            entry: dict[str, Any] = {"label": label, "stage": row, "model": model,
+                                     "kind": "draft" if st == "general_draft" else "target"}
             index.append(self._evaluate(ctx, out, entry, runs, data_dir))
         if r.distill_draft.sweep and "distill_draft" in r.stages:
             ddir = ctx.stage_dir("distill_draft")
@@ -91,11 +97,10 @@ class Eval(Stage):
         where = placed(r, self.name)
         for kind, tasks, chat in runs:
             folder = out / label / kind
-            cfg = EvalRunConfig(tasks=tasks, model=entry["model"], output_dir=str(folder), data_dir=data_dir,
-                                limit=s.limit, max_gen_toks=s.max_gen_toks, batch_size=s.batch_size,
-                                apply_chat_template=chat, name=label, stage=entry["stage"], seed=r.seed,
-                                cache=str(out / ".cache" / f"{label}-{kind}"), device=where.device,
-                                dtype=where.dtype)
+            cfg = package_config(s, EvalRunConfig, tasks=tasks, model=entry["model"], output_dir=str(folder),
+                                 data_dir=data_dir, apply_chat_template=chat, name=label, stage=entry["stage"],
+                                 seed=r.seed, cache=str(out / ".cache" / f"{label}-{kind}"), device=where.device,
+                                 dtype=where.dtype)
             run_eval(cfg)
             entry[kind] = f"{label}/{kind}"
             ctx.fail_point(self.name, f"after_{label}_{kind}")

@@ -18,7 +18,7 @@ from .base import (
 
 @register
 class Report(Stage):
-    """report.md, CSV and PNG tables shaped like the paper's, from the run's manifests (soaes-eval paper_tables)."""
+    """report.md, CSV and PNG tables shaped like the paper's, from the run's manifests (`..paper_tables`)."""
 
     name = "report"
 
@@ -26,7 +26,7 @@ class Report(Stage):
         return [Input(n, n, "stages", None, required=False) for n in recipe.stages if n != "report"]
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
-        from soaes_eval.paper_tables import write_run_report
+        from ..paper_tables import write_run_report
 
         written = write_run_report(ctx.run_dir, out, recipe_name=ctx.recipe.name, final_dir=ctx.stage_dir(self.name))
         return {"tables": written["tables"], "files": len(written["files"])}

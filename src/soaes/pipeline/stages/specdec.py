@@ -1,34 +1,33 @@
-"""Speculative-decoding stages: the benchmark (soaes-specdec) and the serving export."""
+"""Speculative-decoding stages: the benchmark (soaes-specdec `run_benchmark`) and the serving export."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 from soaes_core.errors import ConfigError
-from soaes_core.placement import ResolvedPlacement, input_device
 
-from ..recipe import (
-    PipelineRecipe,
-    is_model_spec,
-)
+from ..recipe import PipelineRecipe, package_config
 from .base import (
     Input,
     Stage,
     StageContext,
     _target_input,
-    placed,
     placement_extra,
+    read_drafts,
     register,
 )
+
+# the undistilled and sweep drafts are compared at one point: greedy, n=3, against plain decoding
+SINGLE_POINT = {"modes": ["greedy"], "num_speculative_tokens": [3], "methods": ["plain", "speculative"]}
 
 
 @register
 class SpecdecBench(Stage):
-    """soaes-specdec's benchmark of the trained target with the distilled draft (every n and mode, plain in both
-    dtypes, prompt lookup) and with the undistilled draft (greedy, n=3), plus a token-exactness check."""
+    """soaes-specdec's benchmark of the trained target with the distilled draft (the section's `BenchConfig`), with
+    the undistilled and sweep drafts (greedy, n=3), and the bench's greedy token-exactness check in float32 and in
+    the section's dtype (`exactness.json`)."""
 
     name = "specdec_bench"
     weight = 2.0
@@ -41,125 +40,110 @@ class SpecdecBench(Stage):
         return {"seed": recipe.seed, **placement_extra(recipe, self.name, dtype=False)}  # dtype: the section's own
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
-        import json
-
         from soaes_specdec.bench import BenchConfig, run_benchmark
 
         r, s = ctx.recipe, ctx.recipe.specdec_bench
         target, drafts_dir, prompts = (ctx.spec(i) for i in self.inputs(r))
-        drafts = json.loads((Path(drafts_dir) / "drafts.json").read_text(encoding="utf-8"))
+        drafts = read_drafts(Path(drafts_dir))
 
-        def draft_path(key: str) -> str:
-            d = str(drafts[key]["dir"])
-            return d if is_model_spec(d) or os.path.isabs(d) else str(Path(drafts_dir) / d)
+        def job(key: str, **over: Any) -> BenchConfig:
+            return package_config(s, BenchConfig, target=target, draft=drafts[key], prompts=prompts, seed=r.seed,
+                                  threads=r.threads, **over)
 
-        common = {"target": target, "prompts": prompts, "max_prompts": s.max_prompts,
-                  "max_new_tokens": s.max_new_tokens, "repeats": s.repeats, "warmup": s.warmup, "dtype": s.dtype,
-                  "reference_dtype": s.reference_dtype, "seed": r.seed, "sampling_seeds": s.sampling_seeds,
-                  "prepack": s.prepack}
+        jobs = [("distilled", job("distilled"))] + [(k, job(k, **SINGLE_POINT)) for k in drafts if k != "distilled"]
+        jobs += [(f"exactness/{dtype}", job("distilled", dtype=dtype, reference_dtype=None, modes=["greedy"],
+                                            methods=["speculative"], num_speculative_tokens=[3], repeats=1, warmup=0,
+                                            max_prompts=s.exactness_prompts, sampling_seeds=1))
+                 for dtype in dict.fromkeys(["float32", s.dtype])]
         counts: dict[str, Any] = {}
-        lookup = {"lookup_tokens": s.lookup_tokens, "lookup_min_ngram": s.lookup_min_ngram,
-                  "lookup_extend": s.lookup_extend, "lookup_mix": s.lookup_mix} if s.lookup_tokens else {}
-        jobs = [("distilled", BenchConfig(draft=draft_path("distilled"), modes=list(s.modes),
-                                          num_speculative_tokens=list(s.num_speculative_tokens),
-                                          methods=["plain", "prompt_lookup", "speculative"]
-                                          + (["speculative_lookup"] if lookup else []), **lookup, **common)),
-                ("undistilled", BenchConfig(draft=draft_path("undistilled"), modes=["greedy"],
-                                            num_speculative_tokens=[3], methods=["plain", "speculative"], **common))]
-        jobs += [(key, BenchConfig(draft=draft_path(key), modes=["greedy"], num_speculative_tokens=[3],
-                                   methods=["plain", "speculative"], **common))
-                 for key in drafts if key.startswith("sweep/")]
+        reports = {}
         for key, cfg in jobs:
-            report = run_benchmark(cfg, out / key)
-            counts[key] = {"prompts": report["num_prompts"], "results": len(report["results"])}
+            reports[key] = run_benchmark(cfg, out / key)
+            counts[key] = {"prompts": reports[key]["num_prompts"], "results": len(reports[key]["results"])}
             ctx.fail_point(self.name, f"after_{key.replace('/', '_')}")
-        counts["exactness"] = _exactness(target, draft_path("distilled"), prompts, s, out / "exactness.json",
-                                         placed(r, self.name))
+        exactness = exactness_summary({k.removeprefix("exactness/"): v for k, v in reports.items()
+                                       if k.startswith("exactness/")}, s.max_new_tokens)
+        from soaes_core import atomic_write_json
+
+        atomic_write_json(out / "exactness.json", exactness)
+        counts["exactness"] = {"prompts": exactness["prompts"], "exact_fp32": exactness["exact"]}
         return counts
 
 
-def _exactness(target_spec: str, draft_spec: str, prompts: str, s: Any, path: Path,
-               placement: ResolvedPlacement) -> dict[str, Any]:
-    """Greedy speculative output == plain greedy output, token for token, in fp32 (and in the bench dtype), on the
-    placement's device."""
-    import torch
-
-    from soaes_core import atomic_write_json, load_model, load_tokenizer
-    from soaes_specdec import SpeculativeDecoder, autoregressive_generate
-    from soaes_specdec.bench import load_prompts
-    from soaes_specdec.draft import load_any_draft
-
-    tok = load_tokenizer(target_spec)
-    ids = load_prompts(prompts, tok, s.exactness_prompts)
-    result: dict[str, Any] = {"prompts": len(ids), "max_new_tokens": s.max_new_tokens, "n": 3}
-    for dtype in dict.fromkeys(["float32", s.dtype]):
-        target = load_model(target_spec, **{**placement.load_kwargs(), "dtype": dtype}).eval()
-        draft = load_any_draft(draft_spec, dtype=dtype, device=placement.device)
-        dec = SpeculativeDecoder(target, draft, num_speculative_tokens=3)
-        same = 0
-        for p in ids:
-            p = (p.unsqueeze(0) if p.dim() == 1 else p).to(input_device(target))
-            kw = {"max_new_tokens": s.max_new_tokens, "eos_token_id": tok.eos_token_id}
-            plain = autoregressive_generate(target, p, **kw).sequences
-            same += int(torch.equal(plain, dec.generate(p, **kw).sequences))
-        result[dtype] = {"identical": same, "exact": same == len(ids)}
-    result["exact"] = result["float32"]["exact"]
-    atomic_write_json(path, result)
-    return {"prompts": len(ids), "exact_fp32": result["exact"]}
+def exactness_summary(reports: dict[str, dict[str, Any]], max_new_tokens: int) -> dict[str, Any]:
+    """Per dtype, how many prompts' greedy speculative output equalled plain greedy output (the bench's
+    `exact_match` / `mismatch_rate`); `exact` is the float32 verdict."""
+    summary: dict[str, Any] = {"max_new_tokens": max_new_tokens, "n": 3}
+    for dtype, report in reports.items():
+        row = next(x for x in report["results"] if x["mode"] == "greedy" and x["method"] == "speculative")
+        prompts = int(report["num_prompts"])
+        summary["prompts"] = prompts
+        summary[dtype] = {"identical": round((1.0 - row["mismatch_rate"]) * prompts), "exact": row["exact_match"]}
+    summary["exact"] = summary["float32"]["exact"]
+    return summary
 
 
 @register
 class Export(Stage):
-    """The serving hand-off (soaes-specdec `export_for_vllm`): `serve/draft/`, the distilled draft as a full-head HF
+    """The serving hand-off (soaes-specdec `export_for_vllm`): `serve/draft/`, the chosen draft as a full-head HF
     directory with the target's tokenizer, and `serve/vllm_serve.sh` + `serve/README.md` with the exact
     `vllm serve TARGET --speculative-config ...` command for the trained target (absolute paths of this run), and
     `serve/soaes_serve.sh` (`soaes serve`). An engine-layout feature draft is also exported as vLLM's and SGLang's
-    EAGLE drafts (`serve/vllm-eagle/`, `serve/sglang-eagle/`, each with its README and serve command)."""
+    EAGLE drafts (`serve/vllm-eagle/`, `serve/sglang-eagle/`, each with its README and serve command).
+
+    Block size: `export.num_speculative_tokens`, else the bench's fastest greedy n (soaes-specdec
+    `best_num_speculative_tokens` on the distilled draft's bench.json)."""
 
     name = "export"
     SOAES_SERVE_SCRIPT: ClassVar[str] = "soaes_serve.sh"
     weight = 0.5
 
     def inputs(self, recipe: PipelineRecipe) -> list[Input]:
+        from_bench = recipe.export.num_speculative_tokens is None
         return [_target_input(recipe), Input("drafts", "distill_draft", "distill_draft", None),
-                Input("bench", "specdec_bench", "specdec_bench", None, "distilled/bench.json", required=False)]
+                Input("bench", "specdec_bench", "specdec_bench", None, "distilled/bench.json", required=from_bench)]
 
     def run(self, ctx: StageContext, out: Path) -> dict[str, Any]:
         from soaes_core.atomic import atomic_write_text
         from soaes_specdec.eagle_export import export_eagle
-        from soaes_specdec.export import best_num_speculative_tokens, export_for_vllm
+        from soaes_specdec.export import export_for_vllm
         from soaes_specdec.feature_draft import feature_draft_layout
 
-        from ..serve import serve_command
+        from ...serve import serve_command
 
         r, s = ctx.recipe, ctx.recipe.export
         target_in, drafts_in, bench_in = self.inputs(r)
-        drafts_dir = ctx.path(drafts_in)
-        drafts = json.loads((drafts_dir / "drafts.json").read_text(encoding="utf-8"))
+        drafts = read_drafts(ctx.path(drafts_in))
         if s.draft not in drafts:
-            raise ConfigError(f"{r.source}: export.draft: no draft {s.draft!r} in {drafts_dir / 'drafts.json'} "
+            raise ConfigError(f"{r.source}: export.draft: no draft {s.draft!r} in {ctx.path(drafts_in)}/drafts.json "
                               f"(drafts: {', '.join(drafts)})")
-        d = str(drafts[s.draft]["dir"])
-        draft = d if is_model_spec(d) or os.path.isabs(d) else str(drafts_dir / d)
-        n, n_from = s.num_speculative_tokens, "export.num_speculative_tokens"
-        bench = ctx.resolve(bench_in)
-        if n is None and bench is not None and Path(bench).is_file():
-            n, n_from = best_num_speculative_tokens(json.loads(Path(bench).read_text(encoding="utf-8"))), "bench"
-        if n is None:
-            n, n_from = r.specdec_bench.num_speculative_tokens[0], "specdec_bench.num_speculative_tokens[0]"
+        draft, target = drafts[s.draft], ctx.spec(target_in)
+        n, n_from = self._block_size(ctx, bench_in)
         served = ctx.stage_dir(self.name).resolve() / "serve"
-        res = export_for_vllm(draft, out / "serve", ctx.spec(target_in), n, final_dir=served)
+        res = export_for_vllm(draft, out / "serve", target, n, final_dir=served)
+        b = r.specdec_bench
+        lookup = b.lookup_tokens if "speculative_lookup" in b.methods else 0
         soaes_serve = serve_command(str(res.target_dir), str(res.draft_dir), num_speculative_tokens=n,
-                                    lookup_tokens=r.specdec_bench.lookup_tokens)
-        script = f"#!/usr/bin/env bash\nset -euo pipefail\n{soaes_serve}\n"
-        atomic_write_text(out / "serve" / self.SOAES_SERVE_SCRIPT, script)
+                                    lookup_tokens=lookup)
+        atomic_write_text(out / "serve" / self.SOAES_SERVE_SCRIPT, f"#!/usr/bin/env bash\nset -euo pipefail\n"
+                                                                   f"{soaes_serve}\n")
         engines = {}
         if feature_draft_layout(draft) == "engine":  # vLLM and SGLang load only the engine layout as EAGLE
             for fmt in ("vllm-eagle", "sglang-eagle"):
-                engines[fmt] = export_eagle(draft, out / "serve" / fmt, ctx.spec(target_in), fmt, n,
+                engines[fmt] = export_eagle(draft, out / "serve" / fmt, target, fmt, n,
                                             final_dir=served / fmt).serve_command()
         return {"draft": s.draft, "kind": res.kind, "num_speculative_tokens": n, "n_from": n_from,
                 "target": str(res.target_dir), "restricted_head_tokens": res.restricted_head_tokens,
                 "vllm_serve": res.serve_command(), "soaes_serve": soaes_serve, "engines": engines}
 
+    def _block_size(self, ctx: StageContext, bench_in: Input) -> tuple[int, str]:
+        from soaes_specdec.export import best_num_speculative_tokens
 
+        if ctx.recipe.export.num_speculative_tokens is not None:
+            return ctx.recipe.export.num_speculative_tokens, "export.num_speculative_tokens"
+        bench = ctx.path(bench_in)
+        n = best_num_speculative_tokens(json.loads(bench.read_text(encoding="utf-8")))
+        if n is None:
+            raise ConfigError(f"{ctx.recipe.source}: export.num_speculative_tokens: unset, and {bench} has no greedy "
+                              "speculative row to take it from; set it")
+        return n, "bench"

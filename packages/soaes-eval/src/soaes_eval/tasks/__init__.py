@@ -9,7 +9,7 @@ from typing import Any
 from .loaders import SAMPLES_DIR
 
 TASKS_DIR = Path(__file__).resolve().parent
-TASK_NAMES = ("soaes_cmmlu", "soaes_ceval", "soaes_domain_qa", "soaes_domain_report")
+TASK_NAMES = ("soaes_cmmlu", "soaes_ceval", "soaes_domain_qa", "soaes_domain_qa_heldout", "soaes_domain_report")
 
 __all__ = ["SAMPLES_DIR", "TASKS_DIR", "TASK_NAMES", "task_manager"]
 

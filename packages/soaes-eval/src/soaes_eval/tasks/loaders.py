@@ -5,6 +5,8 @@
 - C-Eval (``ceval/ceval-exam`` zip): ``<dir>/val/<subject>_val.csv`` and ``<dir>/dev/<subject>_dev.csv``, header
   ``id,question,A,B,C,D,answer,explanation``.
 - Domain sets: ``<dir>/qa.jsonl`` and ``<dir>/report.jsonl``, one ``{"id", "prompt", "reference"}`` object a line.
+- The committed held-out domain Q&A split (``samples/domain_qa_heldout/qa.jsonl``, built by
+  ``scripts/make_domain_eval.py``), read from the package whatever the data directory.
 
 The directory comes from lm-eval metadata (``cmmlu_dir`` / ``ceval_dir`` / ``domain_dir``, or ``data_dir`` holding
 ``cmmlu/``, ``ceval/``, ``domain/``), else the ``SOAES_CMMLU_DIR`` / ``SOAES_CEVAL_DIR`` / ``SOAES_DOMAIN_DIR`` or
@@ -23,6 +25,7 @@ from soaes_core.errors import ConfigError, DataError
 from soaes_core.jsonl import iter_jsonl
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
+HELDOUT_QA = SAMPLES_DIR / "domain_qa_heldout" / "qa.jsonl"
 CHOICES = ("A", "B", "C", "D")
 CMMLU_COLUMNS = ("Question", "A", "B", "C", "D", "Answer")
 CEVAL_COLUMNS = ("id", "question", "A", "B", "C", "D", "answer")
@@ -131,3 +134,8 @@ def read_domain_jsonl(path: Path) -> list[dict[str, str]]:
 def load_domain(file: str, **metadata: Any) -> Any:
     """``DatasetDict`` with a ``test`` split read from ``<domain dir>/<file>``."""
     return _dataset_dict({"test": read_domain_jsonl(resolve_data_dir("domain", metadata) / file)})
+
+
+def load_domain_heldout(**metadata: Any) -> Any:
+    """``DatasetDict`` with a ``test`` split: the committed held-out domain Q&A split (metadata is not used)."""
+    return _dataset_dict({"test": read_domain_jsonl(HELDOUT_QA)})

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from soaes_eval.metrics import bleu4, rouge
-from soaes_eval.tasks.loaders import load_domain
+from soaes_eval.tasks.loaders import load_domain, load_domain_heldout
 
-__all__ = ["load_domain", "process_results", "agg_rouge1", "agg_rouge2", "agg_rougeL", "agg_bleu4",
-           "agg_bleu4_corpus_zh", "agg_rouge1_char", "agg_rouge2_char", "agg_rougeL_char"]
+__all__ = ["load_domain", "load_domain_heldout", "process_results", "agg_rouge1", "agg_rouge2", "agg_rougeL",
+           "agg_bleu4", "agg_bleu4_corpus_zh", "agg_rouge1_char", "agg_rouge2_char", "agg_rougeL_char"]
 
 # rouge*/bleu4: the llamafactory convention; *_char and bleu4_corpus_zh: the char convention (soaes_eval.metrics)
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu4", "bleu4_corpus_zh", "rouge1_char", "rouge2_char", "rougeL_char")

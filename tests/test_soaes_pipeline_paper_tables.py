@@ -1,4 +1,5 @@
-"""paper_tables: Tables 1-6 from a pipeline run folder (built here by hand, in the layout the stages write)."""
+"""soaes.pipeline.paper_tables (the report stage's builder): Tables 1-6 from a pipeline run folder (built here by
+hand, in the layout the stages write)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from soaes.pipeline.paper_tables import build_run_tables, write_run_report
 from soaes_core import write_manifest
 from soaes_core.errors import DataError
-from soaes_eval.paper_tables import build_run_tables, write_run_report
 
 
 def _stage(run: Path, nn: int, name: str) -> Path:
