@@ -27,7 +27,8 @@ ALLOWED = {
     "--json": "output format of `soaes info` (a report, no work)",
 }
 ALLOWED_PER_COMMAND = {("soaes", "pipeline run", "--set"), ("soaes", "pipeline plan", "--set"),
-                       ("soaes", "demo", "--set")}  # recipe overrides: KEY=VALUE parsed against the recipe
+                       ("soaes", "demo", "--set"),
+                       ("soaes-train", "run", "--set")}  # recipe overrides: KEY=VALUE parsed against the recipe
 
 
 def console_scripts() -> dict[str, str]:

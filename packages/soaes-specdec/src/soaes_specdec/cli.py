@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from soaes_core.cli_options import config_options
 from soaes_core.clitools import SoaesGroup, setup_logging
 
 from . import __version__
-from .bench import BenchConfig
+from . import bench as _bench
 from .calibrate_cmd import calibrate
 from .commands import ExportConfig, GenerateConfig, VllmBenchConfig
 
@@ -25,14 +26,20 @@ def main(verbose: int) -> None:
     setup_logging(verbose)
 
 
-@main.command()
-@config_options(BenchConfig, names={"num_speculative_tokens": ("-n", "--num-speculative-tokens")})
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="specdec-bench", show_default=True)
-def bench(config: BenchConfig, out_dir: str) -> None:
-    """Benchmark plain, prompt-lookup and speculative decoding against the transformers peers."""
-    from .bench import run_benchmark
+@dataclass
+class BenchJob(_bench.BenchConfig):
+    """`soaes-specdec bench`: the benchmark's settings (inherited, so a field added there is an option here) plus
+    where the report goes."""
 
-    report = run_benchmark(config, out_dir)
+    out: str = field(default="specdec-bench", metadata={"help": "Folder for bench.json, bench.md and bench.png."})
+
+
+@main.command()
+@config_options(BenchJob, names={"num_speculative_tokens": ("-n", "--num-speculative-tokens"), "out": ("-o", "--out")})
+def bench(config: BenchJob) -> None:
+    """Benchmark plain, prompt-lookup and speculative decoding against the transformers peers."""
+    out_dir = config.out
+    report = _bench.run_benchmark(config, out_dir)
     click.echo((Path(out_dir) / "bench.md").read_text(encoding="utf-8"))
     click.echo(f"wrote {out_dir}/bench.json, bench.md, bench.png ({report['wall_time_s']:.0f} s)")
 

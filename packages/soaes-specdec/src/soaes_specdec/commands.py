@@ -1,4 +1,4 @@
-"""The settings of the `soaes-specdec` commands other than `bench` (`bench.BenchConfig`) and `calibrate`
+"""The settings of the `soaes-specdec` commands other than `bench` (`cli.BenchJob`) and `calibrate`
 (`calibrate_cmd`), one dataclass per command: their fields, with help text, are the commands' options
 (`soaes_core.cli_options.config_options`)."""
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from soaes_core import DEFAULT_MODEL
+from soaes_core.errors import InvalidArgumentError
 
 from .settings import DecodingSettings
 
@@ -31,6 +32,12 @@ class GenerateConfig(DecodingSettings):
     chat: bool = field(default=True, metadata={"help": "Wrap PROMPT in the chat template."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling."})
     stats: bool = field(default=True, metadata={"help": "Print the decoder's counters as JSON at the end."})
+
+    def validate(self) -> None:
+        """The decoder's checks, then the reply's own, before any model is loaded."""
+        super().validate()
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
 
     def decoding_settings(self) -> DecodingSettings:
         """The decoder's part of this config."""
