@@ -104,19 +104,15 @@ def draft_label(key: str) -> str:
 def item_scores(folder: Path) -> dict[str, list[float]]:
     """Per-item ROUGE-1/2/L and BLEU-4 (0-100, llamafactory convention) of an eval folder's domain predictions,
     keyed by item id order; `ids` holds the ids."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-
-    from soaes_eval.metrics import rouge
+    from soaes_eval.metrics import bleu4, rouge
 
     files = sorted(folder.glob("predictions_*.jsonl"))
     if not files:
         return {}
-    smooth = SmoothingFunction().method3  # soaes_eval.metrics' llamafactory BLEU-4 (characters, method3), per item
     out: dict[str, list[Any]] = {m: [] for m in (*METRICS, "ids")}
     for row in read_jsonl(files[0]):
         pred, ref = str(row["prediction"]), str(row["reference"])
-        bleu = 100.0 * sentence_bleu([list(ref)], list(pred), smoothing_function=smooth)
-        scores = {**rouge([pred], [ref]), "bleu4": bleu}
+        scores = {**rouge([pred], [ref]), "bleu4": bleu4([pred], [ref])}  # one item: its own sentence BLEU-4
         for m in METRICS:
             out[m].append(float(scores[m]))
         out["ids"].append(str(row["id"]))

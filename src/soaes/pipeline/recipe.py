@@ -280,7 +280,8 @@ class BenchSettings(BenchConfig):
     PIPELINE_SETS: ClassVar[dict[str, str]] = {
         "target": "the trained target", "draft": "distill_draft's drafts", "prompts": "teacher_data's held-out "
         "prompts", "seed": "the recipe's seed", "threads": "the recipe's threads",
-        "draft_layers": "unused: the pipeline always benchmarks distill_draft's drafts"}
+        "draft_layers": "unused: the pipeline always benchmarks distill_draft's drafts",
+        "device": "the stage's placement"}
 
     exactness_prompts: int = field(default=4, metadata={"help": "Prompts of the greedy token-exactness check."})
     # its own device (and sharding); `dtype` sets the precision. Unset: the recipe's. (Same in every section.)

@@ -97,6 +97,8 @@ class BenchConfig(DecodingSettings):
         "help": "Sampling mode: decode every prompt under this many seeds (seed, seed + 1, ...) per timed pass; "
                 "sampled continuations differ per seed, so more seeds average out their spread in acceptance."})
     dtype: str = field(default="float32", metadata={"help": "Target and draft dtype: float32, bfloat16, float16."})
+    device: str = field(default="auto", metadata={
+        "help": "Where target and draft run: auto (a GPU when one is present, else the CPU), cpu, cuda, cuda:N."})
     # plain decoding of the target in this dtype, interleaved with the rest, so that a speedup in `dtype` can be
     # read against the fastest baseline (e.g. bfloat16 runs against float32 plain decoding)
     reference_dtype: str | None = field(default=None, metadata={
@@ -526,7 +528,9 @@ def load_bench_models(config: BenchConfig) -> tuple[Any, Any, Any]:
     tokenizer = load_tokenizer(config.target)
     if config.draft:  # a draft with another tokenizer is refused before any model is loaded
         check_draft_tokenizer(config.target, config.draft, target_tokenizer=tokenizer)
-    target = load_model(config.target, dtype=config.dtype, device="cpu" if not torch.cuda.is_available() else None)
+    from soaes_core.placement import Placement
+
+    target = load_model(config.target, dtype=config.dtype, device=Placement(device=config.device).resolve().device)
     if config.draft:  # restricted head applied; a feature-draft directory loads as a FeatureDraft
         draft = load_any_draft(config.draft, dtype=config.dtype, device=target.device)
     else:

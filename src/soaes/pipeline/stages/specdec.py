@@ -14,6 +14,7 @@ from .base import (
     Stage,
     StageContext,
     _target_input,
+    placed,
     placement_extra,
     read_drafts,
     register,
@@ -48,7 +49,7 @@ class SpecdecBench(Stage):
 
         def job(key: str, **over: Any) -> BenchConfig:
             return package_config(s, BenchConfig, target=target, draft=drafts[key], prompts=prompts, seed=r.seed,
-                                  threads=r.threads, **over)
+                                  threads=r.threads, device=placed(r, self.name).device, **over)
 
         jobs = [("distilled", job("distilled"))] + [(k, job(k, **SINGLE_POINT)) for k in drafts if k != "distilled"]
         jobs += [(f"exactness/{dtype}", job("distilled", dtype=dtype, reference_dtype=None, modes=["greedy"],

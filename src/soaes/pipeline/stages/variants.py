@@ -15,7 +15,7 @@ from typing import Any
 from soaes_core import read_jsonl, write_jsonl
 
 from ..recipe import PipelineRecipe, target_spec
-from .base import MODEL_DIR, Input, Stage, StageContext, register
+from .base import MODEL_DIR, Input, Stage, StageContext, placed, register
 from .train import TrainStage
 
 JOINT_DIR = "sft_joint"  # the packed mixed pool in sft_joint_data's folder
@@ -114,5 +114,6 @@ class GeneralDraft(Stage):
         from soaes_distill.draft_init import make_draft
 
         layers = ctx.recipe.distill_draft.draft_layers
-        make_draft(target_spec(ctx.recipe), out / MODEL_DIR, num_layers=layers, device="cpu")
+        make_draft(target_spec(ctx.recipe), out / MODEL_DIR, num_layers=layers,
+                   device=placed(ctx.recipe, self.name).device)
         return {"model": MODEL_DIR, "draft_layers": layers}
