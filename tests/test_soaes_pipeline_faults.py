@@ -222,7 +222,7 @@ def test_stage_killed_at_a_fail_point_reruns_to_the_same_output(stage: str, poin
     assert res.exit_code == 2 and "injected failure" in res.output, res.output
     assert not (run / "stages" / stage_dirname(stage)).exists()
     res = _rerun(run, stage)
-    assert res.exit_code == 0 and f"{stage}: running" in res.output, res.output
+    assert res.exit_code == 0 and f"{stage}: ran in" in res.output, res.output
     assert stage_differences(quick_run, run, stage) == []
 
 
@@ -233,7 +233,7 @@ def test_stage_sigkilled_after_a_checkpoint_resumes_to_the_same_output(stage: st
     _remove_stage(run, stage)
     ckpt = _sigkill_after_checkpoint(run, stage, step)
     res = _rerun(run, stage)
-    assert res.exit_code == 0 and f"{stage}: running" in res.output, res.output
+    assert res.exit_code == 0 and f"{stage}: ran in" in res.output, res.output
     if stage in TRAINING:  # it went on from the checkpoint the kill left (the path is inside the partial folder)
         resumed = json.loads((run / "stages" / stage_dirname(stage) / "manifest.json").read_text())["counts"]
         assert resumed["resumed_from"] == str(ckpt)

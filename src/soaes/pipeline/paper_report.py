@@ -29,6 +29,7 @@ from .paper_stats import (
     ratio_range,
     verdict,
 )
+from .paper_tables import RunFolder
 
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu4")
 MIN_REPEATS = 3  # a speed verdict needs this many timed repeats per side (the bench keeps no per-prompt times)
@@ -70,16 +71,8 @@ DRAFT_NOTES = {
 }
 
 
-class Run:
-    """A pipeline run folder: its stage folders by name and the files the tables read."""
-
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
-        self.root = Path(run_dir)
-        self.stages: dict[str, Path] = {}
-        for d in sorted((self.root / "stages").glob("[0-9][0-9]_*")):
-            m = read_manifest(d)
-            if m and str(m.get("stage", "")).startswith("pipeline."):
-                self.stages[m["stage"].split(".", 1)[1]] = d
+class Run(RunFolder):
+    """A pipeline run folder (`paper_tables.RunFolder`) with the files the paper report's tables read."""
 
     def json(self, stage: str, rel: str) -> tuple[Any, Path] | tuple[None, None]:
         d = self.stages.get(stage)

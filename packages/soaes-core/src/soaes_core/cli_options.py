@@ -302,3 +302,14 @@ def config_options(cls: type, *, names: Mapping[str, Sequence[str]] | None = Non
         return typing.cast(F, wrapper)
 
     return decorator
+
+
+def recipe_argument(func: Callable[..., Any]) -> Callable[..., Any]:
+    """An optional positional RECIPE.yaml standing for `--config` (the file the generated options override)."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, recipe: str | None = None, config_path: str | None = None, **kwargs: Any) -> Any:
+        if recipe and config_path:
+            raise ConfigError(f"give the recipe once: RECIPE ({recipe}) or --config ({config_path})")
+        return func(*args, config_path=recipe or config_path, **kwargs)
+
+    return click.argument("recipe", required=False, type=click.Path(exists=True, dir_okay=False))(wrapper)

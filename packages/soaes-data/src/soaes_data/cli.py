@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from soaes_core.cli_options import config_options
+from soaes_core.cli_options import config_options, recipe_argument
 from soaes_core.clitools import SoaesGroup
-from soaes_core.errors import ConfigError
 
 from . import __version__
 from .cli_configs import (
@@ -58,19 +55,8 @@ def _tokenizer(spec: str, template: str | None) -> Any:
     return tok
 
 
-def _recipe_argument(func: Callable[..., Any]) -> Callable[..., Any]:
-    """An optional positional RECIPE.yaml standing for `--config` (the file the generated options override)."""
-    @functools.wraps(func)
-    def wrapper(*args: Any, recipe: str | None = None, config_path: str | None = None, **kwargs: Any) -> Any:
-        if recipe and config_path:
-            raise ConfigError(f"give the recipe once: RECIPE ({recipe}) or --config ({config_path})")
-        return func(*args, config_path=recipe or config_path, **kwargs)
-
-    return click.argument("recipe", required=False, type=click.Path(exists=True, dir_okay=False))(wrapper)
-
-
 @main.command()
-@_recipe_argument
+@recipe_argument
 @config_options(CurateJob, names={"output_dir": OUT})
 def curate(config: CurateJob) -> None:
     """Run a curation RECIPE (YAML) on datatrove: read → clean → … → final/ with manifest.json and rejects."""

@@ -3,16 +3,14 @@ results printed)."""
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
 from soaes_core import read_jsonl, write_jsonl
-from soaes_core.cli_options import KeysHelpCommand, config_options
+from soaes_core.cli_options import KeysHelpCommand, config_options, recipe_argument
 from soaes_core.clitools import SoaesGroup, setup_logging
 from soaes_core.errors import ConfigError
 
@@ -39,17 +37,6 @@ def _keys(title: str, cls: type) -> Callable[[], list[tuple[str, type, str, tupl
                 for f in fields(cls) if is_dataclass(hints[f.name])]
 
     return sections
-
-
-def _recipe_argument(func: Callable[..., Any]) -> Callable[..., Any]:
-    """An optional positional RECIPE.yaml standing for `--config` (the file the generated options override)."""
-    @functools.wraps(func)
-    def wrapper(*args: Any, recipe: str | None = None, config_path: str | None = None, **kwargs: Any) -> Any:
-        if recipe and config_path:
-            raise ConfigError(f"give the recipe once: RECIPE ({recipe}) or --config ({config_path})")
-        return func(*args, config_path=recipe or config_path, **kwargs)
-
-    return click.argument("recipe", required=False, type=click.Path(exists=True, dir_okay=False))(wrapper)
 
 
 @click.group(cls=SoaesGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,7 +76,7 @@ def make_draft_cmd(config: MakeDraftConfig) -> None:
 
 
 @main.command(cls=KeysHelpCommand, set_keys=_keys("Recipe keys", DistillRecipe))
-@_recipe_argument
+@recipe_argument
 @config_options(DistillRecipe)
 def train(config: DistillRecipe) -> None:
     """Distil a draft as RECIPE.yaml (and the options) say: offline logits, an online teacher, or black-box SFT on
@@ -105,7 +92,7 @@ def train(config: DistillRecipe) -> None:
 
 
 @main.command(cls=KeysHelpCommand, set_keys=_keys("Loss keys", OnlineDistillRecipe))
-@_recipe_argument
+@recipe_argument
 @config_options(OnlineDistillRecipe, names={"output_dir": (*OUT, "--output-dir"),
                                             "num_speculative_tokens": ("-n", "--num-speculative-tokens")})
 def online(config: OnlineDistillRecipe) -> None:
@@ -214,7 +201,7 @@ def estimate(config: EstimateConfig) -> None:
 
 
 @main.command("feature-draft")
-@_recipe_argument
+@recipe_argument
 @config_options(FeatureDraftJob, names={"output_dir": (*OUT, "--output-dir"), "train_data": ("--train", "--train-data"),
                                         "dev_data": ("--dev", "--dev-data"),
                                         "heldout_data": ("--heldout", "--heldout-data")})
