@@ -212,10 +212,9 @@ def test_embedded_greedy_equals_plain_on_held_out_domain_prompts(embedded_model_
     new = 32
     reference = [autoregressive_generate(target, p, new).new_tokens() for p in batch]
     invariant = dtype == "bfloat16"
-    for n in (1, 3):
-        for p, ref in zip(batch, reference, strict=True):
-            out = SpeculativeDecoder(target, draft, n, batch_invariant=invariant).generate(p, new)
-            assert out.new_tokens() == ref, (n, embedded_tokenizer.decode(p))
+    for p, ref in zip(batch, reference, strict=True):  # one row at a time, n = 1; the batch below, n = 3
+        out = SpeculativeDecoder(target, draft, 1, batch_invariant=invariant).generate(p, new)
+        assert out.new_tokens() == ref, embedded_tokenizer.decode(p)
     out = SpeculativeDecoder(target, draft, 3, batch_invariant=invariant).generate(batch, new)
     assert [out.new_tokens(i) for i in range(len(batch))] == reference and out.stats.accepted > 0
     if not invariant and prepack_available(target.device, target.dtype):  # the fastest float32 configuration
