@@ -147,3 +147,24 @@ def test_parse_value_rules() -> None:
         parse_value("maybe", bool, "--x")
     assert parse_set_pairs(["a.b=1", "c= x=y"]) == {"a.b": "1", "c": " x=y"}  # no dataclass: values stay text
     assert parse_set_pairs(["sizes=1,2", "inner.beta=0.5"], ToolConfig) == {"sizes": [1, 2], "inner.beta": 0.5}
+
+
+def test_recipe_argument_stands_for_config_and_refuses_both(tmp_path: Any) -> None:
+    """A positional RECIPE.yaml is the `--config` file; giving both is one ConfigError line."""
+    from soaes_core.cli_options import recipe_argument
+
+    seen = []
+
+    @click.command()
+    @click.option("--config", "config_path", default=None)
+    @recipe_argument
+    def cmd(config_path: str | None) -> None:
+        seen.append(config_path)
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("a: 1\n", encoding="utf-8")
+    assert CliRunner().invoke(cmd, [str(recipe)]).exit_code == 0
+    assert CliRunner().invoke(cmd, ["--config", "other.yaml"]).exit_code == 0
+    assert seen == [str(recipe), "other.yaml"]
+    result = CliRunner().invoke(cmd, [str(recipe), "--config", "other.yaml"])
+    assert isinstance(result.exception, ConfigError) and "give the recipe once" in str(result.exception)

@@ -17,17 +17,10 @@ from soaes_specdec import DecodingSettings
 from soaes_specdec.decoding import SpeculativeDecoder, autoregressive_generate
 from soaes_specdec.draft import make_layer_draft
 from soaes_specdec.session import DecodeSession
-from soaes_specdec.testing import identity_feature_draft, mixed_lookup_prompts
+from soaes_specdec.testing import STREAM_WINS_COST_TABLE, identity_feature_draft, mixed_lookup_prompts
 
 NEW = 20
 
-# ms per pass on a host where MKL prepacking loses (issue 24's table: AMD EPYC Zen 4, 2 cores)
-HOST_TABLE = """ms:
-  fp32 stream_linear: {1: 21.8, 2: 21.1, 4: 28.5, 6: 43.6}
-  fp32 MKL prepacked: {1: 37.6, 2: 55.3, 4: 66.6, 6: 56.4}
-  fp32 F.linear: {1: 45.3, 2: 73.7, 4: 67.9, 6: 61.4}
-  bf16 F.linear: {1: 25.6, 2: 24.4, 4: 25.1, 6: 25.0}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +54,7 @@ def test_a_calibration_file_sets_the_paths_and_the_decoder_chooses_n(target: Any
     """Fed a table where streaming wins at every row count, the target streams 1-6 rows (no packing); the policy
     then picks n from the table and the draft's measured costs, and the output stays plain greedy decoding's."""
     monkeypatch.setenv("SOAES_CACHE", str(tmp_path / "cache"))  # the draft's table is measured and cached here
-    (tmp_path / "host.yaml").write_text(HOST_TABLE, encoding="utf-8")
+    (tmp_path / "host.yaml").write_text(STREAM_WINS_COST_TABLE, encoding="utf-8")
     decoder = SpeculativeDecoder(target, make_layer_draft(target, 1), calibration_file=str(tmp_path / "host.yaml"))
     assert decoder.settings.adaptive and decoder.num_speculative_tokens is None
     batch = mixed_lookup_prompts()[:2]

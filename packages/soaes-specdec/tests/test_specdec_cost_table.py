@@ -21,15 +21,7 @@ from soaes_specdec.cost_table import CostTable, load_calibration_file, load_or_m
 from soaes_specdec.decoding import SpeculativeDecoder, autoregressive_generate
 from soaes_specdec.hostinfo import host_info, parse_cpuinfo
 from soaes_specdec.runner import CachedCausalLM, prepack_available
-
-ISSUE_TABLE = """\
-# row_cost.py --rows 1,2,4,6 --with-head on an AMD EPYC Zen 4 host, 2 threads (ms per pass)
-ms:
-  fp32 stream_linear: {1: 21.8, 2: 21.1, 4: 28.5, 6: 43.6}
-  fp32 MKL prepacked: {1: 37.6, 2: 55.3, 4: 66.6, 6: 56.4}
-  fp32 F.linear: {1: 45.3, 2: 73.7, 4: 67.9, 6: 61.4}
-  bf16 F.linear: {1: 25.6, 2: 24.4, 4: 25.1, 6: 25.0}
-"""
+from soaes_specdec.testing import STREAM_WINS_COST_TABLE
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def target(qwen2_factory: Any) -> Any:
 @pytest.fixture
 def issue_file(tmp_path: Path) -> Path:
     path = tmp_path / "calibration.yaml"
-    path.write_text(ISSUE_TABLE, encoding="utf-8")
+    path.write_text(STREAM_WINS_COST_TABLE, encoding="utf-8")
     return path
 
 

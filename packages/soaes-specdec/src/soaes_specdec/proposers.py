@@ -113,7 +113,19 @@ def _full_proposal(drafts: torch.Tensor, probs: torch.Tensor | None, rows: _Rows
     return Proposal(drafts, probs, torch.full_like(rows.lengths, drafts.shape[1]))
 
 
-class LayerDraftProposer:
+class _DraftModelProposer:
+    """What the layer and feature drafts share: a proposal is `draft_tokens` for every row (None for n = 0)."""
+
+    def propose(self, rows: _Rows, n: int, params: Sampling, generator: torch.Generator | None,
+                stats: SpecStats) -> Proposal | None:
+        """Draft n tokens per row (catching the draft cache up on tokens it has not seen first)."""
+        if n < 1:
+            return None
+        drafts, probs = self.draft_tokens(rows, n, params, generator, stats)
+        return _full_proposal(drafts, probs, rows)
+
+
+class LayerDraftProposer(_DraftModelProposer):
     """A causal-LM draft with its own KV cache: it catches up on the tokens it has not seen, then drafts n more; its
     cache is rolled back to the accepted prefix after each verify."""
 
@@ -139,14 +151,6 @@ class LayerDraftProposer:
 
     def after_prefill(self, rows: _Rows, hidden: torch.Tensor | None, stats: SpecStats) -> None:
         return None
-
-    def propose(self, rows: _Rows, n: int, params: Sampling, generator: torch.Generator | None,
-                stats: SpecStats) -> Proposal | None:
-        """Draft n tokens per row (catching the draft cache up on tokens it has not seen first)."""
-        if n < 1:
-            return None
-        drafts, probs = self.draft_tokens(rows, n, params, generator, stats)
-        return _full_proposal(drafts, probs, rows)
 
     def draft_tokens(self, rows: _Rows, n: int, params: Sampling, generator: torch.Generator | None,
                      stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -179,7 +183,7 @@ class LayerDraftProposer:
         return None  # the next proposal catches up on the new tokens in its first call
 
 
-class FeatureDraftProposer:
+class FeatureDraftProposer(_DraftModelProposer):
     """A `FeatureDraft`: the first proposal comes from (logits, g) of the last pass over true target features, each
     next one from a step on (g, previous token). After a verify the draft catches up on the appended tokens with the
     target's true features (its speculative entries rolled back). After plain steps it catches up lazily, in one call
@@ -217,13 +221,6 @@ class FeatureDraftProposer:
                                        logits_at=rows.prompt_lengths - 1)
         self.feature.cache.set_lengths(rows.lengths - 1)
         stats.draft_calls += 1
-
-    def propose(self, rows: _Rows, n: int, params: Sampling, generator: torch.Generator | None,
-                stats: SpecStats) -> Proposal | None:
-        if n < 1:
-            return None
-        drafts, probs = self.draft_tokens(rows, n, params, generator, stats)
-        return _full_proposal(drafts, probs, rows)
 
     def draft_tokens(self, rows: _Rows, n: int, params: Sampling, generator: torch.Generator | None,
                      stats: SpecStats) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -107,3 +107,14 @@ def mixed_lookup_prompts() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(5)
     return [torch.tensor([7, 8, 9, 10] * 3), torch.randint(2, 512, (9,), generator=g),
             torch.randint(2, 512, (5,), generator=g)]
+
+
+# ms per pass measured by `benchmarks/specdec/row_cost.py --rows 1,2,4,6 --with-head` on an AMD EPYC Zen 4 host
+# (2 threads) where MKL prepacking loses: a calibration file for tests of path choice and block-size policy
+STREAM_WINS_COST_TABLE = """\
+ms:
+  fp32 stream_linear: {1: 21.8, 2: 21.1, 4: 28.5, 6: 43.6}
+  fp32 MKL prepacked: {1: 37.6, 2: 55.3, 4: 66.6, 6: 56.4}
+  fp32 F.linear: {1: 45.3, 2: 73.7, 4: 67.9, 6: 61.4}
+  bf16 F.linear: {1: 25.6, 2: 24.4, 4: 25.1, 6: 25.0}
+"""
